@@ -1,0 +1,48 @@
+"""jqlm.quant: pure-function quantizers (imports jax only).
+
+See :class:`QuantSpec` for the formats and granularities, :func:`quantize`,
+:func:`dequantize` and :func:`fake_quant` for the maths, and
+:func:`stochastic_round` for unbiased rounding.
+"""
+
+from jqlm.quant.hadamard import hadamard
+from jqlm.quant.metrics import QuantError, quantization_error
+from jqlm.quant.ops import dequantize, fake_quant, group_layout, quantize
+from jqlm.quant.qarray import QArray
+from jqlm.quant.reference import qmatmul_reference
+from jqlm.quant.rounding import pack, stochastic_round, unpack
+from jqlm.quant.spec import (
+  E1M2_VALUES,
+  NF4_VALUES,
+  Format,
+  FormatInfo,
+  Granularity,
+  QuantSpec,
+  Rounding,
+  format_info,
+  int_format,
+)
+
+__all__ = [
+  "E1M2_VALUES",
+  "NF4_VALUES",
+  "Format",
+  "FormatInfo",
+  "Granularity",
+  "QArray",
+  "QuantError",
+  "QuantSpec",
+  "Rounding",
+  "dequantize",
+  "fake_quant",
+  "format_info",
+  "group_layout",
+  "hadamard",
+  "int_format",
+  "pack",
+  "qmatmul_reference",
+  "quantization_error",
+  "quantize",
+  "stochastic_round",
+  "unpack",
+]

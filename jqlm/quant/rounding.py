@@ -1,0 +1,294 @@
+"""Stochastic rounding and bit packing of narrow integer codes.
+
+Stochastic rounding (SR) rounds ``x`` to one of its two neighbours on the
+target grid, up with probability equal to the fractional distance to the lower
+neighbour: ``P(up) = (x - lo) / (hi - lo)``, so ``E[SR(x)] = x``. It is what
+keeps pure-bf16 (no fp32 master copy) training and Q-GaLore's int8 weights
+unbiased (Gupta et al. 2015, arXiv 1502.02551; Q-GaLore arXiv 2407.08296).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+# Magnitude tables of the 4-bit floats, indexed by their 3 magnitude bits.
+FP4_E2M1_MAGNITUDES = np.array(
+  [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32
+)
+
+_UINT_OF_WIDTH = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
+
+
+def _require_key(key, what: str):
+  if key is None:
+    raise ValueError(
+      f"{what} needs an explicit PRNG key: pass key=jax.random.key(seed) "
+      "(split it per call; the same key gives the same rounding)."
+    )
+
+
+def _check_float_input(x, what: str):
+  if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+    raise ValueError(
+      f"{what} expects a floating-point array, got dtype "
+      f"{jnp.asarray(x).dtype}. Cast integer data with x.astype(jnp.float32) "
+      "first."
+    )
+
+
+def stochastic_round(x: jax.Array, dtype, *, key: jax.Array) -> jax.Array:
+  r"""Unbiased stochastic rounding of ``x`` to ``dtype``.
+
+  .. math:: \mathrm{SR}(x) = \begin{cases} hi & u < (x - lo)/(hi - lo) \\
+            lo & \text{otherwise} \end{cases}, \quad u \sim U[0, 1)
+
+  where ``lo <= x <= hi`` are the neighbouring values of ``dtype``, so
+  ``E[SR(x)] = x`` for every ``x`` inside the finite range of ``dtype``.
+
+  * ``bfloat16``: the bit-level method: add 16 random bits to the low half of
+    the float32 pattern and truncate (exact SR, subnormals included).
+  * ``float16`` and every fp8 dtype: bit-level neighbours (the RNE cast and
+    the adjacent bit pattern), exact SR including subnormals.
+  * ``float4_e2m1fn``: neighbours from the 8-entry magnitude table.
+  * integer dtypes: ``floor(x + u)``, i.e. SR onto the integer grid.
+
+  Edge cases: values beyond the largest finite value saturate to it
+  (formats without inf: e4m3fn, e2m1fn, integers) or round to nearest (inf
+  for bf16/f16/e5m2), so SR is unbiased only inside the range; NaN stays NaN
+  for float targets and becomes 0 for integer targets. The input is rounded
+  from its float32 value.
+
+  Args:
+    x: floating-point array (any float dtype; computed in float32).
+    dtype: the target dtype.
+    key: a PRNG key (required). The same key gives the same result.
+
+  Returns:
+    An array of ``dtype`` with ``x``'s shape.
+  """
+  _require_key(key, "stochastic_round")
+  _check_float_input(x, "stochastic_round")
+  dtype = jnp.dtype(dtype)
+  x32 = jnp.asarray(x).astype(jnp.float32)
+  if dtype == jnp.float32:
+    return x32
+  if jnp.issubdtype(dtype, jnp.integer):
+    info = jnp.iinfo(dtype)
+    u = jax.random.uniform(key, x32.shape, jnp.float32)
+    r = jnp.clip(jnp.floor(x32 + u), float(info.min), float(info.max))
+    return jnp.where(jnp.isnan(r), 0.0, r).astype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"stochastic_round cannot target dtype {dtype}.")
+  if dtype == jnp.bfloat16:
+    return _sr_bfloat16(x32, key)
+  if dtype.itemsize * 8 in _UINT_OF_WIDTH and dtype != jnp.float4_e2m1fn:
+    u = jax.random.uniform(key, x32.shape, jnp.float32)
+    return sr_float_bits(x32, dtype, u)
+  if dtype == jnp.float4_e2m1fn:
+    u = jax.random.uniform(key, x32.shape, jnp.float32)
+    mag = sr_magnitude_table(jnp.abs(x32), FP4_E2M1_MAGNITUDES, u)
+    out = jnp.where(x32 < 0, -mag, mag)
+    return jnp.where(jnp.isnan(x32), jnp.nan, out).astype(dtype)
+  raise ValueError(
+    f"stochastic_round supports bfloat16, float16, fp8, float4_e2m1fn and "
+    f"integer dtypes; got {dtype}."
+  )
+
+
+def _sr_bfloat16(x32: jax.Array, key: jax.Array) -> jax.Array:
+  bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
+  noise = jax.random.bits(key, x32.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+  rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+  out = jax.lax.bitcast_convert_type(rounded, jnp.float32)
+  out = jnp.where(jnp.isnan(x32), x32, out)
+  return out.astype(jnp.bfloat16)  # exact: the low 16 bits are zero
+
+
+def _has_inf(dtype) -> bool:
+  return bool(np.isinf(np.array(np.inf, np.float32).astype(dtype)))
+
+
+def sr_float_bits(x32: jax.Array, dtype, u: jax.Array) -> jax.Array:
+  """SR of float32 ``x32`` to a 8/16-bit float ``dtype`` given uniforms ``u``.
+
+  The neighbours are the round-to-nearest cast ``r`` and the value whose bit
+  pattern is one step away (bits of positive floats are monotone in value).
+  """
+  dtype = jnp.dtype(dtype)
+  uint = _UINT_OF_WIDTH[dtype.itemsize * 8]
+  fmax = float(ml_dtypes.finfo(dtype).max)
+  a = jnp.minimum(jnp.abs(x32), fmax)
+  r = a.astype(dtype)
+  rf = r.astype(jnp.float32)
+  r_bits = jax.lax.bitcast_convert_type(r, uint)
+  below = rf < a  # r is the lower neighbour
+  above = rf > a  # r is the upper neighbour
+  one = jnp.ones((), uint)
+  nb_bits = jnp.where(below, r_bits + one, jnp.where(above, r_bits - one, r_bits))
+  nb = jax.lax.bitcast_convert_type(nb_bits, dtype).astype(jnp.float32)
+  lo = jnp.where(below, rf, nb)
+  hi = jnp.where(below, nb, rf)
+  gap = jnp.where(hi > lo, hi - lo, 1.0)
+  mag = jnp.where(u < (a - lo) / gap, hi, lo)
+  mag = jnp.where(rf == a, rf, mag)
+  out = jnp.where(x32 < 0, -mag, mag)
+  if _has_inf(dtype):
+    out = jnp.where(jnp.abs(x32) > fmax, x32, out)
+  out = jnp.where(jnp.isnan(x32), jnp.nan, out)
+  return out.astype(dtype)
+
+
+def _neighbours(v: jax.Array, table: np.ndarray):
+  t = jnp.asarray(table, jnp.float32)
+  v = jnp.clip(v, float(table[0]), float(table[-1]))
+  hi_idx = jnp.clip(jnp.searchsorted(t, v, side="right"), 1, len(table) - 1)
+  lo_idx = hi_idx - 1
+  return v, t, lo_idx, hi_idx
+
+
+def sr_index_table(v: jax.Array, table: np.ndarray, u: jax.Array) -> jax.Array:
+  """SR of ``v`` onto a sorted value ``table``; returns int32 indices."""
+  v, t, lo_idx, hi_idx = _neighbours(v, table)
+  lo, hi = t[lo_idx], t[hi_idx]
+  p_up = (v - lo) / jnp.where(hi > lo, hi - lo, 1.0)
+  return jnp.where(u < p_up, hi_idx, lo_idx).astype(jnp.int32)
+
+
+def sr_magnitude_table(
+  a: jax.Array, table: np.ndarray, u: jax.Array
+) -> jax.Array:
+  """SR of magnitudes ``a >= 0`` onto a sorted magnitude table (values)."""
+  return jnp.asarray(table, jnp.float32)[sr_index_table(a, table, u)]
+
+
+def nearest_index_table(v: jax.Array, table: np.ndarray) -> jax.Array:
+  """Round-to-nearest onto a sorted ``table``; a tie goes to the even index.
+
+  For a magnitude table of a sign-magnitude float the index is the bit
+  pattern, so ties-to-even-index is IEEE round-half-to-even.
+  """
+  mid_np = (table[1:] + table[:-1]) / 2
+  mid = jnp.asarray(mid_np, jnp.float32)
+  idx = jnp.searchsorted(mid, v, side="left")  # v == mid[i] -> i (lower)
+  is_tie = (idx < len(mid_np)) & (mid[jnp.minimum(idx, len(mid_np) - 1)] == v)
+  idx = jnp.where(is_tie & (idx % 2 == 1), idx + 1, idx)
+  return idx.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Bit packing of 4-bit and 2-bit codes.
+
+_PACKABLE = {
+  jnp.dtype(jnp.int4): (4, True),
+  jnp.dtype(jnp.uint4): (4, False),
+  jnp.dtype(jnp.int2): (2, True),
+  jnp.dtype(jnp.uint2): (2, False),
+  jnp.dtype(jnp.float4_e2m1fn): (4, False),
+}
+
+
+def _norm_axis(axis: int, ndim: int, what: str) -> int:
+  if not -ndim <= axis < ndim:
+    raise ValueError(
+      f"{what}: axis={axis} is out of range for an array of rank {ndim}; "
+      f"expected -{ndim} <= axis < {ndim}."
+    )
+  return axis % ndim
+
+
+def _lane_shifts(per: int, bits: int, ndim: int) -> jax.Array:
+  shifts = jnp.arange(per, dtype=jnp.int32) * bits
+  return shifts.reshape((1,) * (ndim - 1) + (per,))
+
+
+def pack(codes: jax.Array, bits: int | None = None, *, axis: int = -1):
+  """Packs 4-bit or 2-bit codes into ``uint8``, two or four per byte.
+
+  Layout: along ``axis``, code ``j`` of each run of ``8 // bits`` codes sits
+  in bits ``[j * bits, (j + 1) * bits)`` of its byte (the first code in the
+  low bits). Signed codes are stored in two's complement; ``float4_e2m1fn``
+  codes as their bit pattern.
+
+  Args:
+    codes: ``int4``/``uint4``/``int2``/``uint2``/``float4_e2m1fn`` codes, or
+      integer codes of a wider dtype together with ``bits`` (values are then
+      masked to their low ``bits`` bits).
+    bits: 4 or 2; inferred from narrow dtypes.
+    axis: the axis to pack along; its length must be divisible by
+      ``8 // bits``.
+
+  Returns:
+    ``uint8`` array with ``axis`` shortened by ``8 // bits``.
+  """
+  codes = jnp.asarray(codes)
+  dtype = jnp.dtype(codes.dtype)
+  if dtype in _PACKABLE:
+    inferred, _ = _PACKABLE[dtype]
+    if bits is not None and bits != inferred:
+      raise ValueError(
+        f"bits={bits} contradicts codes of dtype {dtype} ({inferred} bits). "
+        "Drop bits, or cast the codes."
+      )
+    bits = inferred
+  elif not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(
+      f"pack expects integer or float4 codes, got dtype {dtype}. Quantize "
+      "first (jqlm.quant.quantize) and pack q.codes."
+    )
+  if bits not in (2, 4):
+    raise ValueError(
+      f"pack supports 2-bit and 4-bit codes, got bits={bits!r}. 8-bit codes "
+      "need no packing."
+    )
+  axis = _norm_axis(axis, codes.ndim, "pack")
+  per = 8 // bits
+  n = codes.shape[axis]
+  if n % per:
+    raise ValueError(
+      f"pack: axis {axis} has length {n}, not divisible by {per} "
+      f"({bits}-bit codes, {per} per byte). Pad that axis to a multiple of "
+      f"{per} or pack along another axis."
+    )
+  if dtype == jnp.float4_e2m1fn:
+    codes = jax.lax.bitcast_convert_type(codes, jnp.uint4)
+  mask = (1 << bits) - 1
+  v = codes.astype(jnp.int32) & mask
+  v = jnp.moveaxis(v, axis, -1)
+  v = v.reshape(*v.shape[:-1], n // per, per)
+  shifts = _lane_shifts(per, bits, v.ndim)
+  packed = jnp.sum(v << shifts, axis=-1).astype(jnp.uint8)
+  return jnp.moveaxis(packed, -1, axis)
+
+
+def unpack(packed: jax.Array, dtype, *, axis: int = -1) -> jax.Array:
+  """Inverse of :func:`pack`: ``unpack(pack(c), c.dtype, axis=a) == c``.
+
+  Args:
+    packed: ``uint8`` array from :func:`pack`.
+    dtype: the codes' dtype: ``int4``, ``uint4``, ``int2``, ``uint2`` or
+      ``float4_e2m1fn``.
+    axis: the axis that was packed.
+  """
+  packed = jnp.asarray(packed)
+  if packed.dtype != jnp.uint8:
+    raise ValueError(f"unpack expects uint8 input, got {packed.dtype}.")
+  dtype = jnp.dtype(dtype)
+  if dtype not in _PACKABLE:
+    valid = ", ".join(str(d) for d in _PACKABLE)
+    raise ValueError(f"unpack: dtype must be one of {valid}; got {dtype}.")
+  bits, signed = _PACKABLE[dtype]
+  axis = _norm_axis(axis, packed.ndim, "unpack")
+  per = 8 // bits
+  v = jnp.moveaxis(packed, axis, -1).astype(jnp.int32)
+  shifts = _lane_shifts(per, bits, v.ndim + 1)
+  v = (v[..., None] >> shifts) & ((1 << bits) - 1)
+  v = v.reshape(*v.shape[:-2], v.shape[-2] * per)
+  if signed:
+    v = jnp.where(v >= (1 << (bits - 1)), v - (1 << bits), v)
+  v = jnp.moveaxis(v, -1, axis)
+  if dtype == jnp.float4_e2m1fn:
+    return jax.lax.bitcast_convert_type(v.astype(jnp.uint4), dtype)
+  return v.astype(dtype)
