@@ -144,7 +144,10 @@ def sr_float_bits(x32: jax.Array, dtype, u: jax.Array) -> jax.Array:
 def _neighbours(v: jax.Array, table: np.ndarray):
   t = jnp.asarray(table, jnp.float32)
   v = jnp.clip(v, float(table[0]), float(table[-1]))
-  hi_idx = jnp.clip(jnp.searchsorted(t, v, side="right"), 1, len(table) - 1)
+  # Tables have <= 16 entries: comparing against all of them vectorizes far
+  # better than a binary search.
+  hi = jnp.searchsorted(t, v, side="right", method="compare_all")
+  hi_idx = jnp.clip(hi, 1, len(table) - 1)
   lo_idx = hi_idx - 1
   return v, t, lo_idx, hi_idx
 
@@ -172,7 +175,8 @@ def nearest_index_table(v: jax.Array, table: np.ndarray) -> jax.Array:
   """
   mid_np = (table[1:] + table[:-1]) / 2
   mid = jnp.asarray(mid_np, jnp.float32)
-  idx = jnp.searchsorted(mid, v, side="left")  # v == mid[i] -> i (lower)
+  # v == mid[i] -> i (the lower neighbour)
+  idx = jnp.searchsorted(mid, v, side="left", method="compare_all")
   is_tie = (idx < len(mid_np)) & (mid[jnp.minimum(idx, len(mid_np) - 1)] == v)
   idx = jnp.where(is_tie & (idx % 2 == 1), idx + 1, idx)
   return idx.astype(jnp.int32)

@@ -1,5 +1,6 @@
 """quantize / dequantize / fake_quant: properties and reference parity."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -316,6 +317,8 @@ def test_jit_equals_eager(fmt):
   spec = _spec(fmt, _gran("group", axis=-1, group_size=32))
   eager = quant.quantize(x, spec)
   jitted = jax.jit(quant.quantize, static_argnums=1)(x, spec)
+  chex.assert_trees_all_equal_dtypes(eager, jitted)
+  chex.assert_trees_all_equal_shapes(eager, jitted)
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
     np.testing.assert_array_equal(np32(a), np32(b))
   np.testing.assert_array_equal(
@@ -349,11 +352,12 @@ def test_fake_quant_gradient_is_straight_through(fmt):
 def test_dtypes_preserved(dtype):
   x = _data((4, 64), 14, dtype)
   spec = QuantSpec(format="int4", granularity="group", group_size=32)
-  assert quant.fake_quant(x, spec).dtype == dtype
+  chex.assert_type(quant.fake_quant(x, spec), dtype)
   q = quant.quantize(x, spec)
-  assert q.scale.dtype == jnp.float32
-  assert q.dequantize().dtype == jnp.float32
-  assert q.dequantize(dtype).dtype == dtype
+  chex.assert_type([q.codes, q.scale], [jnp.int4, jnp.float32])
+  chex.assert_shape([q.codes, q.scale], [(4, 64), (4, 2)])
+  chex.assert_type(q.dequantize(), jnp.float32)
+  chex.assert_type(q.dequantize(dtype), dtype)
   np.testing.assert_allclose(
     np32(quant.fake_quant(x, spec)), np32(q.dequantize()), **tolerance(dtype)
   )
@@ -464,3 +468,22 @@ def test_errors():
     quant.dequantize(x)
   with pytest.raises(ValueError, match="floating"):
     quant.dequantize(quant.quantize(x, QuantSpec()), jnp.int32)
+
+
+class FakeQuantVariantsTest(chex.TestCase):
+  """fake_quant and its STE gradient agree with and without jit."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_fake_quant_and_grad(self):
+    spec = QuantSpec(format="uint4", granularity="group", group_size=32)
+    x = _data((4, 64), 20)
+
+    @self.variant
+    def f(a):
+      return quant.fake_quant(a, spec), jax.grad(
+        lambda b: jnp.sum(quant.fake_quant(b, spec) ** 2))(a)
+
+    y, g = f(x)
+    expect = quant.quantize(x, spec).dequantize()
+    chex.assert_trees_all_close(y, expect, atol=0, rtol=2.0**-22)
+    chex.assert_trees_all_close(g, 2 * expect, atol=0, rtol=2.0**-21)

@@ -1,0 +1,1 @@
+"""Experiment scripts and configs built on jqlm (benchmarks, sweeps)."""
