@@ -8,8 +8,8 @@ Sub-packages:
 Importing jqlm has no side effects: it never touches ``jax.config``.
 """
 
-from jqlm import quant
+from jqlm import optim, quant
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "quant"]
+__all__ = ["__version__", "optim", "quant"]
