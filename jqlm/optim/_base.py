@@ -94,3 +94,33 @@ def map_n(fn, tree, *rest, n: int):
   return tuple(
     treedef.unflatten([o[i] for o in outs]) for i in range(n)
   )
+
+
+def _mesh_sharding(params):
+  """A replicated NamedSharding on the mesh of the first sharded param."""
+  for leaf in jax.tree.leaves(params):
+    if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
+      continue
+    sharding = leaf.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sharding.mesh,
+                                        jax.sharding.PartitionSpec())
+  return None
+
+
+def follow_params(state, params):
+  """Places the scalar leaves of a fresh ``state`` like ``params``.
+
+  Called eagerly on mesh-sharded params, ``zeros_like`` moments already take
+  each param's sharding; this also replicates the scalar leaves (counts,
+  per-tensor statistics) on the same mesh, so ``jax.typeof(state)`` is the
+  same before and after a jitted update and the second step does not
+  recompile. A no-op under jit and for unsharded params. (Under
+  ``jax.jit(opt.init)``, give ``out_shardings`` instead.)
+  """
+  sharding = _mesh_sharding(params)
+  if sharding is None:
+    return state
+  return jax.tree.map(
+    lambda x: jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and x.ndim == 0 else x, state)

@@ -139,13 +139,13 @@ def scale_by_spam(
               "an int >= 0")
 
   def init_fn(params):
-    return SpamState(
+    return _base.follow_params(SpamState(
       count=jnp.zeros((), jnp.int32),
       mu=_base.zeros_like_tree(params, state_dtype),
       nu=_base.zeros_like_tree(params, state_dtype),
       spike_count=_base.count_tree(params),
       warmup_factor=jnp.ones((), jnp.float32),
-    )
+    ), params)
 
   def update_fn(updates, state, params=None):
     del params
@@ -209,8 +209,8 @@ def scale_by_learning_rate_post_decay(
   _base.check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
 
   def init_fn(params):
-    del params
-    return PostUpdateDecayState(count=jnp.zeros((), jnp.int32))
+    return _base.follow_params(
+      PostUpdateDecayState(count=jnp.zeros((), jnp.int32)), params)
 
   def update_fn(updates, state, params=None):
     if callable(learning_rate):

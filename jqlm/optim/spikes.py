@@ -81,12 +81,12 @@ def clip_spikes(
   _base.check_interval("reset_interval", reset_interval)
 
   def init_fn(params):
-    return ClipSpikesState(
+    return _base.follow_params(ClipSpikesState(
       count=jnp.zeros((), jnp.int32),
       nu=jax.tree.map(
-        lambda p: jnp.zeros(p.shape, _base.compute_dtype(p.dtype)), params),
+        lambda p: jnp.zeros_like(p, _base.compute_dtype(p.dtype)), params),
       spike_count=_base.count_tree(params),
-    )
+    ), params)
 
   def update_fn(updates, state, params=None):
     del params
@@ -174,8 +174,10 @@ def reset_momentum(
               "an int >= 0")
 
   def init_fn(params):
-    return ResetMomentumState(jnp.zeros((), jnp.int32),
-                              jnp.ones((), jnp.float32), inner.init(params))
+    return ResetMomentumState(
+      *_base.follow_params(
+        (jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32)), params),
+      inner.init(params))
 
   def update_fn(updates, state, params=None, **extra):
     t = state.count + 1
@@ -227,8 +229,9 @@ def ada_clip(gamma: float = 0.999) -> optax.GradientTransformation:
   _base.check_beta("gamma", gamma)
 
   def init_fn(params):
-    return AdaClipState(jnp.zeros((), jnp.int32), _base.scalar_tree(params),
-                        _base.count_tree(params))
+    return _base.follow_params(
+      AdaClipState(jnp.zeros((), jnp.int32), _base.scalar_tree(params),
+                   _base.count_tree(params)), params)
 
   def update_fn(updates, state, params=None):
     del params
@@ -281,8 +284,9 @@ def ada_gn(
   _base.check("eps", eps, lambda v: v >= 0, ">= 0")
 
   def init_fn(params):
-    return AdaGNState(jnp.zeros((), jnp.int32), _base.scalar_tree(params),
-                      _base.scalar_tree(params))
+    return _base.follow_params(
+      AdaGNState(jnp.zeros((), jnp.int32), _base.scalar_tree(params),
+                 _base.scalar_tree(params)), params)
 
   def update_fn(updates, state, params=None):
     del params

@@ -177,7 +177,7 @@ def scale_by_stable_spam(
     ) from None
 
   def init_fn(params):
-    return StableSpamState(
+    return _base.follow_params(StableSpamState(
       count=jnp.zeros((), jnp.int32),
       k=jnp.zeros((), jnp.int32),
       mu=_base.zeros_like_tree(params, state_dtype),
@@ -186,7 +186,7 @@ def scale_by_stable_spam(
       norm_ema=_base.scalar_tree(params),
       norm_sq_ema=_base.scalar_tree(params),
       spike_count=_base.count_tree(params),
-    )
+    ), params)
 
   def update_fn(updates, state, params=None):
     del params
