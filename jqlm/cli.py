@@ -4,6 +4,7 @@ Sub-commands:
 
 * ``jqlm demo``: quantize random data in every format and print a table of
   storage bits and errors.
+* ``jqlm bench optim|quant``: benchmark tables (see :mod:`jqlm.bench`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     + f", seed {args.seed}"
   )
   print(format_table(rows))
+  return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+  import jax  # noqa: PLC0415
+
+  from jqlm import bench  # noqa: PLC0415
+
+  device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+  if args.which == "optim":
+    rows = bench.bench_optim(iters=args.iters, scale=args.scale)
+    title = (f"one jitted update, LLaMA-130M shapes (scale {args.scale}), "
+             f"ratio vs optax.adamw; {device}, jax {jax.__version__}")
+  else:
+    rows = bench.bench_quant(iters=args.iters)
+    title = (f"jitted quantize->dequantize of 4096x4096 float32, ratio vs a "
+             f"bf16 cast; {device}, jax {jax.__version__}")
+  print(bench.format_rows(rows, title))
   return 0
 
 
@@ -50,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     help="number of large (20 sigma) outliers planted in the data",
   )
   demo.set_defaults(func=_cmd_demo)
+  bench = sub.add_parser(
+    "bench",
+    help="benchmark tables (optimizer updates, quantizers)",
+    description="Print a benchmark table whose baseline is measured in the "
+    "same run.",
+  )
+  bench.add_argument("which", choices=["optim", "quant"])
+  bench.add_argument("--iters", type=int, default=5)
+  bench.add_argument(
+    "--scale", type=float, default=1.0,
+    help="width scale of the LLaMA-130M shapes (optim only; 1.0 = full)")
+  bench.set_defaults(func=_cmd_bench)
   return parser
 
 

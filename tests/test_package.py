@@ -3,10 +3,10 @@
 import ast
 import pathlib
 
+import jqlm_kernels
 import pytest
 
 import jqlm
-import jqlm_kernels
 from jqlm import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

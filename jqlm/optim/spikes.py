@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import optax
 
 from jqlm.optim import _base
-from jqlm.optim.spam import spam_warmup_factor
+from jqlm.optim.spam import spam_warmup_factor, spike_clip
+from jqlm.optim.stable_spam import ada_clip_tensor
 
 
 class ClipSpikesState(NamedTuple):
@@ -98,16 +99,15 @@ def clip_spikes(
       dt = jnp.asarray(reset_interval).astype(jnp.int32)
       reset, on = t % dt == 0, (t >= grace) & (t % dt >= grace)
 
-    def leaf(g_in, v):
-      cdt = v.dtype
-      g = g_in.astype(cdt)
-      v = jnp.where(reset, 0.0, v).astype(cdt)
-      bound_sq = _base.hp(spike_threshold, cdt) * v
-      spike = on & (g * g > bound_sq)
-      g = jnp.where(spike, jnp.sign(g) * jnp.sqrt(bound_sq), g)
+    def leaf(g_in, v_in):
+      cdt = v_in.dtype
+      keep = jnp.where(reset, 0.0, 1.0).astype(cdt)
+      threshold = jnp.where(
+        on, _base.hp(spike_threshold, cdt) * keep, jnp.inf).astype(cdt)
+      g, g_sq, v, spikes = spike_clip(g_in, v_in, threshold, cdt)
       b = _base.hp(b2, cdt)
-      v = b * v + (1 - b) * g * g
-      return g.astype(g_in.dtype), v, jnp.sum(spike, dtype=jnp.int32)
+      v = b * v * keep + (1 - b) * g_sq
+      return g.astype(g_in.dtype), v, spikes
 
     g, v, spikes = _base.map_n(leaf, updates, state.nu, n=3)
     return g, ClipSpikesState(optax.safe_increment(state.count), v, spikes)
@@ -238,16 +238,10 @@ def ada_clip(gamma: float = 0.999) -> optax.GradientTransformation:
     t = state.count + 1
 
     def leaf(g_in, mmax):
-      cdt, sdt = _base.compute_dtype(g_in.dtype), mmax.dtype
-      g = g_in.astype(cdt)
-      gm = _base.hp(gamma, cdt)
-      gmax = jnp.max(jnp.abs(g)) if g.size else jnp.zeros((), cdt)
-      mmax = gm * mmax.astype(cdt) + (1 - gm) * gmax
-      thr = mmax / (1 - gm ** t.astype(cdt))
-      spike = jnp.abs(g) > thr
-      g = jnp.where(spike, g / jnp.where(gmax > 0, gmax, 1.0) * thr, g)
-      return (g.astype(g_in.dtype), mmax.astype(sdt),
-              jnp.sum(spike, dtype=jnp.int32))
+      cdt = _base.compute_dtype(g_in.dtype)
+      g, new_max, _, spikes = ada_clip_tensor(
+        g_in, mmax, _base.hp(gamma, cdt), t.astype(cdt), cdt)
+      return g.astype(g_in.dtype), new_max.astype(mmax.dtype), spikes
 
     g, mmax, spikes = _base.map_n(leaf, updates, state.max_ema, n=3)
     return g, AdaClipState(optax.safe_increment(state.count), mmax, spikes)

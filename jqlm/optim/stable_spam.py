@@ -97,10 +97,15 @@ class StableSpamState(NamedTuple):
       (The scalars are float64 for float64 params.)
     spike_count: per-leaf int32 number of elements above the AdaClip
       threshold in the last update.
+    reset_pending: bool; the last update was an aliased reset step, so the
+      moments are zeroed at the start of the next update. (Right after a
+      reset step the official optimizer holds zeros already; the next
+      update's result is the same.)
   """
 
   count: jax.Array
   k: jax.Array
+  reset_pending: jax.Array
   mu: optax.Updates
   nu: optax.Updates
   max_ema: optax.Updates
@@ -126,6 +131,38 @@ def stable_spam_scale(
   tt = jnp.asarray(total_steps).astype(dtype)
   e = jnp.asarray(eta_min).astype(dtype)
   return e + (1.0 - e) * (1.0 + jnp.cos(math.pi * t / (tt + 1.0))) / 2.0
+
+
+def ada_clip_tensor(g_in, max_ema, gamma, k, cdt):
+  r"""Stable-SPAM's AdaClip of one tensor (spec §3.2).
+
+  :math:`m \leftarrow \gamma m + (1-\gamma)\max|g|`,
+  :math:`\hat T = m / (1 - \gamma^k)`, and :math:`g_i \leftarrow g_i \hat T
+  / \max|g|` where :math:`|g_i| > \hat T`.
+
+  Returns:
+    ``(g_clipped, new_max_ema, ||g_clipped||^2, spikes)`` in ``cdt`` (spikes
+    int32). The squared norm and the spike count come from one fused pass
+    over the raw gradient (AdaGN needs the norm next).
+  """
+  gmax = _base.max_abs(g_in).astype(cdt)
+  max_ema = gamma * max_ema.astype(cdt) + (1 - gamma) * gmax
+  thr = max_ema / (1 - gamma**k)
+  ratio = thr / jnp.where(gmax > 0, gmax, 1.0)
+
+  def clip(x, thr, ratio):
+    x = x.astype(cdt)
+    spike = jnp.abs(x) > thr
+    return jnp.where(spike, x * ratio, x), spike
+
+  def norm_terms(x, thr, ratio):
+    xc, spike = clip(x, thr, ratio)
+    return xc * xc, spike
+
+  n_sq, spikes = _base.fused_sums(norm_terms, (g_in,), (thr, ratio),
+                                  out_dtypes=(cdt, jnp.int32))
+  g, _ = clip(g_in, thr, ratio)
+  return g, max_ema, n_sq, spikes
 
 
 def scale_by_stable_spam(
@@ -180,6 +217,7 @@ def scale_by_stable_spam(
     return _base.follow_params(StableSpamState(
       count=jnp.zeros((), jnp.int32),
       k=jnp.zeros((), jnp.int32),
+      reset_pending=jnp.zeros((), bool),
       mu=_base.zeros_like_tree(params, state_dtype),
       nu=_base.zeros_like_tree(params, state_dtype),
       max_ema=_base.scalar_tree(params),
@@ -201,42 +239,37 @@ def scale_by_stable_spam(
     def leaf(g_in, m_in, v_in, mmax, mn, vn):
       cdt = _base.compute_dtype(g_in.dtype)
       sdt = mmax.dtype
-      g = g_in.astype(cdt)
       sc = stable_spam_scale(state.count, total_steps, eta_min, cdt)
       ks, ka = k_stat.astype(cdt), k_adam.astype(cdt)
-      # AdaClip.
-      g3 = _base.hp(gamma3, cdt)
-      gmax = jnp.max(jnp.abs(g)) if g.size else jnp.zeros((), cdt)
-      mmax = g3 * mmax.astype(cdt) + (1 - g3) * gmax
-      thr = mmax / (1 - g3**ks)
-      spike = jnp.abs(g) > thr
-      safe_max = jnp.where(gmax > 0, gmax, 1.0)
-      g = jnp.where(spike, g / safe_max * thr, g)
-      # AdaGN.
-      n = jnp.sqrt(jnp.sum(g * g))
+      g, mmax, n_sq, n_spikes = ada_clip_tensor(
+        g_in, mmax, _base.hp(gamma3, cdt), ks, cdt)
+      n = jnp.sqrt(n_sq)
       g1 = _base.hp(gamma1, cdt) * sc
       g2 = _base.hp(gamma2, cdt)
       mn = g1 * mn.astype(cdt) + (1 - g1) * n
       vn = g2 * vn.astype(cdt) + (1 - g2) * n * n
       e = _base.hp(eps, cdt)
       c = (mn / (1 - g1**ks)) / (jnp.sqrt(vn / (1 - g2**ks)) + e)
-      g = jnp.where(n > 0, g / jnp.where(n > 0, n, 1.0) * c, g)
-      # Adam with the momentum reset.
-      m, v = m_in.astype(cdt), v_in.astype(cdt)
+      g = g * jnp.where(n > 0, c / jnp.where(n > 0, n, 1.0), 1.0)
+      # Adam with the momentum reset. ALIASED (official): the reset step's
+      # update continues the old moments with k = 1 and the moments are
+      # zeroed after it. jqlm zeroes them lazily, at the start of the next
+      # update (``reset_pending``): the trajectory is identical, and the
+      # stored moments are then exactly the ones the update used, so XLA
+      # fuses the update like Adam's, without copying donated buffers.
       if mode is ResetMode.BEFORE:
-        m = jnp.where(reset, 0.0, m).astype(cdt)
-        v = jnp.where(reset, 0.0, v).astype(cdt)
+        keep = jnp.where(reset, 0.0, 1.0).astype(cdt)
+      else:
+        keep = jnp.where(state.reset_pending, 0.0, 1.0).astype(cdt)
+      m, v = m_in.astype(cdt) * keep, v_in.astype(cdt) * keep
       b1_ = _base.hp(b1, cdt) * sc
       b2_ = _base.hp(b2, cdt)
       m = b1_ * m + (1 - b1_) * g
       v = b2_ * v + (1 - b2_) * g * g
       bc1, bc2 = 1 - b1_**ka, 1 - b2_**ka
       u = (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + e)
-      m = jnp.where(reset, 0.0, m).astype(cdt)
-      v = jnp.where(reset, 0.0, v).astype(cdt)
       return (u.astype(g_in.dtype), m.astype(m_in.dtype), v.astype(v_in.dtype),
-              mmax.astype(sdt), mn.astype(sdt), vn.astype(sdt),
-              jnp.sum(spike, dtype=jnp.int32))
+              mmax.astype(sdt), mn.astype(sdt), vn.astype(sdt), n_spikes)
 
     u, m, v, mmax, mn, vn, spikes = _base.map_n(
       leaf, updates, state.mu, state.nu, state.max_ema, state.norm_ema,
@@ -247,6 +280,7 @@ def scale_by_stable_spam(
       k=jnp.where(reset, 1, k_stat).astype(jnp.int32),
       mu=m, nu=v, max_ema=mmax, norm_ema=mn, norm_sq_ema=vn,
       spike_count=spikes,
+      reset_pending=reset & (mode is ResetMode.ALIASED),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

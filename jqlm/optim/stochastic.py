@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from jqlm.quant import stochastic_round
+from jqlm.quant.rounding import _check_noise
 
 
 def _needs_sr(p) -> bool:
@@ -45,7 +46,11 @@ def _leaf_keys(key, n: int):
 
 
 def apply_updates_stochastic(
-  params: optax.Params, updates: optax.Updates, *, key: jax.Array
+  params: optax.Params,
+  updates: optax.Updates,
+  *,
+  key: jax.Array,
+  noise: str = "hash",
 ) -> optax.Params:
   """``params + updates`` with stochastic rounding to each param's dtype.
 
@@ -58,6 +63,11 @@ def apply_updates_stochastic(
     params: the params pytree.
     updates: updates with the params' structure (any float dtypes).
     key: PRNG key; one sub-key per leaf is split from it.
+    noise: the random bits' source, see :func:`jqlm.quant.stochastic_round`.
+      The default ``"hash"`` (a counter-based hash seeded by the key) keeps
+      the apply memory-bound; ``"jax"`` draws them with ``jax.random``
+      (threefry by default), ~15x slower than a round-to-nearest apply on
+      CPU (docs/benchmarks.md).
   """
   p_leaves, treedef = jax.tree.flatten(params)
   u_leaves = treedef.flatten_up_to(updates)
@@ -69,7 +79,7 @@ def apply_updates_stochastic(
     if not _needs_sr(p):
       return (p + u.astype(p.dtype)).astype(p.dtype)
     total = p.astype(jnp.float32) + u.astype(jnp.float32)
-    return stochastic_round(total, p.dtype, key=k)
+    return stochastic_round(total, p.dtype, key=k, noise=noise)
 
   return treedef.unflatten(
     [leaf(p, u, k) for p, u, k in zip(p_leaves, u_leaves, keys, strict=True)]
@@ -96,7 +106,9 @@ class StochasticRoundingState(NamedTuple):
   rng_key: jax.Array
 
 
-def stochastic_rounding(key: jax.Array) -> optax.GradientTransformation:
+def stochastic_rounding(
+  key: jax.Array, *, noise: str = "hash"
+) -> optax.GradientTransformation:
   """Makes the chain's updates land on stochastically rounded params.
 
   Put it last in a chain. For each low-precision param it returns the
@@ -107,12 +119,14 @@ def stochastic_rounding(key: jax.Array) -> optax.GradientTransformation:
 
   Args:
     key: the initial PRNG key (required).
+    noise: the random bits' source (see :func:`apply_updates_stochastic`).
   """
   if key is None:
     raise ValueError(
       "stochastic_rounding needs an explicit PRNG key, e.g. "
       "stochastic_rounding(jax.random.key(0))."
     )
+  _check_noise(noise)
 
   def init_fn(params):
     del params
@@ -125,7 +139,8 @@ def stochastic_rounding(key: jax.Array) -> optax.GradientTransformation:
         "update(grads, state, params)."
       )
     next_key, step_key = jax.random.split(state.rng_key)
-    rounded = apply_updates_stochastic(params, updates, key=step_key)
+    rounded = apply_updates_stochastic(params, updates, key=step_key,
+                                       noise=noise)
 
     def delta(p, r, u):
       if u is None or not _needs_sr(p):

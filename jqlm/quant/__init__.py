@@ -10,7 +10,7 @@ from jqlm.quant.metrics import QuantError, quantization_error
 from jqlm.quant.ops import dequantize, fake_quant, group_layout, quantize
 from jqlm.quant.qarray import QArray
 from jqlm.quant.reference import qmatmul_reference
-from jqlm.quant.rounding import pack, stochastic_round, unpack
+from jqlm.quant.rounding import hash_bits, pack, stochastic_round, unpack
 from jqlm.quant.spec import (
   E1M2_VALUES,
   NF4_VALUES,
@@ -38,6 +38,7 @@ __all__ = [
   "format_info",
   "group_layout",
   "hadamard",
+  "hash_bits",
   "int_format",
   "pack",
   "qmatmul_reference",

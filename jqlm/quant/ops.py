@@ -39,7 +39,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jqlm.quant import rounding as rnd
 from jqlm.quant.qarray import QArray

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jqlm import optim
 
@@ -200,7 +201,7 @@ def test_diagnostics_through_wrappers():
   counts, factors = [], []
   for t in range(1, 7):
     scale = 100.0 if t == 3 else 1.0
-    _, state = opt.update(jax.tree.map(lambda a: a * scale, g), state, p)
+    _, state = opt.update(jax.tree.map(lambda a, s=scale: a * s, g), state, p)
     d = optim.spike_diagnostics(state)
     counts.append(int(d.spike_count))
     factors.append(float(d.warmup_factor))

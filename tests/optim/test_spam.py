@@ -71,7 +71,7 @@ def _run_numpy(ref, params, grads, dtype, lrs=None):
 
 def _max_rel_err(a, b):
   err = 0.0
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     for k in x:
       err = max(err, float(np.max(np.abs(x[k] - y[k]) /
                                   (np.abs(y[k]) + 1e-3))))

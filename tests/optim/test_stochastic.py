@@ -20,12 +20,13 @@ def _tree(dtype):
   return p, u
 
 
+@pytest.mark.parametrize("noise", ["hash", "jax"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_expected_value_is_the_float32_update(dtype):
+def test_expected_value_is_the_float32_update(dtype, noise):
   p, u = _tree(dtype)
   keys = jax.random.split(jax.random.key(1), N)
   out = jax.jit(jax.vmap(
-    lambda k: optim.apply_updates_stochastic(p, u, key=k)))(keys)
+    lambda k: optim.apply_updates_stochastic(p, u, key=k, noise=noise)))(keys)
   for name in p:
     target = np.asarray(p[name], np.float64) + np.asarray(u[name], np.float64)
     samples = np.asarray(out[name].astype(jnp.float32), np.float64)
@@ -133,6 +134,8 @@ def test_errors():
     optim.apply_updates_stochastic(p, u, key=None)
   with pytest.raises(ValueError, match="PRNG key"):
     optim.stochastic_rounding(None)
+  with pytest.raises(ValueError, match="noise must be"):
+    optim.stochastic_rounding(jax.random.key(0), noise="fast")
   tx = optim.stochastic_rounding(jax.random.key(0))
   with pytest.raises(ValueError, match="needs the params"):
     tx.update(u, tx.init(p))

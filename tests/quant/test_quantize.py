@@ -319,7 +319,8 @@ def test_jit_equals_eager(fmt):
   jitted = jax.jit(quant.quantize, static_argnums=1)(x, spec)
   chex.assert_trees_all_equal_dtypes(eager, jitted)
   chex.assert_trees_all_equal_shapes(eager, jitted)
-  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted),
+                  strict=True):
     np.testing.assert_array_equal(np32(a), np32(b))
   np.testing.assert_array_equal(
     np32(eager.dequantize()), np32(jax.jit(quant.dequantize)(jitted))

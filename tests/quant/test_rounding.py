@@ -13,9 +13,10 @@ from tests.utils import np32
 N_KEYS = 4096
 
 
-def _sr_samples(x, dtype, n=N_KEYS):
+def _sr_samples(x, dtype, n=N_KEYS, noise="jax"):
   keys = jax.random.split(jax.random.key(0), n)
-  f = jax.jit(jax.vmap(lambda k: quant.stochastic_round(x, dtype, key=k)))
+  f = jax.jit(jax.vmap(
+    lambda k: quant.stochastic_round(x, dtype, key=k, noise=noise)))
   return np.asarray(f(keys).astype(jnp.float32)).astype(np.float64)
 
 
@@ -55,9 +56,10 @@ def _grid(dtype) -> np.ndarray:
     (jnp.int4, 2.0),
   ],
 )
-def test_stochastic_round_is_unbiased(dtype, scale):
+@pytest.mark.parametrize("noise", ["jax", "hash"])
+def test_stochastic_round_is_unbiased(dtype, scale, noise):
   x = _values(dtype, scale)
-  s = _sr_samples(x, dtype)
+  s = _sr_samples(x, dtype, noise=noise)
   x64 = np.asarray(x).astype(np.float64)
   grid = _grid(dtype)
   x64c = np.clip(x64, grid[0], grid[-1])
@@ -102,6 +104,24 @@ def test_stochastic_round_edge_values():
   np.testing.assert_array_equal(i8, [0, 127, -128, 0, 0, 127, -128])
 
 
+def test_hash_bits_are_uniform_and_keyed():
+  bits = np.asarray(quant.hash_bits(jax.random.key(0), (256, 256)))
+  again = np.asarray(quant.hash_bits(jax.random.key(0), (256, 256)))
+  other = np.asarray(quant.hash_bits(jax.random.key(1), (256, 256)))
+  np.testing.assert_array_equal(bits, again)
+  assert (bits != other).mean() > 0.99
+  # Chi-square over 256 buckets of the low and the high byte: 65536 draws,
+  # 255 degrees of freedom; 400 is beyond the 0.9999 quantile (~350).
+  for byte in (bits & 0xFF, bits >> 24):
+    counts = np.bincount(byte.reshape(-1), minlength=256)
+    chi2 = ((counts - 256.0) ** 2 / 256.0).sum()
+    assert chi2 < 400, chi2
+  # Neighbouring elements are uncorrelated.
+  u = (bits >> 8).astype(np.float64) / 2**24
+  r = np.corrcoef(u.reshape(-1)[:-1], u.reshape(-1)[1:])[0, 1]
+  assert abs(r) < 0.02
+
+
 def test_stochastic_round_errors():
   x = jnp.ones(4, jnp.float32)
   with pytest.raises(ValueError, match="PRNG key"):
@@ -111,6 +131,9 @@ def test_stochastic_round_errors():
                            key=jax.random.key(0))
   with pytest.raises(ValueError, match="cannot target"):
     quant.stochastic_round(x, jnp.bool_, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="noise must be"):
+    quant.stochastic_round(x, jnp.bfloat16, key=jax.random.key(0),
+                           noise="philox")
 
 
 def test_bf16_sr_matches_ml_dtypes_neighbours():
