@@ -98,35 +98,53 @@ def spam_warmup_factor(
   return jnp.where(active, 1.0 - decay, 1.0)
 
 
-def spike_clip(g_in, v_in, threshold, cdt, count: bool = True):
-  r"""SPAM's spike-aware clip of one tensor against its second moment.
+def clipped_grad_sq(g_in, v_in, threshold, cdt):
+  r"""SPAM's clipped squared gradient :math:`\min(g^2, \theta v)`.
 
-  Where :math:`g^2 > \theta v` the gradient becomes
-  :math:`\mathrm{sign}(g)\sqrt{\theta v}` (``threshold`` :math:`= \theta`,
-  ``inf`` to disable).
+  Where :math:`g^2 > \theta v` (a spike) SPAM replaces :math:`g` by
+  :math:`\mathrm{sign}(g)\sqrt{\theta v}`, whose square is
+  :math:`\theta v`: the second moment needs no square root. ``threshold``
+  is :math:`\theta` (``inf`` disables clipping).
 
   Returns:
-    ``(g_clipped, g_clipped^2, v, spikes)`` in ``cdt``; ``g_clipped^2`` is
-    :math:`\theta v` at spikes, so the second moment needs no square root
-    (XLA then fuses each output without materializing
-    :math:`\sqrt{\theta v}`). ``spikes`` (int32) counts the clipped
-    elements in one fused pass over the raw inputs, or is 0 if not
-    ``count``.
+    ``(min(g^2, theta v), v)`` in ``cdt``.
   """
   g = g_in.astype(cdt)
   v = v_in.astype(cdt)
   bound_sq = threshold * v
   g_sq = g * g
-  spike = g_sq > bound_sq
-  g = jnp.where(spike, jnp.sign(g) * jnp.sqrt(bound_sq), g)
-  g_sq = jnp.where(spike, bound_sq, g_sq)
+  return jnp.where(g_sq > bound_sq, bound_sq, g_sq), v
+
+
+def spike_clip_from_new(g_in, v_new, threshold, b2, cdt, count=True):
+  r"""SPAM's clipped gradient recovered from the *updated* second moment.
+
+  With :math:`v' = \beta_2 v + (1-\beta_2)\min(g^2, \theta v)`, an
+  element is a spike (:math:`g^2 > \theta v`) exactly when
+  :math:`g^2 (\beta_2 + (1-\beta_2)\theta) > \theta v'`, and then
+  :math:`\theta v = \theta v' / (\beta_2 + (1-\beta_2)\theta)`. The
+  clip equals the direct one up to float rounding (the parity tests
+  hold to 1e-10 in float64).
+
+  Returns:
+    ``(g_clipped, spikes)``; ``spikes`` (int32) from one fused pass over the
+    raw inputs, or 0 if not ``count``.
+  """
+  denom = b2 + (1 - b2) * threshold
+
+  def is_spike(g_, v_, th, dn):
+    g_ = g_.astype(cdt)
+    return g_ * g_ * dn > th * v_.astype(cdt)
+
+  g = g_in.astype(cdt)
+  spike = is_spike(g, v_new, threshold, denom)
+  g = jnp.where(spike, jnp.sign(g) * jnp.sqrt(threshold * v_new / denom), g)
   if count:
-    (spikes,) = _base.fused_sums(
-      lambda g_, v_, th: (g_.astype(cdt) ** 2 > th * v_.astype(cdt),),
-      (g_in, v_in), (threshold,))
+    (spikes,) = _base.fused_sums(lambda *a: (is_spike(*a),), (g_in, v_new),
+                                 (threshold, denom))
   else:
     spikes = jnp.zeros((), jnp.int32)
-  return g, g_sq, v, spikes
+  return g, spikes
 
 
 def scale_by_spam(
@@ -156,10 +174,10 @@ def scale_by_spam(
       updates after each reset (the official ``grad_accu_steps``).
     state_dtype: dtype of the moments; default the params' dtype.
     track_spikes: count the clipped elements into ``spike_count`` (read with
-      :func:`jqlm.optim.spike_diagnostics`). The count is one more reduction
-      over every gradient; on XLA:CPU, which does not fuse it into the update
-      loop, it costs ~40% of the update time (docs/benchmarks.md). With
-      ``False`` the count stays 0; the update is unchanged.
+      :func:`jqlm.optim.spike_diagnostics`). The count is one more fused
+      pass reading the gradient and the second moment (~20% of the update on
+      CPU, docs/benchmarks.md). With ``False`` the count stays 0; the update
+      is unchanged.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`SpamState`.
@@ -202,13 +220,17 @@ def scale_by_spam(
       cdt = _base.compute_dtype(g_in.dtype)
       b1_, b2_ = _base.hp(b1, cdt), _base.hp(b2, cdt)
       keep = jnp.where(reset, 0.0, 1.0).astype(cdt)  # momentum reset
-      m = m_in.astype(cdt) * keep
       threshold = jnp.where(
         clip_on, _base.hp(spike_threshold, cdt) * keep, jnp.inf).astype(cdt)
-      g, g_sq, v_old, n_spikes = spike_clip(g_in, v_in, threshold, cdt,
-                                            track_spikes)
-      m = b1_ * m + (1 - b1_) * g
+      # The second moment first: v' = b2 v + (1 - b2) min(g^2, theta v).
+      g_sq, v_old = clipped_grad_sq(g_in, v_in, threshold, cdt)
       v = b2_ * v_old * keep + (1 - b2_) * g_sq
+      # Then the clipped gradient from v' instead of v (spike_clip_from_new):
+      # the same values up to rounding, but the old v is read by one loop
+      # only, so XLA updates the donated buffer in place (no copy of v).
+      g, n_spikes = spike_clip_from_new(g_in, v, threshold, b2_, cdt,
+                                        track_spikes)
+      m = b1_ * m_in.astype(cdt) * keep + (1 - b1_) * g
       tf = t.astype(cdt)
       step = jnp.sqrt(1 - b2_**tf) / (1 - b1_**tf)
       f = spam_warmup_factor(state.count, reset_interval, warmup_steps, cdt)

@@ -32,7 +32,11 @@ import jax.numpy as jnp
 import optax
 
 from jqlm.optim import _base
-from jqlm.optim.spam import spam_warmup_factor, spike_clip
+from jqlm.optim.spam import (
+  clipped_grad_sq,
+  spam_warmup_factor,
+  spike_clip_from_new,
+)
 from jqlm.optim.stable_spam import ada_clip_tensor
 
 
@@ -104,9 +108,12 @@ def clip_spikes(
       keep = jnp.where(reset, 0.0, 1.0).astype(cdt)
       threshold = jnp.where(
         on, _base.hp(spike_threshold, cdt) * keep, jnp.inf).astype(cdt)
-      g, g_sq, v, spikes = spike_clip(g_in, v_in, threshold, cdt)
+      g_sq, v = clipped_grad_sq(g_in, v_in, threshold, cdt)
       b = _base.hp(b2, cdt)
       v = b * v * keep + (1 - b) * g_sq
+      # The clipped gradient from the new v, as in scale_by_spam (one reader
+      # of the old, donated v).
+      g, spikes = spike_clip_from_new(g_in, v, threshold, b, cdt)
       return g.astype(g_in.dtype), v, spikes
 
     g, v, spikes = _base.map_n(leaf, updates, state.nu, n=3)
