@@ -36,7 +36,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
   device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
   if args.which == "optim":
-    rows = bench.bench_optim(iters=args.iters, scale=args.scale)
+    rows = bench.bench_optim(iters=args.iters, scale=args.scale,
+                             rounds=args.rounds)
     title = (f"one jitted update, LLaMA-130M shapes (scale {args.scale}), "
              f"ratio vs optax.adamw; {device}, jax {jax.__version__}")
   else:
@@ -76,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     "same run.",
   )
   bench.add_argument("which", choices=["optim", "quant"])
-  bench.add_argument("--iters", type=int, default=5)
+  bench.add_argument("--iters", type=int, default=5,
+                     help="timed iterations per round (median kept)")
+  bench.add_argument("--rounds", type=int, default=3,
+                     help="round-robin rounds over the cases (best kept; "
+                     "optim only)")
   bench.add_argument(
     "--scale", type=float, default=1.0,
     help="width scale of the LLaMA-130M shapes (optim only; 1.0 = full)")

@@ -193,8 +193,12 @@ def fused_sums(fn, arrays, scalars=(), out_dtypes=(jnp.int32,)):
             *(_to_bits(t) for t in total), jnp.zeros_like(a[-1]))
 
   init = tuple(jnp.zeros((), o.dtype) for o in operands)
-  out = jax.lax.reduce(operands, init, combine, tuple(range(len(shape))))
-  return tuple(_from_bits(b, d)
+  # Reduce each row first (XLA:CPU splits a reduction with many outputs
+  # across cores, a full reduction runs on one), then the row sums.
+  rows = shape[0] if len(shape) > 1 else 1
+  operands = tuple(o.reshape(rows, -1) for o in operands)
+  out = jax.lax.reduce(operands, init, combine, (1,))
+  return tuple(jnp.sum(_from_bits(b, d), dtype=d)
                for b, d in zip(out[n + k:-1], out_dtypes, strict=True))
 
 
@@ -202,14 +206,16 @@ def max_abs(x: jax.Array) -> jax.Array:
   """``max|x|`` (0 for an empty array) as one (max, min) reduction of ``x``.
 
   Reducing ``x`` itself, rather than ``abs(x)``, keeps XLA:CPU from writing
-  ``abs(x)`` to memory before reducing it.
+  ``abs(x)`` to memory before reducing it (it does inside Stable-SPAM's
+  update, where ``abs(x)`` has other users).
   """
   if x.size == 0:
     return jnp.zeros((), x.dtype)
+  x2 = x.reshape(x.shape[0] if x.ndim > 1 else 1, -1)  # rows first
   hi, lo = jax.lax.reduce(
-    (x, x),
+    (x2, x2),
     (jnp.array(-jnp.inf, x.dtype), jnp.array(jnp.inf, x.dtype)),
     lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
-    tuple(range(x.ndim)),
+    (1,),
   )
-  return jnp.maximum(hi, -lo)
+  return jnp.maximum(jnp.max(hi), -jnp.min(lo))

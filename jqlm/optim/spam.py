@@ -38,6 +38,10 @@ Deviations from the official code:
 * Arithmetic runs in float32 (float64 for float64 inputs) and the moments are
   stored in ``state_dtype`` (default: the params' dtype, as the official
   pure-bf16 runs do); torch rounds every bf16 op.
+* The second moment is updated first and the clipped gradient is recovered
+  from it (:func:`spike_clip_from_new`): algebraically the official rule,
+  equal up to float rounding, and it lets XLA update the donated moment
+  buffers in place (docs/benchmarks.md).
 
 References:
   Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM

@@ -39,6 +39,10 @@ Deviations from the official code:
 * One counter :math:`k` serves all tensors. The official code keeps one per
   tensor, but all tensors are stepped and reset together, so they are
   always equal.
+* After an aliased reset step the stored moments are zeroed lazily, at the
+  start of the next update (``StableSpamState.reset_pending``): every update
+  is the official one, but a state saved right after a reset step holds the
+  pre-reset moments plus the flag instead of zeros.
 * ``reset_on_step="before"`` offers the non-aliased variant (reset, then
   update with :math:`k = 1` on zero moments); the default ``"aliased"`` is
   the official behaviour.

@@ -1,0 +1,28 @@
+"""The benchmark code paths run (timings themselves are never asserted)."""
+
+import math
+
+from jqlm import bench
+
+
+def test_llama_130m_shapes_match_spec():
+  shapes = bench.llama_param_shapes()
+  total = sum(math.prod(s) for s in shapes.values())
+  assert round(total / 1e6, 1) == 134.1  # spec §6: LLaMA-130M is 134.1M
+
+
+def test_bench_optim_smoke():
+  rows = bench.bench_optim(iters=1, scale=0.01, rounds=1)
+  names = [r[0] for r in rows]
+  assert names[0] == "optax.adamw (baseline)" and rows[0][2] == 1.0
+  assert {"jqlm spam", "jqlm stable_spam", "bf16 apply_updates_stochastic",
+          "adamw + stochastic_rounding, bf16"} <= set(names)
+  assert all(t > 0 for _, t, _ in rows)
+  table = bench.format_rows(rows, "title")
+  lines = table.splitlines()
+  assert lines[0] == "title" and len(lines) == 3 + len(rows)
+
+
+def test_bench_quant_smoke():
+  rows = bench.bench_quant(rows=32, cols=256, iters=1)
+  assert rows[0][2] == 1.0 and len(rows) == 1 + len(bench.QUANT_SPECS)
