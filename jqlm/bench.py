@@ -22,12 +22,8 @@ import optax
 from jqlm import optim, quant
 
 
-def time_fn(fn: Callable, *args, iters: int = 10, warmup: int = 2) -> float:
-  """Median wall time (s) of ``fn(*args)``; ``fn`` returns its next args.
-
-  The outputs are fed back as the next inputs, so donated buffers are reused
-  as in a training loop.
-  """
+def _median_time(fn: Callable, args: tuple, iters: int, warmup: int = 2):
+  """(median wall time of ``fn(*args)``, the last outputs)."""
   for _ in range(warmup):
     args = fn(*args)
   jax.block_until_ready(args)
@@ -37,7 +33,16 @@ def time_fn(fn: Callable, *args, iters: int = 10, warmup: int = 2) -> float:
     args = fn(*args)
     jax.block_until_ready(args)
     times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return statistics.median(times), args
+
+
+def time_fn(fn: Callable, *args, iters: int = 10, warmup: int = 2) -> float:
+  """Median wall time (s) of ``fn(*args)``; ``fn`` returns its next args.
+
+  The outputs are fed back as the next inputs, so donated buffers are reused
+  as in a training loop.
+  """
+  return _median_time(fn, args, iters, warmup)[0]
 
 
 def llama_param_shapes(
@@ -76,18 +81,8 @@ def _interleaved(cases: dict[str, tuple[Callable, tuple]], iters: int,
   best = {name: float("inf") for name in cases}
   for _ in range(rounds):
     for name, (fn, _) in cases.items():
-      args = state[name]
-      for _ in range(2):  # warm-up / compile
-        args = fn(*args)
-      jax.block_until_ready(args)
-      times = []
-      for _ in range(iters):
-        t0 = time.perf_counter()
-        args = fn(*args)
-        jax.block_until_ready(args)
-        times.append(time.perf_counter() - t0)
-      state[name] = args
-      best[name] = min(best[name], statistics.median(times))
+      t, state[name] = _median_time(fn, state[name], iters)
+      best[name] = min(best[name], t)
   return best
 
 

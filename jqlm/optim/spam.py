@@ -102,6 +102,22 @@ def spam_warmup_factor(
   return jnp.where(active, 1.0 - decay, 1.0)
 
 
+def spam_schedule(count, reset_interval, grace_steps):
+  """SPAM's per-update flags at update ``t = count + 1`` (spec §2.2).
+
+  Returns:
+    ``(reset, clip_window)``: whether the moments are zeroed before this
+    update (``t % reset_interval == 0``), and whether clipping may act
+    (``t >= A`` and ``t % reset_interval >= A`` for the grace period A).
+  """
+  t = jnp.asarray(count).astype(jnp.int32) + 1
+  grace = jnp.asarray(grace_steps).astype(jnp.int32)
+  if reset_interval is None:
+    return jnp.zeros((), bool), t >= grace
+  dt = jnp.asarray(reset_interval).astype(jnp.int32)
+  return t % dt == 0, (t >= grace) & (t % dt >= grace)
+
+
 def clipped_grad_sq(g_in, v_in, threshold, cdt):
   r"""SPAM's clipped squared gradient :math:`\min(g^2, \theta v)`.
 
@@ -209,14 +225,7 @@ def scale_by_spam(
   def update_fn(updates, state, params=None):
     del params
     t = state.count + 1
-    grace = jnp.asarray(grace_steps).astype(jnp.int32)
-    if reset_interval is None:
-      reset = jnp.zeros((), bool)
-      in_window = t >= grace
-    else:
-      dt = jnp.asarray(reset_interval).astype(jnp.int32)
-      reset = t % dt == 0
-      in_window = (t >= grace) & (t % dt >= grace)
+    reset, in_window = spam_schedule(state.count, reset_interval, grace_steps)
     clip_on = (jnp.asarray(spike_threshold) != 0) & in_window
     factor = spam_warmup_factor(state.count, reset_interval, warmup_steps)
 

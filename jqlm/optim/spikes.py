@@ -34,6 +34,7 @@ import optax
 from jqlm.optim import _base
 from jqlm.optim.spam import (
   clipped_grad_sq,
+  spam_schedule,
   spam_warmup_factor,
   spike_clip_from_new,
 )
@@ -95,13 +96,7 @@ def clip_spikes(
 
   def update_fn(updates, state, params=None):
     del params
-    t = state.count + 1
-    grace = jnp.asarray(grace_steps).astype(jnp.int32)
-    if reset_interval is None:
-      reset, on = jnp.zeros((), bool), t >= grace
-    else:
-      dt = jnp.asarray(reset_interval).astype(jnp.int32)
-      reset, on = t % dt == 0, (t >= grace) & (t % dt >= grace)
+    reset, on = spam_schedule(state.count, reset_interval, grace_steps)
 
     def leaf(g_in, v_in):
       cdt = v_in.dtype
