@@ -146,8 +146,9 @@ def ada_clip_tensor(g_in, max_ema, gamma, k, cdt):
 
   Returns:
     ``(g_clipped, new_max_ema, ||g_clipped||^2, spikes)`` in ``cdt`` (spikes
-    int32). The squared norm and the spike count come from one fused pass
-    over the raw gradient (AdaGN needs the norm next).
+    int32). The squared norm (AdaGN needs it next) and the spike count take
+    one pass over the raw gradient: a plain sum of squares when
+    ``max|g| <= T`` (nothing is clipped), else one fused reduction.
   """
   gmax = _base.max_abs(g_in).astype(cdt)
   max_ema = gamma * max_ema.astype(cdt) + (1 - gamma) * gmax
@@ -163,8 +164,19 @@ def ada_clip_tensor(g_in, max_ema, gamma, k, cdt):
     xc, spike = clip(x, thr, ratio)
     return xc * xc, spike
 
-  n_sq, spikes = _base.fused_sums(norm_terms, (g_in,), (thr, ratio),
-                                  out_dtypes=(cdt, jnp.int32))
+  def with_spikes(x, thr, ratio):
+    return _base.fused_sums(norm_terms, (x,), (thr, ratio),
+                            out_dtypes=(cdt, jnp.int32))
+
+  def without_spikes(x, thr, ratio):
+    del thr, ratio  # |x| <= max|x| <= thr: nothing is clipped
+    x = x.astype(cdt)
+    return jnp.sum(x * x), jnp.zeros((), jnp.int32)
+
+  # Only a step whose max exceeds the threshold clips anything; the others
+  # need a plain sum of squares, which XLA fuses into one fast reduction.
+  n_sq, spikes = jax.lax.cond(gmax > thr, with_spikes, without_spikes,
+                              g_in, thr, ratio)
   g, _ = clip(g_in, thr, ratio)
   return g, max_ema, n_sq, spikes
 
