@@ -73,17 +73,25 @@ def _make_tree(shapes, dtype, key):
 
 
 def _interleaved(cases: dict[str, tuple[Callable, tuple]], iters: int,
-                 rounds: int) -> dict[str, float]:
-  """Times every case ``rounds`` times, round-robin, and keeps each case's
-  best median: on a shared VM, bandwidth noise comes in bursts that would
-  otherwise land on whichever case runs then."""
+                 rounds: int, baseline: str) -> list[tuple[str, float, float]]:
+  """Times every case once per round, round-robin.
+
+  On a shared VM the memory bandwidth drifts between seconds, so each case's
+  ratio is taken against the baseline *of the same round*; the table reports
+  the median time and the median of the per-round ratios.
+  """
   state = {name: args for name, (_, args) in cases.items()}
-  best = {name: float("inf") for name in cases}
+  times = {name: [] for name in cases}
   for _ in range(rounds):
     for name, (fn, _) in cases.items():
       t, state[name] = _median_time(fn, state[name], iters)
-      best[name] = min(best[name], t)
-  return best
+      times[name].append(t)
+  return [
+    (name, statistics.median(ts),
+     statistics.median(t / b for t, b in zip(ts, times[baseline],
+                                             strict=True)))
+    for name, ts in times.items()
+  ]
 
 
 def bench_optim(
@@ -96,7 +104,8 @@ def bench_optim(
     scale: shrink factor for the widths (1.0 = LLaMA-130M), for quick runs.
     dtype: params/gradient dtype of the optimizer rows (the SR rows always
       use bf16 params, as the official pure-bf16 runs do).
-    rounds: round-robin repetitions (best median kept).
+    rounds: round-robin repetitions (median time and median per-round
+      ratio reported).
   """
   shapes = llama_param_shapes(
     vocab=max(int(32000 * scale), 8), hidden=max(int(768 * scale), 8),
@@ -169,9 +178,7 @@ def bench_optim(
     }.items():
       p = fresh(p16)
       cases[name] = (opt_step(tx), (p, tx.init(p), g16, g16b))
-    best = _interleaved(cases, iters, rounds)
-  base = best["optax.adamw (baseline)"]
-  return [(name, t, t / base) for name, t in best.items()]
+    return _interleaved(cases, iters, rounds, "optax.adamw (baseline)")
 
 
 def format_rows(rows, title: str, unit_ms: bool = True) -> str:

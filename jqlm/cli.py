@@ -79,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("which", choices=["optim", "quant"])
   bench.add_argument("--iters", type=int, default=5,
                      help="timed iterations per round (median kept)")
-  bench.add_argument("--rounds", type=int, default=3,
-                     help="round-robin rounds over the cases (best kept; "
-                     "optim only)")
+  bench.add_argument("--rounds", type=int, default=5,
+                     help="round-robin rounds over the cases; ratios are "
+                     "per round against the same round's baseline, median "
+                     "reported (optim only)")
   bench.add_argument(
     "--scale", type=float, default=1.0,
     help="width scale of the LLaMA-130M shapes (optim only; 1.0 = full)")

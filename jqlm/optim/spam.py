@@ -195,7 +195,7 @@ def scale_by_spam(
     state_dtype: dtype of the moments; default the params' dtype.
     track_spikes: count the clipped elements into ``spike_count`` (read with
       :func:`jqlm.optim.spike_diagnostics`). The count is one more fused
-      pass reading the gradient and the second moment (~20% of the update on
+      pass reading the gradient and the second moment (~25% of an adamw step on
       CPU, docs/benchmarks.md). With ``False`` the count stays 0; the update
       is unchanged.
 
