@@ -126,12 +126,10 @@ def follow_params(state, params):
     if isinstance(x, jax.Array) and x.ndim == 0 else x, state)
 
 
-_UINT_BY_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
-
-
 def _to_bits(x: jax.Array) -> jax.Array:
   if jnp.issubdtype(x.dtype, jnp.floating):
-    return jax.lax.bitcast_convert_type(x, _UINT_BY_SIZE[x.dtype.itemsize])
+    uint = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+    return jax.lax.bitcast_convert_type(x, uint)
   return x
 
 
