@@ -6,6 +6,8 @@ measured in the same run (never a timed test).
   against ``optax.adamw``.
 * ``jqlm bench quant``: jitted quantize -> dequantize round trips per format,
   against a bf16 cast round trip.
+* ``jqlm bench memory``: params + optimizer-state bytes of the official
+  LLaMA configs per training recipe (``jax.eval_shape``, no allocation).
 """
 
 from __future__ import annotations
@@ -228,3 +230,59 @@ def bench_quant(rows: int = 4096, cols: int = 4096, iters: int = 10):
     t = timed(lambda a, s=spec: roundtrip(a, key, s))
     out.append((name, t, t / t_base))
   return out
+
+
+# Official LLaMA configs (spec §6): (hidden, intermediate, layers), and the
+# GaLore / Q-GaLore ranks of the official scripts (spec §4.4, §5.5).
+LLAMA_CONFIGS = {
+  "60M": (512, 1376, 8, 128),
+  "130M": (768, 2048, 12, 256),
+  "350M": (1024, 2736, 24, 256),
+  "1B": (2048, 5461, 24, 1024),
+  "7B": (4096, 11008, 32, 1024),
+}
+
+
+def memory_recipes(rank: int) -> dict[str, tuple[Callable, object]]:
+  """name -> (optimizer, params dtype or "int8") of the compared recipes."""
+  key = jax.random.key(0)
+  return {
+    "AdamW, f32 params and states": (optax.adamw(1e-3), jnp.float32),
+    "pure bf16 (AdamW, bf16 states)": (optim.adamw(1e-3), jnp.bfloat16),
+    "AdamW 8-bit states, bf16 params": (optim.adamw(1e-3, state_quant=8),
+                                        jnp.bfloat16),
+    "AdamW 4-bit states, bf16 params": (optim.adamw(1e-3, state_quant=4),
+                                        jnp.bfloat16),
+    "GaLore, bf16": (optim.galore(1e-2, rank), jnp.bfloat16),
+    "Q-GaLore (int8 W, int4 P, 8-bit)": (
+      optim.q_galore(1e-2, rank, key=key), "int8"),
+  }
+
+
+def bench_memory(configs=tuple(LLAMA_CONFIGS)):
+  """{recipe: {config: MemoryReport}} for the official LLaMA configs."""
+  out: dict[str, dict[str, optim.MemoryReport]] = {}
+  for cname in configs:
+    hidden, inter, layers, rank = LLAMA_CONFIGS[cname]
+    shapes = llama_param_shapes(32000, hidden, inter, layers)
+    for rname, (tx, dtype) in memory_recipes(rank).items():
+      pdt = jnp.bfloat16 if dtype == "int8" else dtype
+      params = {k: jax.ShapeDtypeStruct(v, pdt) for k, v in shapes.items()}
+      if dtype == "int8":
+        params = jax.eval_shape(optim.quantize_weights, params)
+      with jax.numpy_dtype_promotion("standard"):
+        out.setdefault(rname, {})[cname] = optim.memory_report(tx, params)
+  return out
+
+
+def format_memory(reports, unit: str = "GiB") -> str:
+  """Params + state per recipe and config, in ``unit``."""
+  div = {"GiB": 2**30, "GB": 1e9}[unit]
+  configs = list(next(iter(reports.values())))
+  head = f"{'recipe (params + state, ' + unit + ')':<40}" + "".join(
+    f"{c:>9}" for c in configs)
+  lines = [head, "-" * len(head)]
+  for rname, per in reports.items():
+    lines.append(f"{rname:<40}" + "".join(
+      f"{per[c].total / div:>9.2f}" for c in configs))
+  return "\n".join(lines)

@@ -4,7 +4,7 @@ Sub-commands:
 
 * ``jqlm demo``: quantize random data in every format and print a table of
   storage bits and errors.
-* ``jqlm bench optim|quant``: benchmark tables (see :mod:`jqlm.bench`).
+* ``jqlm bench optim|quant|memory``: benchmark tables (see :mod:`jqlm.bench`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              rounds=args.rounds)
     title = (f"one jitted update, LLaMA-130M shapes (scale {args.scale}), "
              f"ratio vs optax.adamw; {device}, jax {jax.__version__}")
+  elif args.which == "memory":
+    reports = bench.bench_memory()
+    print(f"params + optimizer state of the official LLaMA configs (spec "
+          f"§6), jax.eval_shape; jax {jax.__version__}")
+    for unit in ("GiB", "GB"):
+      print()
+      print(bench.format_memory(reports, unit))
+    q7 = reports["Q-GaLore (int8 W, int4 P, 8-bit)"].get("7B")
+    if q7 is not None:
+      print("\nLLaMA-7B, Q-GaLore rank 1024, by part:")
+      print(q7.table("GiB"))
+    return 0
   else:
     rows = bench.bench_quant(iters=args.iters)
     title = (f"jitted quantize->dequantize of 4096x4096 float32, ratio vs a "
@@ -76,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     description="Print a benchmark table whose baseline is measured in the "
     "same run.",
   )
-  bench.add_argument("which", choices=["optim", "quant"])
+  bench.add_argument("which", choices=["optim", "quant", "memory"])
   bench.add_argument("--iters", type=int, default=5,
                      help="timed iterations per round (median kept)")
   bench.add_argument("--rounds", type=int, default=5,

@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from jqlm import bench
 
 
@@ -26,3 +28,19 @@ def test_bench_optim_smoke():
 def test_bench_quant_smoke():
   rows = bench.bench_quant(rows=32, cols=256, iters=1)
   assert rows[0][2] == 1.0 and len(rows) == 1 + len(bench.QUANT_SPECS)
+
+
+def test_bench_memory_table_and_ordering():
+  reports = bench.bench_memory(configs=("60M",))
+  table = bench.format_memory(reports)
+  assert len(table.splitlines()) == 2 + len(reports)
+  totals = {k: v["60M"].total for k, v in reports.items()}
+  # each recipe saves memory over the one before it in the list,
+  # except GaLore (bf16 params) vs 4-bit AdamW
+  assert totals["pure bf16 (AdamW, bf16 states)"] * 2 == pytest.approx(
+    totals["AdamW, f32 params and states"], rel=1e-6)
+  assert totals["AdamW 8-bit states, bf16 params"] < totals[
+    "pure bf16 (AdamW, bf16 states)"]
+  assert totals["AdamW 4-bit states, bf16 params"] < totals[
+    "AdamW 8-bit states, bf16 params"]
+  assert totals["Q-GaLore (int8 W, int4 P, 8-bit)"] == min(totals.values())

@@ -8,12 +8,39 @@
 * Stochastic rounding of updates: :func:`apply_updates_stochastic`,
   :func:`stochastic_rounding`, :func:`apply_updates`.
 * Diagnostics: :func:`spike_diagnostics`.
+* Adam/AdamW with HF- or torch-style epsilon and 8-bit / 4-bit block-wise
+  states: :func:`adamw`, :func:`scale_by_adam`, :class:`StateQuant`.
+* GaLore (arXiv 2403.03507) and Q-GaLore (arXiv 2407.08296):
+  :func:`galore`, :func:`scale_by_galore`, :func:`q_galore`,
+  :func:`scale_by_q_galore`, and the int8-weight helpers
+  :func:`quantize_weights`, :func:`dequantize_params`,
+  :func:`apply_quantized_updates`, :func:`rounding_key`.
+* Memory accounting without allocation: :func:`memory_report`.
 
 Default behaviour is the official code's (``../shared/spec/optimizers.md``);
 each docstring names its deviations.
 """
 
+from jqlm.optim.adam import EpsStyle, ScaleByAdamState, adamw, scale_by_adam
 from jqlm.optim.diagnostics import SpikeDiagnostics, spike_diagnostics
+from jqlm.optim.galore import (
+  GaLoreState,
+  ProjectorState,
+  ProjType,
+  WeightRoundingState,
+  apply_quantized_updates,
+  default_mask,
+  dequantize_params,
+  galore,
+  projector_gaps,
+  q_galore,
+  quantize_weights,
+  rounding_key,
+  scale_by_galore,
+  scale_by_q_galore,
+)
+from jqlm.optim.memory import MemoryReport, memory_report
+from jqlm.optim.qstate import QuantizedMoment, StateCode, StateQuant
 from jqlm.optim.spam import (
   PostUpdateDecayState,
   SpamState,
@@ -47,6 +74,29 @@ from jqlm.optim.stochastic import (
 )
 
 __all__ = [
+  "EpsStyle",
+  "GaLoreState",
+  "MemoryReport",
+  "ProjType",
+  "ProjectorState",
+  "QuantizedMoment",
+  "ScaleByAdamState",
+  "StateCode",
+  "StateQuant",
+  "WeightRoundingState",
+  "adamw",
+  "apply_quantized_updates",
+  "default_mask",
+  "dequantize_params",
+  "galore",
+  "memory_report",
+  "projector_gaps",
+  "q_galore",
+  "quantize_weights",
+  "rounding_key",
+  "scale_by_adam",
+  "scale_by_galore",
+  "scale_by_q_galore",
   "AdaClipState",
   "AdaGNState",
   "ClipSpikesState",

@@ -8,7 +8,7 @@ See :class:`QuantSpec` for the formats and granularities, :func:`quantize`,
 from jqlm.quant.hadamard import hadamard
 from jqlm.quant.metrics import QuantError, quantization_error
 from jqlm.quant.ops import dequantize, fake_quant, group_layout, quantize
-from jqlm.quant.qarray import QArray
+from jqlm.quant.qarray import PackedQArray, QArray
 from jqlm.quant.reference import qmatmul_reference
 from jqlm.quant.rounding import hash_bits, pack, stochastic_round, unpack
 from jqlm.quant.spec import (
@@ -29,6 +29,7 @@ __all__ = [
   "Format",
   "FormatInfo",
   "Granularity",
+  "PackedQArray",
   "QArray",
   "QuantError",
   "QuantSpec",

@@ -60,7 +60,8 @@ _E1M2_MAGNITUDES = E1M2_VALUES[:8]
 
 def _norm_axis(spec: QuantSpec, shape: tuple[int, ...]) -> int:
   ndim = len(shape)
-  if spec.granularity in (Granularity.TENSOR, Granularity.FLAT_GROUP):
+  if spec.granularity is Granularity.TENSOR or (
+      spec.granularity is Granularity.FLAT_GROUP and ndim == 0):
     return 0
   if ndim == 0:
     raise ValueError(
@@ -131,6 +132,8 @@ def _to_groups(x: jax.Array, spec: QuantSpec, axis: int) -> jax.Array:
     return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
   if g is Granularity.GROUP:
     return jnp.moveaxis(x, axis, -1).reshape(-1, spec.group_size)
+  if x.ndim:  # FLAT_GROUP: `axis` varies fastest
+    x = jnp.moveaxis(x, axis, -1)
   return x.reshape(-1, spec.group_size)
 
 
@@ -139,7 +142,7 @@ def _from_groups(v, spec: QuantSpec, axis: int, shape) -> jax.Array:
   if g is Granularity.CHANNEL:
     moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
     return jnp.moveaxis(v.reshape(moved), 0, axis)
-  if g is Granularity.GROUP:
+  if g is Granularity.GROUP or (g is Granularity.FLAT_GROUP and len(shape)):
     moved = tuple(d for i, d in enumerate(shape) if i != axis) + (shape[axis],)
     return jnp.moveaxis(v.reshape(moved), -1, axis)
   return v.reshape(shape)

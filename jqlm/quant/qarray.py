@@ -71,11 +71,101 @@ class QArray:
     """Average storage bits per element, scales and zero points included."""
     return 8.0 * self.nbytes / max(self.size, 1)
 
+  def pack(self) -> PackedQArray:
+    """The codes packed two (4-bit) or four (2-bit) per ``uint8`` byte
+    along the last axis (:func:`jqlm.quant.pack` layout): real 4-bit
+    storage that any checkpoint format accepts. Zero points are held one per
+    byte.
+
+    Raises:
+      ValueError: codes that are not sub-byte, outliers, or a last axis not
+        divisible by the codes per byte.
+    """
+    from jqlm.quant.rounding import pack  # noqa: PLC0415 (cycle)
+
+    if self.outlier_values is not None:
+      raise ValueError("QArray.pack does not support kept outliers.")
+    if jnp.dtype(self.codes.dtype).itemsize != 1 or not (
+        jnp.issubdtype(self.codes.dtype, jnp.integer)
+        and jnp.iinfo(self.codes.dtype).bits < 8):
+      raise ValueError(
+        f"QArray.pack needs 4-bit or 2-bit integer codes, got "
+        f"{self.codes.dtype}.")
+    return PackedQArray(
+      packed=pack(self.codes), scale=self.scale,
+      zero_point=self.with_byte_codes().zero_point, spec=self.spec,
+      shape=self.shape)
+
+  def with_byte_codes(self) -> QArray:
+    """The same values with sub-byte integer codes and zero points
+    (``int4``, ``uint4``, ``int2``, ...) held one per ``int8`` / ``uint8``.
+
+    Checkpoint formats (tensorstore, hence orbax) reject 4-bit dtypes, and
+    XLA:CPU stores them one per byte anyway; ``nbytes`` still counts the
+    format's bits. Codes that are already bytes, or float codes, are kept.
+    """
+    def widen(a):
+      if a is None or not jnp.issubdtype(a.dtype, jnp.integer):
+        return a
+      if jnp.iinfo(a.dtype).bits >= 8:
+        return a
+      signed = jnp.issubdtype(a.dtype, jnp.signedinteger)
+      return a.astype(jnp.int8 if signed else jnp.uint8)
+
+    return dataclasses.replace(self, codes=widen(self.codes),
+                               zero_point=widen(self.zero_point))
+
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """Same as :func:`jqlm.quant.dequantize`."""
     from jqlm.quant.ops import dequantize  # noqa: PLC0415 (cycle)
 
     return dequantize(self, dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PackedQArray:
+  """A :class:`QArray` whose sub-byte codes are packed into ``uint8`` along
+  the last axis (from :meth:`QArray.pack`). A pytree like QArray.
+
+  Attributes:
+    packed: ``uint8`` codes, last axis shortened by the codes per byte.
+    scale: as :class:`QArray`.
+    zero_point: integer zero points held in ``int8`` / ``uint8``, or None.
+    spec: the static :class:`QuantSpec`.
+    shape: the logical shape (static).
+  """
+
+  packed: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None = None
+  spec: QuantSpec
+  shape: tuple[int, ...]
+
+  @property
+  def nbytes(self) -> int:
+    total = 0
+    for leaf in (self.packed, self.scale, self.zero_point):
+      if leaf is not None:
+        total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+  def unpack(self) -> QArray:
+    from jqlm.quant.rounding import unpack  # noqa: PLC0415 (cycle)
+
+    dtype = self.spec.info.code_dtype
+    zero = self.zero_point
+    if zero is not None:
+      zero = zero.astype(dtype)
+    return QArray(codes=unpack(self.packed, dtype), scale=self.scale,
+                  zero_point=zero, spec=self.spec)
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    return self.unpack().dequantize(dtype)
+
+
+jax.tree_util.register_dataclass(
+  PackedQArray, data_fields=["packed", "scale", "zero_point"],
+  meta_fields=["spec", "shape"])
 
 
 jax.tree_util.register_dataclass(

@@ -77,9 +77,11 @@ class Granularity(enum.Enum):
     scale per output channel.
   * ``GROUP``: groups of ``group_size`` consecutive elements along ``axis``.
   * ``FLAT_GROUP``: groups of ``group_size`` consecutive elements of the
-    row-major flattened array. This is how the PyTorch reference code groups
-    an ``(out, in)`` weight (``w.reshape(-1, G)``); a group may straddle
-    rows.
+    array flattened with ``axis`` varying fastest (row-major for the default
+    ``axis=-1``). This is how the PyTorch reference code groups an
+    ``(out, in)`` weight (``w.reshape(-1, G)``); a group may straddle rows.
+    For a Flax kernel ``(in, out) = W^T``, ``axis=0`` gives exactly the
+    torch groups of ``W``.
   """
 
   TENSOR = "tensor"
@@ -273,7 +275,8 @@ class QuantSpec:
     group_size: elements per group, for ``group`` and ``flat_group`` only
       (MX formats default to 32).
     axis: the channel axis (``channel``) or the axis along which groups run
-      (``group``). Ignored by ``tensor`` and ``flat_group``.
+      (``group``), or the fastest-varying axis of the flattening
+      (``flat_group``). Ignored by ``tensor``.
     symmetric: ``True`` for a zero-free scale (``x ~ q * s``), ``False`` for
       min-max with an integer zero point (``x ~ (q - z) * s``). Default: by
       format (unsigned integers are asymmetric, all others symmetric). Only

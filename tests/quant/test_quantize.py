@@ -140,6 +140,24 @@ def test_uint_minmax_flat_matches_qgalore_reference(bits, shape):
   )
 
 
+@pytest.mark.parametrize("shape", [(1376, 512), (96, 48)])
+def test_flat_group_axis0_groups_a_flax_kernel_like_torch(shape):
+  """``axis=0`` on a Flax kernel (in, out) = W^T groups like torch's
+  row-major (out, in) W, groups straddling rows when in % 256 != 0
+  (the 60M down_proj, spec §5.3)."""
+  w_torch = _data(shape[::-1], 5) * 0.02  # (out, in)
+  kernel = w_torch.T
+  spec = QuantSpec(format="uint8", granularity="flat_group", group_size=256,
+                   eps=1e-5)
+  q_k = quant.quantize(kernel, spec.replace(axis=0))
+  q_t = quant.quantize(w_torch, spec)
+  assert q_k.codes.shape == kernel.shape
+  np.testing.assert_array_equal(np32(q_k.codes), np32(q_t.codes).T)
+  np.testing.assert_array_equal(np32(q_k.scale), np32(q_t.scale))
+  np.testing.assert_array_equal(np32(q_k.dequantize()),
+                                np32(q_t.dequantize()).T)
+
+
 def test_int4_activation_top2_matches_stable_spam_reference():
   x = _data((16, 512), 4)
   spec = QuantSpec(format="int4", granularity="flat_group", group_size=256,
