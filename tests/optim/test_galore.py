@@ -135,6 +135,26 @@ def test_stable_spam_and_spam_run_inside_galore():
     assert u["layer0"]["mlp"]["up"].shape == KERNELS["up"]
 
 
+def test_optax_adam_inside_galore_equals_torch_style_inner():
+  """An optax transform serves as the inner optimizer: optax.scale_by_adam
+  inside GaLore equals jqlm's torch-style Adam inside GaLore."""
+  params = _params(dtype=np.float32)
+  grads = _grads(3, dtype=np.float32)
+  outs = []
+  for inner in (optax.scale_by_adam(eps=1e-8),
+                optim.scale_by_adam(eps=1e-8, eps_style="torch")):
+    opt = optim.scale_by_galore(RANK, inner=inner)
+    state = opt.init(params)
+    with jax.numpy_dtype_promotion("standard"):
+      for g in grads:
+        u, state = opt.update(g, state, params)
+    outs.append(u)
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]),
+                  strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-7)
+
+
 def test_qgalore_projection_quantizer_matches_spec_on_torch_layout():
   """Q-GaLore's stored P equals §5.2's quantizer applied to the torch-layout
   P (groups of 256 straddling rows), for both projection sides."""
