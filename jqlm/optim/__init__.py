@@ -27,19 +27,21 @@ from jqlm.optim.galore import (
   GaLoreState,
   ProjectorState,
   ProjType,
-  WeightRoundingState,
-  apply_quantized_updates,
   default_mask,
-  dequantize_params,
   galore,
   projector_gaps,
+  scale_by_galore,
+)
+from jqlm.optim.memory import MemoryReport, memory_report
+from jqlm.optim.qgalore import (
+  WeightRoundingState,
+  apply_quantized_updates,
+  dequantize_params,
   q_galore,
   quantize_weights,
   rounding_key,
-  scale_by_galore,
   scale_by_q_galore,
 )
-from jqlm.optim.memory import MemoryReport, memory_report
 from jqlm.optim.qstate import QuantizedMoment, StateCode, StateQuant
 from jqlm.optim.spam import (
   PostUpdateDecayState,
