@@ -14,35 +14,10 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jqlm import quant
 from jqlm.optim import qstate
-
-
-def _bits(dtype) -> int:
-  dtype = jnp.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.floating):
-    return jnp.finfo(dtype).bits
-  if jnp.issubdtype(dtype, jnp.integer):
-    return jnp.iinfo(dtype).bits
-  return 8 * dtype.itemsize
-
-
-def tree_bytes(tree) -> int:
-  """Bytes of every array leaf of ``tree`` at its dtype's bit width (arrays
-  or ``jax.ShapeDtypeStruct``; keys count 8 bytes)."""
-  total_bits = 0
-  for leaf in jax.tree.leaves(tree):
-    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-      continue
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      total_bits += 64 * int(np.prod(leaf.shape, dtype=np.int64))
-      continue
-    total_bits += _bits(leaf.dtype) * int(np.prod(leaf.shape, dtype=np.int64))
-  return (total_bits + 7) // 8
 
 
 def _is_q(x) -> bool:
@@ -121,13 +96,13 @@ def memory_report(optimizer: optax.GradientTransformation,
   flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_q)[0]
   q_state = 0
   for path, leaf in flat:
-    b = tree_bytes(leaf)
+    b = quant.tree_nbytes(leaf)
     if _is_q(leaf):
       q_state += b
     if b:
       name = _part_name(path)
       parts[name] = parts.get(name, 0) + b
   return MemoryReport(
-    params=tree_bytes(params_or_shapes),
-    params_quantized=sum(tree_bytes(q) for q in q_params),
+    params=quant.tree_nbytes(params_or_shapes),
+    params_quantized=sum(quant.tree_nbytes(q) for q in q_params),
     state=parts, state_quantized=q_state)

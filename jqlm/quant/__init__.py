@@ -6,7 +6,7 @@ See :class:`QuantSpec` for the formats and granularities, :func:`quantize`,
 """
 
 from jqlm.quant.hadamard import hadamard
-from jqlm.quant.metrics import QuantError, quantization_error
+from jqlm.quant.metrics import QuantError, quantization_error, tree_nbytes
 from jqlm.quant.ops import dequantize, fake_quant, group_layout, quantize
 from jqlm.quant.qarray import PackedQArray, QArray
 from jqlm.quant.reference import qmatmul_reference
@@ -44,6 +44,7 @@ __all__ = [
   "pack",
   "qmatmul_reference",
   "quantization_error",
+  "tree_nbytes",
   "quantize",
   "stochastic_round",
   "unpack",

@@ -1,4 +1,4 @@
-"""Quantization error metrics."""
+"""Quantization error metrics and storage accounting."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class QuantError(NamedTuple):
@@ -45,3 +46,29 @@ def quantization_error(x: jax.Array, x_hat: jax.Array) -> QuantError:
   return QuantError(
     mse=jnp.mean(d * d), max_error=jnp.max(jnp.abs(d)), sqnr_db=sqnr
   )
+
+
+def _bits(dtype) -> int:
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating):
+    return jnp.finfo(dtype).bits
+  if jnp.issubdtype(dtype, jnp.integer):
+    return jnp.iinfo(dtype).bits
+  return 8 * dtype.itemsize
+
+
+def tree_nbytes(tree) -> int:
+  """Storage bytes of every array leaf of ``tree`` (arrays or
+  ``jax.ShapeDtypeStruct``), each element at its dtype's bit width (``int4``
+  codes count half a byte, as backends that pack them store them; PRNG keys
+  count 8 bytes)."""
+  total_bits = 0
+  for leaf in jax.tree.leaves(tree):
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      continue
+    n = int(np.prod(leaf.shape, dtype=np.int64))
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      total_bits += 64 * n
+    else:
+      total_bits += _bits(leaf.dtype) * n
+  return (total_bits + 7) // 8

@@ -1,0 +1,52 @@
+"""jqlm.models: Flax NNX LLaMA with quantized linears.
+
+* :class:`Llama`, :class:`LlamaConfig` and the presets of the official runs
+  (:func:`llama_60m` ... :func:`llama_7b`, spec §6), LLaMA-2-7B and
+  LLaMA-3-8B shapes, and :func:`llama_tiny` for tests.
+* Quantization policies by module-path pattern (:class:`QuantPolicy`):
+  Stable-SPAM's INT4 and FP4 QAT recipes, W8A8, W4A16, Hadamard W4A4; real
+  int8 / int4 / NF4 weights (:func:`quantize_model`).
+* :func:`generate` with a bf16 or int8 KV cache.
+* Logical axis names of every param and their mesh rules
+  (:mod:`jqlm.models.sharding`).
+"""
+
+from jqlm.models.generate import decode_step, generate, sample_logits
+from jqlm.models.layers import (
+  QLinear,
+  QuantPolicy,
+  QuantRule,
+  hadamard_w4a4,
+  stable_spam_fp4,
+  stable_spam_int4,
+  w4a16,
+  w8a8,
+)
+from jqlm.models.llama import (
+  PRESETS,
+  KVCache,
+  Llama,
+  LlamaConfig,
+  apply_rope,
+  init_cache,
+  llama2_7b,
+  llama3_8b,
+  llama_1b,
+  llama_7b,
+  llama_60m,
+  llama_130m,
+  llama_350m,
+  llama_tiny,
+  param_count,
+)
+from jqlm.models.quantize import quantize_model, weight_bytes
+from jqlm.models.sharding import LOGICAL_RULES, make_mesh, to_pspec
+
+__all__ = [
+  "LOGICAL_RULES", "PRESETS", "KVCache", "Llama", "LlamaConfig", "QLinear",
+  "QuantPolicy", "QuantRule", "apply_rope", "decode_step", "generate",
+  "hadamard_w4a4", "init_cache", "llama2_7b", "llama3_8b", "llama_130m",
+  "llama_1b", "llama_350m", "llama_60m", "llama_7b", "llama_tiny",
+  "make_mesh", "param_count", "quantize_model", "sample_logits", "stable_spam_fp4",
+  "stable_spam_int4", "to_pspec", "w4a16", "w8a8", "weight_bytes",
+]

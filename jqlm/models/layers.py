@@ -1,0 +1,208 @@
+r"""Quantized linear layers driven by a name-pattern policy.
+
+A :class:`QuantPolicy` is a tuple of :class:`QuantRule`; each rule matches
+module paths (``fnmatch`` patterns over dotted paths such as
+``"layers.3.attn.q"``) and says how that linear quantizes its weight and its
+input activation. The model code is the same for every mode:
+
+* **QAT** (fake quantization with a straight-through gradient):
+  :math:`y = \mathrm{fq}_a(x)\,\mathrm{fq}_w(W)` with
+  :func:`jqlm.quant.fake_quant` (forward exact, backward identity);
+  optionally in a Hadamard-rotated basis (QuEST / HALO style,
+  arXiv 2502.05003, 2501.02625): :math:`y = \mathrm{fq}(x H)\,
+  \mathrm{fq}(H^\top W)` with :math:`H` the normalized Walsh-Hadamard
+  matrix, so :math:`xW = (xH)(H^\top W)` is unchanged before quantization.
+* **Real low-bit weights**: the kernel param holds a
+  :class:`jqlm.quant.QArray` (int8 for Q-GaLore, from
+  :func:`jqlm.optim.quantize_weights`) or a :class:`jqlm.quant.PackedQArray`
+  (post-training int4), dequantized in the forward pass.
+
+Presets: :func:`stable_spam_int4` and :func:`stable_spam_fp4` (the
+Stable-SPAM 4-bit experiments, spec §3.4), :func:`w8a8`, :func:`w4a16` and
+:func:`hadamard_w4a4`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jqlm import quant
+
+# The linears the official 4-bit runs quantize (spec §3.4): q, k, v, o, gate,
+# up, down. Embeddings, the LM head and norms stay in the compute dtype.
+BLOCK_LINEARS = ("*.attn.q", "*.attn.k", "*.attn.v", "*.attn.o",
+                 "*.mlp.gate", "*.mlp.up", "*.mlp.down")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantRule:
+  """How the linears matching ``patterns`` quantize.
+
+  Attributes:
+    patterns: ``fnmatch`` patterns over dotted module paths.
+    weight: QAT spec of the kernel (flat groups follow the torch ``(out,
+      in)`` order when the spec's ``axis`` is 0; see
+      :class:`jqlm.quant.QuantSpec`), or ``None``.
+    act: QAT spec of the input activation, or ``None``.
+    hadamard: rotate input and kernel by a Walsh-Hadamard matrix before
+      quantizing (needs a power-of-two ``in_features``).
+  """
+
+  patterns: tuple[str, ...] = BLOCK_LINEARS
+  weight: quant.QuantSpec | None = None
+  act: quant.QuantSpec | None = None
+  hadamard: bool = False
+
+  def __post_init__(self):
+    if isinstance(self.patterns, str):
+      object.__setattr__(self, "patterns", (self.patterns,))
+    for name in ("weight", "act"):
+      v = getattr(self, name)
+      if v is not None and not isinstance(v, quant.QuantSpec):
+        raise ValueError(f"QuantRule.{name} must be a jqlm.quant.QuantSpec "
+                         f"or None, got {v!r}.")
+      if v is not None and v.rounding is quant.Rounding.STOCHASTIC:
+        raise ValueError(
+          f"QuantRule.{name}: stochastic rounding needs a key per forward "
+          "pass, which QAT rules do not carry; use rounding='nearest'.")
+
+  def matches(self, path: str) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) for p in self.patterns)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPolicy:
+  """An ordered tuple of rules; the first that matches a path applies."""
+
+  rules: tuple[QuantRule, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", tuple(self.rules))
+
+  def rule_for(self, path: str) -> QuantRule | None:
+    for rule in self.rules:
+      if rule.matches(path):
+        return rule
+    return None
+
+
+def stable_spam_int4() -> QuantPolicy:
+  """Stable-SPAM's INT4 recipe (spec §3.4): weights asymmetric min-max
+  uint4 in flat groups of 256 of the torch (out, in) weight, scale floor
+  1e-5, RTN; activations symmetric int4 in flat groups of 256 with the top-2
+  |x| kept exact (the official code's effective settings: its ``--act_*``
+  flags are ignored), on q, k, v, o, gate, up and down."""
+  return QuantPolicy((QuantRule(
+    weight=quant.QuantSpec(format="uint4", granularity="flat_group",
+                           group_size=256, axis=0, eps=1e-5),
+    act=quant.QuantSpec(format="int4", granularity="flat_group",
+                        group_size=256, keep_outliers=2, eps=1e-6)),))
+
+
+def stable_spam_fp4() -> QuantPolicy:
+  """Stable-SPAM's FP4 recipe (spec §3.4): weights and activations in E1M2
+  (bias 1), flat groups of 256, top-2 outliers exact, the rest scaled by
+  their max onto 1.0 of the grid."""
+  fp4 = dict(format="fp4_e1m2", granularity="flat_group", group_size=256,
+             keep_outliers=2, code_max=1.0, eps=1e-6)
+  return QuantPolicy((QuantRule(
+    weight=quant.QuantSpec(**fp4, axis=0), act=quant.QuantSpec(**fp4)),))
+
+
+def w8a8(patterns: Sequence[str] = BLOCK_LINEARS) -> QuantPolicy:
+  """Symmetric int8 weights per output channel and int8 activations per
+  token (the usual W8A8 QAT)."""
+  return QuantPolicy((QuantRule(
+    patterns=tuple(patterns),
+    weight=quant.QuantSpec(format="int8", granularity="channel", axis=-1),
+    act=quant.QuantSpec(format="int8", granularity="channel", axis=0)),))
+
+
+def w4a16(patterns: Sequence[str] = BLOCK_LINEARS,
+          group_size: int = 128) -> QuantPolicy:
+  """Symmetric int4 weights in groups of ``group_size`` input features per
+  output; activations unquantized."""
+  return QuantPolicy((QuantRule(
+    patterns=tuple(patterns),
+    weight=quant.QuantSpec(format="int4", granularity="group",
+                           group_size=group_size, axis=0)),))
+
+
+def hadamard_w4a4(patterns: Sequence[str] = BLOCK_LINEARS) -> QuantPolicy:
+  """QuEST/HALO-style: rotate by a Walsh-Hadamard matrix, then int4 weights
+  per output channel and int4 activations per token."""
+  return QuantPolicy((QuantRule(
+    patterns=tuple(patterns), hadamard=True,
+    weight=quant.QuantSpec(format="int4", granularity="channel", axis=-1),
+    act=quant.QuantSpec(format="int4", granularity="channel", axis=0)),))
+
+
+def _fq_act(x_BxD: jax.Array, spec: quant.QuantSpec) -> jax.Array:
+  """Fake-quantizes an activation viewed as (tokens, features): channel
+  specs with ``axis=0`` are per token, flat groups run over the row-major
+  (tokens, features) view as ``x.view(-1, G)`` does."""
+  shape = x_BxD.shape
+  x_TxD = x_BxD.reshape(-1, shape[-1])
+  return quant.fake_quant(x_TxD, spec).reshape(shape)
+
+
+def kernel_value(kernel: nnx.Param, dtype) -> jax.Array:
+  """A kernel param's value in ``dtype``, dequantizing QArray kernels."""
+  w = kernel.get_value()
+  if isinstance(w, (quant.QArray, quant.PackedQArray)):
+    return w.dequantize(dtype)
+  return w.astype(dtype)
+
+
+class QLinear(nnx.Module):
+  """A bias-free linear ``y = x @ W`` (Flax layout ``W: (in, out)``) that
+  quantizes according to the :class:`QuantRule` of its path.
+
+  Args:
+    in_features, out_features: sizes.
+    path: dotted module path (``"layers.0.attn.q"``) matched by the policy.
+    policy: :class:`QuantPolicy` or ``None``.
+    axes: logical names of the kernel's two dims.
+    dtype: compute dtype; param_dtype: storage dtype.
+    init_std: std of the N(0, std) initialisation (0.02 in the official
+      code).
+    rngs: ``nnx.Rngs`` (keyword-only).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, path: str,
+               policy: QuantPolicy | None, axes: tuple[str, str],
+               dtype, param_dtype, init_std: float, rngs: nnx.Rngs):
+    init = jax.nn.initializers.normal(init_std)
+    self.kernel = nnx.Param(
+      init(rngs.params(), (in_features, out_features), param_dtype),
+      axes=axes)
+    self.path = path
+    self.rule = policy.rule_for(path) if policy is not None else None
+    self.dtype = dtype
+    if self.rule is not None and self.rule.hadamard and (
+        in_features & (in_features - 1)):
+      raise ValueError(
+        f"{path}: a Hadamard rule needs a power-of-two in_features, got "
+        f"{in_features}. Exclude this linear from the rule's patterns.")
+
+  def __call__(self, x_BxD: jax.Array) -> jax.Array:
+    w_DxF = kernel_value(self.kernel, self.dtype)
+    x_BxD = x_BxD.astype(self.dtype)
+    rule = self.rule
+    if rule is not None:
+      if rule.hadamard:
+        x_BxD = quant.hadamard(x_BxD, axis=-1)
+        w_DxF = quant.hadamard(w_DxF, axis=0)
+      if rule.act is not None:
+        x_BxD = _fq_act(x_BxD, rule.act)
+      if rule.weight is not None:
+        w_DxF = quant.fake_quant(w_DxF, rule.weight)
+    y = jnp.einsum("...d,df->...f", x_BxD, w_DxF,
+                   preferred_element_type=jnp.float32)
+    return y.astype(self.dtype)

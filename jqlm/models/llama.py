@@ -1,0 +1,472 @@
+r"""LLaMA in Flax NNX, as the official SPAM / Stable-SPAM / GaLore / Q-GaLore
+code builds it (``peft_pretraining/modeling_llama.py``; spec §6).
+
+.. math::
+   h = x + \mathrm{Attn}(\mathrm{RMSNorm}(x)), \qquad
+   y = h + W_{down}\big(\mathrm{silu}(W_{gate} \bar h) \odot W_{up}\bar h\big),
+   \quad \bar h = \mathrm{RMSNorm}(h)
+
+* RMSNorm computed in float32 (``x / sqrt(mean(x^2) + eps)``, cast back,
+  times the weight), eps 1e-6 in the official configs;
+* RoPE with the Hugging Face "rotate half" layout, base 10000, optional linear
+  position scaling (positions divided by ``rope_scaling``);
+* grouped-query attention (``num_kv_heads``) through
+  ``jax.nn.dot_product_attention``, causal;
+* SwiGLU MLP, no biases, untied LM head by default, init N(0, 0.02) for every
+  linear and the embedding;
+* separate compute (``dtype``) and parameter (``param_dtype``) dtypes;
+* optional per-block rematerialisation (``remat=True``).
+
+Module paths are ``embed``, ``layers.<i>.{attn_norm,attn.{q,k,v,o},
+mlp_norm,mlp.{gate,up,down}}``, ``final_norm`` and ``lm_head``: GaLore's
+default mask (2-D params under ``attn`` / ``mlp``) and the quantization
+policies match them.
+
+References:
+  Touvron et al., `LLaMA <https://arxiv.org/abs/2302.13971>`_, 2023.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jqlm.models.layers import QLinear, QuantPolicy, kernel_value
+
+
+def _dtype(value) -> jnp.dtype:
+  return jnp.dtype(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+  """A frozen LLaMA configuration (hashable; a valid static argument).
+
+  Attributes:
+    vocab_size, hidden_size, intermediate_size, num_layers, num_heads: the
+      usual sizes.
+    num_kv_heads: key/value heads for grouped-query attention (default
+      ``num_heads``: multi-head attention).
+    head_dim: per-head size (default ``hidden_size // num_heads``).
+    max_seq_len: the longest sequence (RoPE tables, KV caches).
+    rope_base: RoPE base :math:`\\theta` (10000).
+    rope_scaling: linear position scaling factor (positions are divided by
+      it; 1.0 disables it).
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: share the embedding with the LM head.
+    init_std: std of the normal init of linears and the embedding.
+    dtype: compute dtype; param_dtype: storage dtype of the params.
+    remat: rematerialise each block in the backward pass.
+    quant: a :class:`jqlm.models.QuantPolicy` for the linears, or None.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 512
+  intermediate_size: int = 1376
+  num_layers: int = 8
+  num_heads: int = 8
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  max_seq_len: int = 1024
+  rope_base: float = 10000.0
+  rope_scaling: float = 1.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: bool = False
+  quant: QuantPolicy | None = None
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size",
+                 "num_layers", "num_heads", "max_seq_len"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"LlamaConfig.{name} must be a positive int, got "
+                         f"{v!r}.")
+    if self.head_dim is None:
+      if self.hidden_size % self.num_heads:
+        raise ValueError(
+          f"num_heads={self.num_heads} must divide hidden_size="
+          f"{self.hidden_size} (or set head_dim explicitly).")
+      object.__setattr__(self, "head_dim",
+                         self.hidden_size // self.num_heads)
+    if self.num_kv_heads is None:
+      object.__setattr__(self, "num_kv_heads", self.num_heads)
+    if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f"num_kv_heads={self.num_kv_heads} must divide num_heads="
+        f"{self.num_heads} (grouped-query attention shares each kv head "
+        "among num_heads // num_kv_heads query heads).")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+    if self.rope_scaling <= 0 or self.rope_base <= 0:
+      raise ValueError("rope_base and rope_scaling must be > 0.")
+    object.__setattr__(self, "dtype", _dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", _dtype(self.param_dtype))
+    if self.quant is not None and not isinstance(self.quant, QuantPolicy):
+      raise ValueError(f"LlamaConfig.quant must be a QuantPolicy or None, "
+                       f"got {self.quant!r}.")
+
+  def replace(self, **changes) -> LlamaConfig:
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def num_params(self) -> int:
+    """Parameter count (embeddings, head and norms included)."""
+    d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+    attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+    block = attn + 3 * d * f + 2 * d
+    embed = self.vocab_size * d
+    head = 0 if self.tie_embeddings else self.vocab_size * d
+    return embed + self.num_layers * block + d + head
+
+
+def _official(hidden, inter, heads, layers, **kw) -> LlamaConfig:
+  return LlamaConfig(vocab_size=32000, hidden_size=hidden,
+                     intermediate_size=inter, num_heads=heads,
+                     num_layers=layers, **kw)
+
+
+def llama_60m(**kw) -> LlamaConfig:
+  """Official LLaMA-60M (spec §6): 58.1M params."""
+  return _official(512, 1376, 8, 8, **kw)
+
+
+def llama_130m(**kw) -> LlamaConfig:
+  """Official LLaMA-130M (spec §6): 134.1M params."""
+  return _official(768, 2048, 12, 12, **kw)
+
+
+def llama_350m(**kw) -> LlamaConfig:
+  """Official LLaMA-350M (spec §6): 368.0M params."""
+  return _official(1024, 2736, 16, 24, **kw)
+
+
+def llama_1b(**kw) -> LlamaConfig:
+  """Official LLaMA-1B (spec §6): 1339.1M params."""
+  return _official(2048, 5461, 32, 24, **kw)
+
+
+def llama_7b(**kw) -> LlamaConfig:
+  """Official LLaMA-7B (spec §6): 6738.4M params, max length 2048."""
+  kw.setdefault("max_seq_len", 2048)
+  return _official(4096, 11008, 32, 32, **kw)
+
+
+def llama2_7b(**kw) -> LlamaConfig:
+  """LLaMA-2-7B shapes (rms eps 1e-5, max length 4096)."""
+  kw = {"max_seq_len": 4096, "norm_eps": 1e-5, **kw}
+  return _official(4096, 11008, 32, 32, **kw)
+
+
+def llama3_8b(**kw) -> LlamaConfig:
+  """LLaMA-3-8B shapes: vocab 128256, GQA with 8 kv heads, RoPE base
+  500000, max length 8192."""
+  kw = {"max_seq_len": 8192, "norm_eps": 1e-5, "rope_base": 500000.0,
+        "num_kv_heads": 8, **kw}
+  return LlamaConfig(vocab_size=128256, hidden_size=4096,
+                     intermediate_size=14336, num_heads=32, num_layers=32,
+                     **kw)
+
+
+def llama_tiny(**kw) -> LlamaConfig:
+  """A test-sized config: 2 layers, width 64, 4 heads (2 kv heads)."""
+  kw = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+        "max_seq_len": 128, **kw}
+  return LlamaConfig(**kw)
+
+
+PRESETS = {"llama_60m": llama_60m, "llama_130m": llama_130m,
+           "llama_350m": llama_350m, "llama_1b": llama_1b,
+           "llama_7b": llama_7b, "llama2_7b": llama2_7b,
+           "llama3_8b": llama3_8b, "llama_tiny": llama_tiny}
+
+
+# ---------------------------------------------------------------------------
+# RoPE
+
+
+def rope_frequencies(head_dim: int, base: float) -> jax.Array:
+  """:math:`\\theta_i = \\text{base}^{-2i/d}`, ``i < d/2`` (float32)."""
+  return 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32)
+                         / head_dim))
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, *,
+               base: float, scaling: float = 1.0) -> jax.Array:
+  """Rotary embedding in the "rotate half" layout of Hugging Face LLaMA:
+  :math:`x \\cos(p\\theta) + \\mathrm{rot}(x) \\sin(p\\theta)` with
+  :math:`\\mathrm{rot}([a, b]) = [-b, a]` and :math:`p` = position /
+  ``scaling``. Computed in float32, returned in the input dtype."""
+  hd = x_BxTxNxH.shape[-1]
+  freqs = rope_frequencies(hd, base)
+  pos = positions_BxT.astype(jnp.float32) / jnp.float32(scaling)
+  ang_BxTxH2 = pos[:, :, None] * freqs[None, None, :]
+  ang = jnp.concatenate([ang_BxTxH2, ang_BxTxH2], axis=-1)[:, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+  rot = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * jnp.cos(ang) + rot * jnp.sin(ang)).astype(x_BxTxNxH.dtype)
+
+
+# ---------------------------------------------------------------------------
+# KV cache
+
+
+class LayerCache(NamedTuple):
+  """One layer's keys and values ``(B, S, K, H)``; int8 caches also hold
+  per-(token, head) float32 scales ``(B, S, K, 1)``."""
+
+  k: jax.Array
+  v: jax.Array
+  k_scale: jax.Array | None = None
+  v_scale: jax.Array | None = None
+
+
+class KVCache(NamedTuple):
+  """A KV cache: per-layer :class:`LayerCache` and the filled length."""
+
+  layers: tuple[LayerCache, ...]
+  length: jax.Array
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None,
+               dtype=jnp.bfloat16) -> KVCache:
+  """An empty cache for ``batch`` sequences of up to ``max_len`` tokens.
+
+  ``dtype`` is the storage: ``bfloat16`` (default), ``float32``, or
+  ``int8`` (symmetric per token and head, scales in float32; halves the
+  bf16 cache's memory).
+  """
+  max_len = cfg.max_seq_len if max_len is None else max_len
+  dtype = jnp.dtype(dtype)
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  if dtype == jnp.int8:
+    z = jnp.zeros(shape, jnp.int8)
+    s = jnp.zeros(shape[:-1] + (1,), jnp.float32)
+    layer = LayerCache(z, z, s, s)
+  elif jnp.issubdtype(dtype, jnp.floating):
+    z = jnp.zeros(shape, dtype)
+    layer = LayerCache(z, z)
+  else:
+    raise ValueError(f"KV cache dtype must be floating or int8, got {dtype}.")
+  return KVCache(tuple(layer for _ in range(cfg.num_layers)),
+                 jnp.zeros((), jnp.int32))
+
+
+def _int8_vec(x):
+  """Symmetric int8 per last-axis vector: (codes, scale)."""
+  x32 = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / 127.0
+  safe = jnp.where(scale > 0, scale, 1.0)
+  return jnp.clip(jnp.round(x32 / safe), -127, 127).astype(jnp.int8), scale
+
+
+def _cache_write(c: LayerCache, k, v, start) -> LayerCache:
+  def put(buf, new):
+    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
+                                               start, axis=1)
+  if c.k_scale is None:
+    return LayerCache(put(c.k, k), put(c.v, v))
+  kq, ks = _int8_vec(k)
+  vq, vs = _int8_vec(v)
+  return LayerCache(put(c.k, kq), put(c.v, vq), put(c.k_scale, ks),
+                    put(c.v_scale, vs))
+
+
+def _cache_read(c: LayerCache, dtype):
+  if c.k_scale is None:
+    return c.k.astype(dtype), c.v.astype(dtype)
+  return ((c.k.astype(jnp.float32) * c.k_scale).astype(dtype),
+          (c.v.astype(jnp.float32) * c.v_scale).astype(dtype))
+
+
+# ---------------------------------------------------------------------------
+# Modules
+
+
+def _attention(q, k, v, **kw):
+  # jax.nn.dot_product_attention calls promote_types(bf16, f32) internally,
+  # which strict dtype promotion rejects; its math is dtype-explicit.
+  with jax.numpy_dtype_promotion("standard"):
+    return jax.nn.dot_product_attention(q, k, v, **kw)
+
+
+class RMSNorm(nnx.Module):
+  """:math:`w \\odot x / \\sqrt{\\mathrm{mean}(x^2) + \\epsilon}`, in
+  float32 (HF ``LlamaRMSNorm``: normalize in f32, cast, then scale)."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var + jnp.float32(self.eps))).astype(self.dtype)
+    w = self.weight[...].astype(self.dtype)
+    return w.reshape((1,) * (y.ndim - 1) + w.shape) * y
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with RoPE."""
+
+  def __init__(self, cfg: LlamaConfig, *, path: str, rngs: nnx.Rngs):
+    d, hd = cfg.hidden_size, cfg.head_dim
+    common = dict(policy=cfg.quant, dtype=cfg.dtype,
+                  param_dtype=cfg.param_dtype, init_std=cfg.init_std,
+                  rngs=rngs)
+    self.q = QLinear(d, cfg.num_heads * hd, path=f"{path}.q",
+                     axes=("embed", "heads"), **common)
+    self.k = QLinear(d, cfg.num_kv_heads * hd, path=f"{path}.k",
+                     axes=("embed", "kv_heads"), **common)
+    self.v = QLinear(d, cfg.num_kv_heads * hd, path=f"{path}.v",
+                     axes=("embed", "kv_heads"), **common)
+    self.o = QLinear(cfg.num_heads * hd, d, path=f"{path}.o",
+                     axes=("heads", "embed"), **common)
+    self.cfg = cfg
+
+  def __call__(self, x_BxTxD, positions_BxT, cache: LayerCache | None = None,
+               start=None):
+    cfg = self.cfg
+    b, t, _ = x_BxTxD.shape
+    q = self.q(x_BxTxD).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = self.k(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = self.v(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    rope = dict(base=cfg.rope_base, scaling=cfg.rope_scaling)
+    q = apply_rope(q, positions_BxT, **rope)
+    k = apply_rope(k, positions_BxT, **rope)
+    if cache is None:
+      out = _attention(q, k, v, is_causal=True)
+      new_cache = None
+    else:
+      new_cache = _cache_write(cache, k, v, start)
+      k_all, v_all = _cache_read(new_cache, cfg.dtype)
+      s = k_all.shape[1]
+      key_pos = jnp.arange(s, dtype=jnp.int32)
+      # query at absolute position p sees keys 0..p (and none unwritten)
+      mask = key_pos[None, None, :] <= positions_BxT[:, :, None]
+      out = _attention(q, k_all, v_all, mask=mask[:, None, :, :])
+    out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
+    return self.o(out), new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: :math:`W_{down}(\\mathrm{silu}(x W_{gate}) \\odot x W_{up})`."""
+
+  def __init__(self, cfg: LlamaConfig, *, path: str, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    common = dict(policy=cfg.quant, dtype=cfg.dtype,
+                  param_dtype=cfg.param_dtype, init_std=cfg.init_std,
+                  rngs=rngs)
+    self.gate = QLinear(d, f, path=f"{path}.gate", axes=("embed", "mlp"),
+                        **common)
+    self.up = QLinear(d, f, path=f"{path}.up", axes=("embed", "mlp"),
+                      **common)
+    self.down = QLinear(f, d, path=f"{path}.down", axes=("mlp", "embed"),
+                        **common)
+
+  def __call__(self, x):
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block."""
+
+  def __init__(self, cfg: LlamaConfig, *, path: str, rngs: nnx.Rngs):
+    norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.hidden_size, **norm)
+    self.attn = Attention(cfg, path=f"{path}.attn", rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, **norm)
+    self.mlp = MLP(cfg, path=f"{path}.mlp", rngs=rngs)
+
+  def __call__(self, x, positions, cache=None, start=None):
+    h, cache = self.attn(self.attn_norm(x), positions, cache, start)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class Llama(nnx.Module):
+  """The LLaMA decoder.
+
+  ``model(tokens)`` returns float32 logits ``(B, T, V)``;
+  ``model(tokens, cache=c, positions=p)`` also returns the updated
+  :class:`KVCache` (see :func:`jqlm.models.generate`).
+
+  Examples:
+    >>> from flax import nnx
+    >>> from jqlm.models import Llama, llama_tiny
+    >>> model = Llama(llama_tiny(), rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 8), jnp.int32)).shape
+    (2, 8, 256)
+  """
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    init = jax.nn.initializers.normal(cfg.init_std)
+    self.embed = nnx.Param(
+      init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+           cfg.param_dtype), axes=("vocab", "embed"))
+    self.layers = nnx.List([Block(cfg, path=f"layers.{i}", rngs=rngs)
+                            for i in range(cfg.num_layers)]) \
+      if hasattr(nnx, "List") else [
+        Block(cfg, path=f"layers.{i}", rngs=rngs)
+        for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps,
+                              dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(
+        init(rngs.params(), (cfg.hidden_size, cfg.vocab_size),
+             cfg.param_dtype), axes=("embed", "vocab"))
+
+  def __call__(self, tokens_BxT: jax.Array, *,
+               positions: jax.Array | None = None,
+               cache: KVCache | None = None):
+    cfg = self.cfg
+    b, t = tokens_BxT.shape
+    start = None if cache is None else cache.length
+    if positions is None:
+      base = jnp.zeros((), jnp.int32) if start is None else start
+      positions = base + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32),
+                                          (b, t))
+    emb = kernel_value(self.embed, cfg.dtype)
+    x = jnp.take(emb, tokens_BxT, axis=0)
+    new_layers = []
+    for i, block in enumerate(self.layers):
+      layer_cache = None if cache is None else cache.layers[i]
+      if cfg.remat and cache is None:
+        x, _ = nnx.remat(lambda blk, x_, p_: blk(x_, p_))(block, x, positions)
+      else:
+        x, layer_cache = block(x, positions, layer_cache, start)
+      new_layers.append(layer_cache)
+    x = self.final_norm(x)
+    head = emb.T if cfg.tie_embeddings else kernel_value(self.lm_head,
+                                                         cfg.dtype)
+    logits = jnp.einsum("btd,dv->btv", x, head,
+                        preferred_element_type=jnp.float32)
+    if cache is None:
+      return logits
+    return logits, KVCache(tuple(new_layers), cache.length + t)
+
+
+def param_count(model: Llama) -> int:
+  """Number of parameters of a (float) model."""
+  state = nnx.state(model, nnx.Param)
+  return sum(int(x.size) for x in jax.tree.leaves(state))
+
+
+__all__ = [
+  "Attention", "Block", "KVCache", "LayerCache", "Llama", "LlamaConfig",
+  "MLP", "PRESETS", "RMSNorm", "apply_rope", "init_cache", "llama2_7b",
+  "llama3_8b", "llama_130m", "llama_1b", "llama_350m", "llama_60m",
+  "llama_7b", "llama_tiny", "param_count", "rope_frequencies",
+]

@@ -1,0 +1,77 @@
+"""Post-training weight-only quantization of a model's linears.
+
+``quantize_model(model, spec)`` returns a copy whose matching kernels hold
+quantized weights: int8 as :class:`jqlm.quant.QArray`, 4-bit formats (int4,
+NF4, ...) packed two per byte as :class:`jqlm.quant.PackedQArray`. The
+forward pass dequantizes them (``jqlm.ops.qmatmul`` will fuse this once the
+kernel issue lands), so the output equals a float model holding the
+dequantized weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jqlm import quant
+from jqlm.models.layers import BLOCK_LINEARS, QLinear
+
+
+def _packable(q: quant.QArray) -> bool:
+  dt = q.codes.dtype
+  return (jnp.issubdtype(dt, jnp.integer) and jnp.iinfo(dt).bits in (2, 4)
+          and q.shape[-1] % (8 // jnp.iinfo(dt).bits) == 0
+          and q.outlier_values is None)
+
+
+def quantize_model(model: nnx.Module, spec: quant.QuantSpec, *,
+                   patterns: Sequence[str] = BLOCK_LINEARS,
+                   pack: bool = True) -> nnx.Module:
+  """A weight-only quantized copy of ``model``.
+
+  Args:
+    model: a :class:`jqlm.models.Llama` (or any module built from
+      :class:`jqlm.models.QLinear`).
+    spec: the weight quantizer, e.g. ``QuantSpec(format="int8",
+      granularity="channel")``, ``QuantSpec(format="int4",
+      granularity="group", group_size=128, axis=0)`` or ``format="nf4"``.
+      Its rounding must be ``nearest``.
+    patterns: ``fnmatch`` patterns of the linear paths to quantize (default
+      the block linears q, k, v, o, gate, up, down).
+    pack: pack sub-byte codes into bytes (real 4-bit storage).
+
+  Raises:
+    ValueError: a stochastic spec, or no linear matching ``patterns``.
+  """
+  if spec.rounding is quant.Rounding.STOCHASTIC:
+    raise ValueError("quantize_model needs a round-to-nearest spec: a "
+                     "stochastic one would need a key and is not what "
+                     "post-training quantization means.")
+  out = nnx.clone(model)
+  hits = 0
+  for _, module in nnx.iter_modules(out):
+    if not isinstance(module, QLinear):
+      continue
+    if not any(fnmatch.fnmatchcase(module.path, p)
+               for p in patterns):
+      continue
+    w = module.kernel.get_value()
+    if isinstance(w, (quant.QArray, quant.PackedQArray)):
+      w = w.dequantize()
+    q = quant.quantize(w, spec)
+    if pack and _packable(q):
+      q = q.pack()
+    module.kernel.set_value(q)
+    hits += 1
+  if not hits:
+    raise ValueError(f"quantize_model: no QLinear path matches {patterns!r}.")
+  return out
+
+
+def weight_bytes(model: nnx.Module) -> int:
+  """Storage bytes of a model's params (quantized ones at their packed
+  size)."""
+  return quant.tree_nbytes(nnx.state(model, nnx.Param))
