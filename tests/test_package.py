@@ -84,3 +84,16 @@ def test_cli_demo_prints_table(capsys):
   sqnr = {name: float(r[-1]) for name, r in rows.items()}
   assert 5.0 < sqnr["int4 group128"] < sqnr["int8 tensor"] < 60.0
   assert float(rows["int4 group128"][-4]) == 4.25  # bits per element
+
+
+def test_models_and_optim_import_direction():
+  """style.md §2: models -> ops, quant (never optim, train, data);
+  optim -> quant (never flax, models)."""
+  for path in (ROOT / "jqlm" / "models").glob("*.py"):
+    for name in _imports(path):
+      assert not name.startswith(("jqlm.optim", "jqlm.train", "jqlm.data")), \
+        f"{path.name} imports {name}"
+  for path in (ROOT / "jqlm" / "optim").glob("*.py"):
+    for name in _imports(path):
+      assert name != "flax" and not name.startswith("jqlm.models"), \
+        f"{path.name} imports {name}"

@@ -7,11 +7,14 @@
   Stable-SPAM's INT4 and FP4 QAT recipes, W8A8, W4A16, Hadamard W4A4; real
   int8 / int4 / NF4 weights (:func:`quantize_model`).
 * :func:`generate` with a bf16 or int8 KV cache.
+* Local Hugging Face checkpoints: :func:`load_hf_llama`,
+  :func:`save_hf_llama`.
 * Logical axis names of every param and their mesh rules
   (:mod:`jqlm.models.sharding`).
 """
 
 from jqlm.models.generate import decode_step, generate, sample_logits
+from jqlm.models.hf import load_hf_llama, save_hf_llama
 from jqlm.models.layers import (
   QLinear,
   QuantPolicy,
@@ -45,8 +48,8 @@ from jqlm.models.sharding import LOGICAL_RULES, make_mesh, to_pspec
 __all__ = [
   "LOGICAL_RULES", "PRESETS", "KVCache", "Llama", "LlamaConfig", "QLinear",
   "QuantPolicy", "QuantRule", "apply_rope", "decode_step", "generate",
-  "hadamard_w4a4", "init_cache", "llama2_7b", "llama3_8b", "llama_130m",
+  "hadamard_w4a4", "init_cache", "load_hf_llama", "llama2_7b", "llama3_8b", "llama_130m",
   "llama_1b", "llama_350m", "llama_60m", "llama_7b", "llama_tiny",
-  "make_mesh", "param_count", "quantize_model", "sample_logits", "stable_spam_fp4",
+  "make_mesh", "param_count", "quantize_model", "sample_logits", "save_hf_llama", "stable_spam_fp4",
   "stable_spam_int4", "to_pspec", "w4a16", "w8a8", "weight_bytes",
 ]
