@@ -5,6 +5,10 @@ Sub-commands:
 * ``jqlm demo``: quantize random data in every format and print a table of
   storage bits and errors.
 * ``jqlm bench optim|quant|memory``: benchmark tables (see :mod:`jqlm.bench`).
+* ``jqlm train --config <preset or file.py> --set key=value ...``: train
+  (:func:`jqlm.train.run`); ``--resume`` continues from the newest checkpoint.
+* ``jqlm eval --checkpoint <workdir>``: held-out loss and perplexity.
+* ``jqlm generate --checkpoint <workdir> --prompt TEXT``: sample.
 """
 
 from __future__ import annotations
@@ -60,6 +64,46 @@ def _cmd_bench(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+  from jqlm import train  # noqa: PLC0415
+
+  cfg = train.apply_overrides(train.load_config(args.config), args.set or [])
+  print(f"jqlm train: {cfg.model} ({cfg.quant} QAT), {cfg.optimizer.value}, "
+        f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens on "
+        f"{cfg.data!r}; work dir {cfg.workdir}")
+  res = train.run(cfg, resume=args.resume, progress=not args.no_progress)
+  if res.metrics:
+    first, last = res.metrics[0], res.metrics[-1]
+    print(f"loss {first['loss']:.3f} (step {first['step']}) -> "
+          f"{last['loss']:.3f} (step {last['step']})")
+  if res.evals:
+    e = res.evals[-1]
+    print(f"held-out loss {e['eval_loss']:.3f}, perplexity "
+          f"{e['eval_ppl']:.1f} (step {e['step']})")
+  print(f"wrote {cfg.workdir}/metrics.jsonl, curves.png, checkpoints/"
+        + (f"; {res.skipped} non-finite steps skipped" if res.skipped
+           else ""))
+  return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+  from jqlm import train  # noqa: PLC0415
+
+  r = train.evaluate(args.checkpoint, args.batches)
+  print(f"step {r['step']}: held-out loss {r['eval_loss']:.4f}, perplexity "
+        f"{r['eval_ppl']:.2f}")
+  return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+  from jqlm import train  # noqa: PLC0415
+
+  print(train.sample(args.checkpoint, args.prompt, args.max_new_tokens,
+                     seed=args.seed, temperature=args.temperature,
+                     top_k=args.top_k or None))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="jqlm",
@@ -99,6 +143,36 @@ def build_parser() -> argparse.ArgumentParser:
     "--scale", type=float, default=1.0,
     help="width scale of the LLaMA-130M shapes (optim only; 1.0 = full)")
   bench.set_defaults(func=_cmd_bench)
+  tr = sub.add_parser(
+    "train", help="train a model (jqlm.train.run)",
+    description="Train per a config: a preset name (default, demo) or a "
+    ".py file whose get_config() returns a jqlm.train.TrainConfig; "
+    "--set key=value overrides fields (coerced to their types).")
+  tr.add_argument("--config", default="default",
+                  help="preset name or path to a config .py / config.json")
+  tr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                  help="override a config field (repeatable)")
+  tr.add_argument("--resume", action="store_true",
+                  help="continue from the newest checkpoint of the work dir")
+  tr.add_argument("--no-progress", action="store_true",
+                  help="no progress bar")
+  tr.set_defaults(func=_cmd_train)
+  ev = sub.add_parser("eval", help="held-out loss of a run's checkpoint")
+  ev.add_argument("--checkpoint", required=True,
+                  help="the run's work dir (or its checkpoints dir)")
+  ev.add_argument("--batches", type=int, default=None,
+                  help="eval batches (default the run's eval_batches)")
+  ev.set_defaults(func=_cmd_eval)
+  gen = sub.add_parser("generate", help="sample from a run's checkpoint")
+  gen.add_argument("--checkpoint", required=True,
+                   help="the run's work dir (or its checkpoints dir)")
+  gen.add_argument("--prompt", required=True)
+  gen.add_argument("--max-new-tokens", type=int, default=64)
+  gen.add_argument("--temperature", type=float, default=0.8)
+  gen.add_argument("--top-k", type=int, default=40,
+                   help="0 for no top-k filtering")
+  gen.add_argument("--seed", type=int, default=0)
+  gen.set_defaults(func=_cmd_generate)
   return parser
 
 
@@ -108,7 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not getattr(args, "func", None):
     parser.print_help()
     return 0
-  return args.func(args)
+  try:
+    return args.func(args)
+  except (ValueError, FileNotFoundError) as e:
+    if args.command not in ("train", "eval", "generate"):
+      raise
+    print(f"jqlm {args.command}: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

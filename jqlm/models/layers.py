@@ -146,9 +146,17 @@ def hadamard_w4a4(patterns: Sequence[str] = BLOCK_LINEARS) -> QuantPolicy:
 def _fq_act(x_BxD: jax.Array, spec: quant.QuantSpec) -> jax.Array:
   """Fake-quantizes an activation viewed as (tokens, features): channel
   specs with ``axis=0`` are per token, flat groups run over the row-major
-  (tokens, features) view as ``x.view(-1, G)`` does."""
+  (tokens, features) view as ``x.view(-1, G)`` does. A ragged tail (e.g.
+  decoding one token of width 128 with G = 256) is zero-padded to a whole
+  group; zeros change neither the group's max nor its top-k outliers."""
   shape = x_BxD.shape
   x_TxD = x_BxD.reshape(-1, shape[-1])
+  if spec.granularity is quant.Granularity.FLAT_GROUP:
+    n = x_TxD.size
+    pad = -n % spec.group_size
+    if pad:
+      flat = jnp.pad(x_TxD.reshape(-1), (0, pad))
+      return quant.fake_quant(flat, spec)[:n].reshape(shape)
   return quant.fake_quant(x_TxD, spec).reshape(shape)
 
 

@@ -12,6 +12,7 @@ weight params: :func:`quantize_weights`, :func:`dequantize_params`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -300,7 +301,11 @@ def apply_quantized_updates(params, updates, *, key: jax.Array | None):
       w = p.dequantize(jnp.float32) + u.astype(jnp.float32)
       k = next(keys)
       rounding = "nearest" if k is None else "stochastic"
-      out.append(quant.quantize(w, p.spec.replace(rounding=rounding), key=k))
+      q = quant.quantize(w, p.spec.replace(rounding=rounding), key=k)
+      # The rounding is how this update was quantized, not a property of
+      # the param: keep the param's spec so the pytree structure (and the
+      # jit signature) is unchanged from step to step.
+      out.append(dataclasses.replace(q, spec=p.spec))
     else:
       out.append((p.astype(jnp.result_type(p.dtype, jnp.float32))
                   + u).astype(p.dtype))

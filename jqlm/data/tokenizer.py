@@ -1,0 +1,91 @@
+"""Byte-level BPE tokenizers with ``tokenizers``, trained locally and cached.
+
+A tokenizer trained on a corpus is cached as ``tokenizer.json`` in a
+directory keyed by the corpus fingerprint and the vocabulary size, so a
+second run loads it instead of training again. Any ``tokenizer.json`` (e.g. a
+Hugging Face model's) loads with :func:`load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+
+
+def _require():
+  try:
+    import tokenizers  # noqa: PLC0415, F401
+  except ImportError as e:  # pragma: no cover - a core dependency
+    raise ImportError("jqlm.data needs `tokenizers` (pip install "
+                      "tokenizers).") from e
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *,
+                    cache_dir: str | None = None,
+                    fingerprint: str | None = None):
+  """Trains (or loads from ``cache_dir``) a byte-level BPE tokenizer.
+
+  Args:
+    texts: training documents.
+    vocab_size: vocabulary size including the special tokens
+      ``<|endoftext|>`` (id 0) and ``<|pad|>`` (id 1); at least 258.
+    cache_dir: where to cache ``bpe-<vocab>-<fingerprint>/tokenizer.json``.
+    fingerprint: identifies the corpus in the cache key (required with
+      ``cache_dir``).
+
+  Returns:
+    A ``tokenizers.Tokenizer``.
+  """
+  _require()
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415, I001
+
+  if not isinstance(vocab_size, int) or vocab_size < 258:
+    raise ValueError(f"vocab_size must be an int >= 258 (256 bytes + 2 "
+                     f"special tokens), got {vocab_size!r}.")
+  path = None
+  if cache_dir is not None:
+    if fingerprint is None:
+      raise ValueError("train_tokenizer(cache_dir=...) needs a fingerprint "
+                       "of the corpus.")
+    path = os.path.join(cache_dir, f"bpe-{vocab_size}-{fingerprint}",
+                        "tokenizer.json")
+    if os.path.exists(path):
+      return Tokenizer.from_file(path)
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  if path is not None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    tok.save(tmp)
+    os.replace(tmp, path)  # atomic: a killed run leaves no partial file
+  return tok
+
+
+def load_tokenizer(path: str):
+  """Loads a ``tokenizer.json`` (a file, or a directory holding one)."""
+  _require()
+  from tokenizers import Tokenizer  # noqa: PLC0415
+
+  if os.path.isdir(path):
+    path = os.path.join(path, "tokenizer.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No tokenizer.json at {path!r}.")
+  return Tokenizer.from_file(path)
+
+
+def fingerprint(parts: Iterable[str]) -> str:
+  """A short stable hash of strings (file names and sizes, settings)."""
+  h = hashlib.sha256()
+  for p in parts:
+    h.update(p.encode())
+    h.update(b"\0")
+  return h.hexdigest()[:12]

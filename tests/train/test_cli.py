@@ -1,0 +1,37 @@
+"""The `jqlm train / eval / generate` commands end to end on a tiny run."""
+
+import os
+
+from jqlm import cli
+
+
+def test_train_eval_generate_commands(tmp_path, capsys):
+  work = str(tmp_path / "run")
+  rc = cli.main(["train", "--no-progress", "--set", f"workdir={work}",
+                 "--set", "steps=6", "--set", "data_max_bytes=100000",
+                 "--set", "vocab_size=300", "--set", "seq_len=16",
+                 "--set", "batch_size=8", "--set", "warmup_steps=1",
+                 "--set", "eval_every=6", "--set", "ckpt_every=3",
+                 "--set", "log_every=3", "--set", "quant=int4",
+                 "--set", "hidden_size=256", "--set", "num_heads=4"])
+  cap = capsys.readouterr()
+  assert rc == 0, cap.err
+  assert "held-out loss" in cap.out
+  assert os.path.exists(os.path.join(work, "curves.png"))
+  assert cli.main(["eval", "--checkpoint", work]) == 0
+  assert "perplexity" in capsys.readouterr().out
+  assert cli.main(["generate", "--checkpoint", os.path.join(work,
+                                                            "checkpoints"),
+                   "--prompt", "import os", "--max-new-tokens", "5"]) == 0
+  assert capsys.readouterr().out.startswith("import os")
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+  assert cli.main(["train", "--set", "stpes=3"]) == 2
+  err = capsys.readouterr().err
+  assert "Did you mean steps" in err
+  assert cli.main(["train", "--set", "batch_size=4", "--set",
+                   f"workdir={tmp_path / 'w'}"]) == 2
+  assert "divisible by the data-parallel" in capsys.readouterr().err
+  assert cli.main(["eval", "--checkpoint", str(tmp_path)]) == 2
+  assert "config.json" in capsys.readouterr().err

@@ -1,0 +1,182 @@
+"""jqlm.train: loss falls, sharded = single device, kill-and-resume is
+exact, checkpoint fallback, NaN policy, and the config/--set parsing."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jqlm import models, train
+from jqlm.train import config as tcfg
+
+TINY = dict(steps=12, log_every=1, eval_every=6, ckpt_every=4,
+            data_max_bytes=150_000, vocab_size=400, seq_len=32,
+            batch_size=8, warmup_steps=2, eval_batches=2, lr=3e-3)
+
+
+def _cfg(tmp_path, name, **kw):
+  return train.TrainConfig(workdir=str(tmp_path / name), **{**TINY, **kw})
+
+
+def _losses(res):
+  return [m["loss"] for m in res.metrics]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+  """An uninterrupted 12-step Stable-SPAM run on 8 devices."""
+  path = tmp_path_factory.mktemp("base")
+  cfg = _cfg(path, "run")
+  return cfg, train.run(cfg, progress=False)
+
+
+def test_tiny_run_loss_falls_and_writes_outputs(baseline):
+  cfg, res = baseline
+  losses = _losses(res)
+  assert losses[-1] < losses[0] - 0.3
+  assert res.skipped == 0
+  lines = [json.loads(x) for x in open(os.path.join(cfg.workdir,
+                                                    "metrics.jsonl"))]
+  assert {"loss", "grad_norm", "lr", "tokens_per_s", "spikes",
+          "warmup_factor", "skipped_total"} <= set(lines[0])
+  assert any("eval_ppl" in x for x in lines)
+  assert os.path.exists(os.path.join(cfg.workdir, "curves.png"))
+  saved = train.TrainConfig.from_json(
+    open(os.path.join(cfg.workdir, "config.json")).read())
+  assert saved == cfg
+  assert train.Checkpointer(os.path.join(cfg.workdir, "checkpoints")
+                            ).steps() == [4, 8, 12]
+
+
+def test_kill_and_resume_reproduces_the_run_exactly(tmp_path, baseline):
+  cfg0, res0 = baseline
+  cfg = cfg0.replace(workdir=str(tmp_path / "killed"))
+  first = train.run(cfg, progress=False, stop_after=6)  # dies after step 6
+  assert train.Checkpointer(os.path.join(cfg.workdir, "checkpoints")
+                            ).steps() == [4]
+  second = train.run(cfg, resume=True, progress=False)  # resumes at step 4
+  by_step = {m["step"]: m["loss"] for m in first.metrics + second.metrics}
+  want = {m["step"]: m["loss"] for m in res0.metrics}
+  assert by_step == want  # bit-identical losses, step for step
+  for a, b in zip(jax.tree.leaves(second.state.params),
+                  jax.tree.leaves(res0.state.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sharded_run_equals_single_device(tmp_path, baseline):
+  """Float32, no QAT. The first loss (before any update differs) equals to
+  float32 reduction noise (1e-5); later ones to 1% (Adam-type first steps
+  are sign-like, m / sqrt(v) ~ sign(g), so gradients near 0 flip with the
+  reduction order; measured 0.4% after 6 steps)."""
+  cfg0, res0 = baseline
+  one = train.run(cfg0.replace(workdir=str(tmp_path / "one"),
+                               mesh_devices=1, steps=6), progress=False)
+  eight = [m["loss"] for m in res0.metrics if m["step"] <= 6]
+  np.testing.assert_allclose(_losses(one)[0], eight[0], rtol=1e-5)
+  np.testing.assert_allclose(_losses(one), eight, rtol=1e-2)
+
+
+def test_int4_qat_on_an_fsdp_and_tensor_mesh(tmp_path):
+  """Stable-SPAM's INT4 QAT on a (data 2, fsdp 2, tensor 2) mesh: kernels
+  are sharded by their logical names and the quantization error is
+  logged."""
+  cfg = _cfg(tmp_path, "fsdp", steps=4, mesh_data=2, mesh_fsdp=2,
+             mesh_tensor=2, quant="int4", ckpt_every=4, eval_every=4)
+  res = train.run(cfg, progress=False)
+  q = res.state.params["layers"][0]["mlp"]["up"]["kernel"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert np.isfinite(res.metrics[-1]["loss"])
+  assert 0 < res.metrics[-1]["quant_rel_mse"] < 0.1
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous(tmp_path,
+                                                         baseline):
+  cfg, _ = baseline
+  ck = str(tmp_path / "checkpoints")
+  shutil.copytree(os.path.join(cfg.workdir, "checkpoints"), ck)
+  newest = os.path.join(ck, "12")
+  for root, _, files in os.walk(newest):  # truncate every file of step 8
+    for f in files:
+      open(os.path.join(root, f), "wb").close()
+  setup = train.setup(cfg, models.make_mesh())
+  abstract = jax.eval_shape(setup.init)
+  with pytest.warns(UserWarning, match="step 12"):
+    _, pos, step = train.Checkpointer(ck).restore(abstract)
+  assert step == 8 and pos.index == 8 * cfg.batch_size
+  with pytest.raises(train.CheckpointError, match="No checkpoint"):
+    train.Checkpointer(str(tmp_path / "empty")).restore(abstract)
+
+
+def test_qgalore_run_trains_int8_weights(tmp_path):
+  cfg = _cfg(tmp_path, "qg", optimizer="q_galore", rank=8, steps=10,
+             lr=1e-2, update_proj_gap=5, ckpt_every=10, eval_every=10)
+  res = train.run(cfg, progress=False)
+  w = res.state.params["layers"][0]["attn"]["q"]["kernel"]
+  assert w.codes.dtype == jnp.uint8
+  assert _losses(res)[-1] < _losses(res)[0]
+
+
+def test_nan_policy(tmp_path):
+  """stop: a clear error. skip: the step leaves params, optimizer state and
+  the step count unchanged and reports it; a streak of them stops."""
+  bad = _cfg(tmp_path, "nan", steps=3, lr=1e30, ckpt_every=3, eval_every=3,
+             optimizer="adamw", warmup_steps=0, nan_policy="stop")
+  with pytest.raises(train.NonFiniteError, match="Non-finite"):
+    train.run(bad, progress=False)
+  with pytest.raises(train.NonFiniteError, match="consecutive"):
+    train.run(bad.replace(nan_policy="skip", workdir=str(tmp_path / "s")),
+              progress=False)
+  cfg = _cfg(tmp_path, "step", optimizer="adamw")
+  setup = train.setup(cfg, models.make_mesh(devices=jax.devices()[:1]))
+  state = train.init_state(setup)
+  poisoned = state._replace(params=jax.tree.map(
+    lambda x: x.at[0].set(jnp.nan) if x.ndim == 1 else x, state.params))
+  tokens = jnp.zeros((8, 33), jnp.int32)
+  new, m = train.train_step(poisoned, tokens, graphdef=setup.graphdef,
+                            nnx_state=setup.nnx_state, tx=setup.tx,
+                            grad_accum=1, grad_clip=0.0)
+  assert float(m["skipped"]) == 1.0 and int(new.step) == 0
+  for a, b in zip(jax.tree.leaves((new.params, new.opt_state)),
+                  jax.tree.leaves((poisoned.params, poisoned.opt_state)),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_set_overrides_coerce_and_reject():
+  cfg = train.apply_overrides(train.TrainConfig(), [
+    "steps=70", "lr=1e-4", "optimizer=spam", "remat=true",
+    "reset_interval=none", "data_max_bytes=1_000"])
+  assert (cfg.steps, cfg.lr, cfg.optimizer, cfg.remat, cfg.reset_interval,
+          cfg.data_max_bytes) == (70, 1e-4, train.OptimizerKind.SPAM, True,
+                                  None, 1000)
+  with pytest.raises(ValueError, match="Did you mean steps"):
+    train.apply_overrides(cfg, ["stpes=3"])
+  with pytest.raises(ValueError, match="expected int"):
+    train.apply_overrides(cfg, ["steps=many"])
+  with pytest.raises(ValueError, match="one of"):
+    train.apply_overrides(cfg, ["optimizer=sgd"])
+  with pytest.raises(ValueError, match="key=value"):
+    train.apply_overrides(cfg, ["steps"])
+  with pytest.raises(ValueError, match="grad_accum"):
+    train.TrainConfig(batch_size=6, grad_accum=4)
+  assert train.load_config("demo").quant == "int4"
+  with pytest.raises(ValueError, match="Unknown config"):
+    train.load_config("dmeo")
+
+
+def test_config_file_and_schedule(tmp_path):
+  p = tmp_path / "my.py"
+  p.write_text("from jqlm.train import TrainConfig\n"
+               "def get_config():\n  return TrainConfig(steps=30)\n")
+  assert train.load_config(str(p)).steps == 30
+  cfg = train.TrainConfig(steps=100, warmup_steps=10, lr=1.0)
+  sched = train.lr_schedule(cfg)
+  np.testing.assert_allclose([float(sched(s)) for s in (0, 5, 10, 100)],
+                             [0.0, 0.5, 1.0, 0.1], atol=1e-6)
+  const = train.lr_schedule(cfg.replace(schedule="constant"))
+  assert float(const(60)) == 1.0
+  assert tcfg.TrainConfig.from_json(cfg.to_json()) == cfg
