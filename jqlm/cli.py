@@ -68,6 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
   from jqlm import train  # noqa: PLC0415
 
   cfg = train.apply_overrides(train.load_config(args.config), args.set or [])
+  train.distributed_init(cfg)
   print(f"jqlm train: {cfg.model} ({cfg.quant} QAT), {cfg.optimizer.value}, "
         f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens on "
         f"{cfg.data!r}; work dir {cfg.workdir}")

@@ -22,6 +22,7 @@ from jqlm.train.config import (
 from jqlm.train.loop import (
   NonFiniteError,
   RunResult,
+  distributed_init,
   evaluate,
   load_run,
   prepare_data,
@@ -41,6 +42,7 @@ __all__ = [
   "CONFIGS", "CheckpointError", "Checkpointer", "NanPolicy",
   "NonFiniteError", "OptimizerKind", "RunResult", "ScheduleKind",
   "TrainConfig", "TrainState", "apply_overrides", "build_optimizer",
-  "eval_loss", "evaluate", "init_state", "load_run", "load_config", "lr_schedule", "model_config",
-  "prepare_data", "run", "sample", "setup", "train_step",
+  "distributed_init", "eval_loss", "evaluate", "init_state", "load_config",
+  "load_run", "lr_schedule", "model_config", "prepare_data", "run",
+  "sample", "setup", "train_step",
 ]

@@ -70,6 +70,7 @@ class TrainConfig:
   data_config: str | None = None
   text_field: str = "text"
   data_max_bytes: int | None = 2_000_000
+  tokenizer: str | None = None
   seq_len: int = 64
   batch_size: int = 16
   grad_accum: int = 1
@@ -98,10 +99,16 @@ class TrainConfig:
   seed: int = 0
   workdir: str = "runs/default"
   nan_policy: NanPolicy = NanPolicy.SKIP
+  max_skip_streak: int = 20
   mesh_data: int = -1
   mesh_fsdp: int = 1
   mesh_tensor: int = 1
   mesh_devices: int | None = None
+  # multi-host: set all three (or the JAX_COORDINATOR_ADDRESS,
+  # JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables)
+  coordinator: str | None = None
+  num_processes: int = 1
+  process_id: int = 0
 
   def __post_init__(self):
     for f in dataclasses.fields(self):

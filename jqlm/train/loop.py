@@ -28,8 +28,6 @@ from jqlm.train.checkpoint import Checkpointer
 from jqlm.train.config import NanPolicy, TrainConfig
 from jqlm.train.step import TrainState, eval_loss, lr_schedule, train_step
 
-MAX_SKIP_STREAK = 20  # consecutive skipped steps before giving up
-
 
 class NonFiniteError(FloatingPointError):
   """A non-finite loss or gradient under ``nan_policy="stop"``."""
@@ -56,9 +54,17 @@ def prepare_data(cfg: TrainConfig):
   src = dict(text_field=cfg.text_field, config=cfg.data_config,
              cache_dir=os.path.join(cache, "datasets"),
              max_bytes=cfg.data_max_bytes)
-  tok = jdata.train_tokenizer(jdata.load_texts(cfg.data, **src),
-                              cfg.vocab_size, cache_dir=cache,
-                              fingerprint=fp)
+  if cfg.tokenizer is not None:
+    tok = jdata.load_tokenizer(cfg.tokenizer)
+    if tok.get_vocab_size() > cfg.vocab_size:
+      raise ValueError(
+        f"The tokenizer {cfg.tokenizer!r} has {tok.get_vocab_size()} tokens "
+        f"but vocab_size={cfg.vocab_size}; set vocab_size >= it.")
+    fp = jdata.tokenizer.fingerprint([fp, os.path.abspath(cfg.tokenizer)])
+  else:
+    tok = jdata.train_tokenizer(jdata.load_texts(cfg.data, **src),
+                                cfg.vocab_size, cache_dir=cache,
+                                fingerprint=fp)
   base = os.path.join(cache, f"tokens-{cfg.vocab_size}-{fp}")
   train = jdata.tokenize_to_array(jdata.load_texts(cfg.data, **src), tok,
                                   cache_path=base + "-train.npy")
@@ -119,6 +125,24 @@ def _plot(metrics: list[dict], evals: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def distributed_init(cfg: TrainConfig) -> None:
+  """``jax.distributed.initialize`` for a multi-process run.
+
+  Uses ``cfg.coordinator`` / ``num_processes`` / ``process_id`` when
+  ``num_processes > 1``, else the ``JAX_COORDINATOR_ADDRESS`` environment
+  variables when set; a single-process run does nothing. Call it before
+  anything touches a jax device.
+  """
+  if cfg.num_processes > 1:
+    if not cfg.coordinator:
+      raise ValueError("num_processes > 1 needs coordinator=host:port.")
+    jax.distributed.initialize(coordinator_address=cfg.coordinator,
+                               num_processes=cfg.num_processes,
+                               process_id=cfg.process_id)
+  elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()
+
+
 def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         stop_after: int | None = None) -> RunResult:
   """Trains per ``cfg``; see the module docstring.
@@ -137,8 +161,9 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
       ``nan_policy="stop"``.
   """
   os.makedirs(cfg.workdir, exist_ok=True)
-  with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json())
+  if jax.process_index() == 0:
+    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json())
   devices = jax.devices()
   if cfg.mesh_devices is not None:
     devices = devices[:cfg.mesh_devices]
@@ -150,6 +175,14 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
       f"mesh size {mesh.shape['data']} ({len(devices)} devices, fsdp "
       f"{cfg.mesh_fsdp}, tensor {cfg.mesh_tensor}). Use a multiple, or set "
       "mesh_data / mesh_devices.")
+  if jax.process_count() > 1:
+    # process 0 trains and caches the tokenizer and token streams; the
+    # others then load the cache (no racing writers)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    if jax.process_index() == 0:
+      prepare_data(cfg)
+    multihost_utils.sync_global_devices("jqlm:prepare_data")
   _, train_data, eval_data = prepare_data(cfg)
   s = jstate.setup(cfg, mesh)
   ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
@@ -192,8 +225,10 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     eval_batches.append(device_batch(rows))
 
   metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
+  if pid != 0:  # one writer per run
+    metrics_path = os.devnull
   start = int(state.step)
-  if not resume and os.path.exists(metrics_path):
+  if not resume and pid == 0 and os.path.exists(metrics_path):
     os.remove(metrics_path)
   metrics: list[dict] = []
   evals: list[dict] = []
@@ -222,7 +257,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             "the learning rate, enable grad_clip, or set nan_policy=skip.")
         skipped += 1  # params and optimizer state were left unchanged
         streak += 1
-        if streak >= MAX_SKIP_STREAK:
+        if streak >= cfg.max_skip_streak:
           ckpt.close()
           raise NonFiniteError(
             f"{streak} consecutive non-finite steps were skipped at step "

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jqlm import quant
@@ -161,6 +161,7 @@ def test_bf16_sr_matches_ml_dtypes_neighbours():
   axis=st.sampled_from([0, 1, -1]),
   seed=st.integers(0, 1000),
 )
+@settings(max_examples=10)  # each example compiles new shapes
 def test_pack_unpack_round_trip(dtype, rows, cols_per, axis, seed):
   bits = 2 if jnp.dtype(dtype).name.endswith("int2") else 4
   per = 8 // bits

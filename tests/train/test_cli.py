@@ -12,8 +12,7 @@ def test_train_eval_generate_commands(tmp_path, capsys):
                  "--set", "vocab_size=300", "--set", "seq_len=16",
                  "--set", "batch_size=8", "--set", "warmup_steps=1",
                  "--set", "eval_every=6", "--set", "ckpt_every=3",
-                 "--set", "log_every=3", "--set", "quant=int4",
-                 "--set", "hidden_size=256", "--set", "num_heads=4"])
+                 "--set", "log_every=3", "--set", "optimizer=adamw"])
   cap = capsys.readouterr()
   assert rc == 0, cap.err
   assert "held-out loss" in cap.out

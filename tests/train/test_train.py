@@ -128,8 +128,8 @@ def test_nan_policy(tmp_path):
   with pytest.raises(train.NonFiniteError, match="Non-finite"):
     train.run(bad, progress=False)
   with pytest.raises(train.NonFiniteError, match="consecutive"):
-    train.run(bad.replace(nan_policy="skip", workdir=str(tmp_path / "s")),
-              progress=False)
+    train.run(bad.replace(nan_policy="skip", max_skip_streak=3,
+                          workdir=str(tmp_path / "s")), progress=False)
   cfg = _cfg(tmp_path, "step", optimizer="adamw")
   setup = train.setup(cfg, models.make_mesh(devices=jax.devices()[:1]))
   state = train.init_state(setup)
