@@ -180,3 +180,39 @@ def test_config_file_and_schedule(tmp_path):
   const = train.lr_schedule(cfg.replace(schedule="constant"))
   assert float(const(60)) == 1.0
   assert tcfg.TrainConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+  """grad_accum=4 (4 micro-batches of 2) gives the loss and update of one
+  batch of 8: equal-sized micro-batch means average to the batch mean."""
+  cfg = _cfg(tmp_path, "acc", optimizer="adamw")
+  setup = train.setup(cfg, models.make_mesh(devices=jax.devices()[:1]))
+  state = train.init_state(setup)
+  tokens = jax.random.randint(jax.random.key(0), (8, 33), 0, 400)
+  outs = []
+  for accum in (1, 4):
+    new, m = jax.jit(lambda s, t, a=accum: train.train_step(
+      s, t, graphdef=setup.graphdef, nnx_state=setup.nnx_state, tx=setup.tx,
+      grad_accum=a, grad_clip=1.0))(state, tokens)
+    outs.append((new, m))
+  np.testing.assert_allclose(float(outs[0][1]["loss"]),
+                             float(outs[1][1]["loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(outs[0][1]["grad_norm"]),
+                             float(outs[1][1]["grad_norm"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(outs[0][0].params),
+                  jax.tree.leaves(outs[1][0].params), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_an_interrupted_save_is_ignored(tmp_path, baseline):
+  """A save killed midway leaves orbax's temporary directory, never a step
+  directory: restore uses the last complete checkpoint."""
+  cfg, _ = baseline
+  ck = str(tmp_path / "checkpoints")
+  shutil.copytree(os.path.join(cfg.workdir, "checkpoints"), ck)
+  partial = os.path.join(ck, "16.orbax-checkpoint-tmp-1234")
+  os.makedirs(os.path.join(partial, "state"))
+  open(os.path.join(partial, "state", "half_written"), "wb").close()
+  setup = train.setup(cfg, models.make_mesh())
+  _, _, step = train.Checkpointer(ck).restore(jax.eval_shape(setup.init))
+  assert step == 12
