@@ -47,6 +47,12 @@ def test_local_files_load_through_datasets(tmp_path):
   assert list(data.load_texts(str(tmp_path / "t"),
                               cache_dir=str(tmp_path / "c"))) == [
     "hello\nworld\n"]
+  import pyarrow as pa  # noqa: PLC0415  (a datasets dependency)
+  import pyarrow.parquet as pq  # noqa: PLC0415
+
+  pq.write_table(pa.table({"body": ["p0", "p1"]}), tmp_path / "b.parquet")
+  assert list(data.load_texts(str(tmp_path / "b.parquet"), text_field="body",
+                              cache_dir=str(tmp_path / "c"))) == ["p0", "p1"]
   with pytest.raises(ValueError, match="Column"):
     list(data.load_texts(str(tmp_path / "a.jsonl"), text_field="body",
                          cache_dir=str(tmp_path / "c")))
