@@ -15,7 +15,9 @@ input activation. The model code is the same for every mode:
 * **Real low-bit weights**: the kernel param holds a
   :class:`jqlm.quant.QArray` (int8 for Q-GaLore, from
   :func:`jqlm.optim.quantize_weights`) or a :class:`jqlm.quant.PackedQArray`
-  (post-training int4), dequantized in the forward pass.
+  (post-training int4); the forward pass calls :func:`jqlm.ops.qmatmul`
+  (a Pallas kernel on GPU/TPU when one serves the format, else
+  dequantize-then-dot).
 
 Presets: :func:`stable_spam_int4` and :func:`stable_spam_fp4` (the
 Stable-SPAM 4-bit experiments, spec §3.4), :func:`w8a8`, :func:`w4a16` and
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jqlm import quant
+from jqlm import ops, quant
 
 # The linears the official 4-bit runs quantize (spec §3.4): q, k, v, o, gate,
 # up, down. Embeddings, the LM head and norms stay in the compute dtype.
@@ -200,9 +202,14 @@ class QLinear(nnx.Module):
         f"{in_features}. Exclude this linear from the rule's patterns.")
 
   def __call__(self, x_BxD: jax.Array) -> jax.Array:
+    rule = self.rule
+    w = self.kernel.get_value()
+    if rule is None and isinstance(w, (quant.QArray, quant.PackedQArray)):
+      # real low-bit weights: the dispatcher picks a Pallas kernel on
+      # GPU/TPU and dequantize-then-dot elsewhere
+      return ops.qmatmul(x_BxD.astype(self.dtype), w).astype(self.dtype)
     w_DxF = kernel_value(self.kernel, self.dtype)
     x_BxD = x_BxD.astype(self.dtype)
-    rule = self.rule
     if rule is not None:
       if rule.hadamard:
         x_BxD = quant.hadamard(x_BxD, axis=-1)

@@ -1,0 +1,10 @@
+"""jqlm.ops: dispatch of low-bit matmuls to the best implementation.
+
+:func:`qmatmul` runs ``x @ dequantize(qweight)`` through a Pallas kernel of
+``jqlm_kernels`` when the backend, dtype and shape allow it, else through
+the XLA reference (dequantize, then a float32-accumulating dot).
+"""
+
+from jqlm.ops.qmatmul import Impl, qmatmul
+
+__all__ = ["Impl", "qmatmul"]

@@ -1,0 +1,174 @@
+r"""``qmatmul(x, qweight)``: :math:`x\,\hat W` with the best implementation.
+
+Implementations (:class:`Impl`):
+
+* ``xla``: dequantize the weight, then ``einsum`` with float32
+  accumulation (the reference; every backend);
+* ``pallas``: the W8A16 / W4A16 kernel of :mod:`jqlm_kernels.wxa16`
+  (weights dequantized in-kernel); compiled on GPU/TPU, or run by the Pallas
+  interpreter with ``interpret=True`` (how CPU tests reach the kernel code).
+
+``impl=None`` picks ``pallas`` on GPU/TPU when the kernel serves the weight
+format and shapes, and ``xla`` otherwise; a forced ``impl="pallas"`` that
+cannot serve raises ``NotImplementedError``. The kernel serves int8 / int4
+(and uint8 / uint4 with zero points) weights of shape ``(K, N)`` quantized
+per output channel (``granularity="channel", axis=-1``) or in groups along K
+(``granularity="group", axis=0``).
+
+Gradients: a ``custom_vjp`` gives :math:`\partial x = g \hat W^\top` (the
+weight codes are integers and get none), so ``jax.grad`` works through a
+QAT model with real low-bit weights.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jqlm import quant
+
+try:  # kernels are optional at import time (style.md §2)
+  from jqlm_kernels import wxa16 as _wxa16
+except ImportError:  # pragma: no cover
+  _wxa16 = None
+
+
+class Impl(enum.Enum):
+  XLA = "xla"
+  PALLAS = "pallas"
+
+
+def _kernel_args(q: quant.QArray, block_k: int):
+  """(w, scale, zero, bits, group) for the wxa16 kernel, or None."""
+  spec = q.spec
+  if q.outlier_values is not None or q.codes.ndim != 2:
+    return None
+  if spec.format.value not in ("int8", "uint8", "int4", "uint4"):
+    return None
+  k, n = q.codes.shape
+  g = spec.granularity
+  if g is quant.Granularity.CHANNEL and spec.axis % 2 == 1:
+    group = k
+  elif g is quant.Granularity.GROUP and spec.axis % 2 == 0:
+    group = spec.group_size
+  else:
+    return None
+  bits = spec.bits
+  offset = 0 if spec.format.value.startswith("int") else 2 ** (bits - 1)
+  codes = q.codes.astype(jnp.int32) - offset  # signed, q - z unchanged
+  scale = q.scale.reshape(-1, n).astype(jnp.float32)
+  zero = None
+  if q.zero_point is not None:
+    zero = q.zero_point.reshape(-1, n).astype(jnp.float32) - offset
+  if bits == 8:
+    w = codes.astype(jnp.int8)
+  else:
+    w = _wxa16.pack_int4(codes, block_k)
+  return w, scale, zero, bits, group
+
+
+def _blocks(m: int, k: int, n: int, group: int):
+  bm = 16 if m % 16 == 0 else (8 if m % 8 == 0 else 1)
+  bn = 128 if n % 128 == 0 else 64
+  bk = min(group, 128) if group % 2 == 0 else group
+  while bk > 16 and (k % bk or bk & (bk - 1)):
+    bk //= 2
+  return bm, bn, bk
+
+
+def _pallas_ok(x2, q, interpret) -> bool:
+  if _wxa16 is None or not isinstance(q, quant.QArray):
+    return False
+  m, k = x2.shape
+  n = q.codes.shape[1]
+  spec = q.spec
+  group = spec.group_size if spec.granularity is quant.Granularity.GROUP \
+    else k
+  bm, bn, bk = _blocks(m, k, n, group)
+  if _kernel_args(q, bk) is None:
+    return False
+  return _wxa16.can_use(m, k, n, bits=spec.bits, group_size=group,
+                        block_m=bm, block_n=bn, block_k=bk)
+
+
+def _xla(x2, q):
+  w = q.dequantize(jnp.float32)
+  y = jnp.einsum("mk,kn->mn", x2.astype(jnp.float32), w,
+                 preferred_element_type=jnp.float32)
+  return y.astype(x2.dtype)
+
+
+def _pallas(x2, q, interpret):
+  m, k = x2.shape
+  n = q.codes.shape[1]
+  group = q.spec.group_size if q.spec.granularity is \
+    quant.Granularity.GROUP else k
+  bm, bn, bk = _blocks(m, k, n, group)
+  w, scale, zero, bits, group = _kernel_args(q, bk)
+  return _wxa16.wxa16_matmul(x2, w, scale, zero, bits=bits, group_size=group,
+                             block_m=bm, block_n=bn, block_k=bk,
+                             interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmm(x2, q, impl: Impl, interpret: bool):
+  if impl is Impl.PALLAS:
+    return _pallas(x2, q, interpret)
+  return _xla(x2, q)
+
+
+def _qmm_fwd(x2, q, impl, interpret):
+  return _qmm(x2, q, impl, interpret), q
+
+
+def _qmm_bwd(impl, interpret, q, g):
+  w = q.dequantize(jnp.float32)
+  dx = jnp.einsum("mn,kn->mk", g.astype(jnp.float32), w,
+                  preferred_element_type=jnp.float32).astype(g.dtype)
+  zero_q = jax.tree.map(
+    lambda a: jnp.zeros(a.shape, jax.dtypes.float0)
+    if not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a), q)
+  return dx, zero_q
+
+
+_qmm.defvjp(_qmm_fwd, _qmm_bwd)
+
+
+def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
+            interpret: bool = False) -> jax.Array:
+  """``x (..., K) @ dequantize(qweight) (K, N) -> (..., N)`` in ``x.dtype``.
+
+  Args:
+    x: activations.
+    qweight: a :class:`jqlm.quant.QArray` or :class:`jqlm.quant.PackedQArray`
+      with ``(K, N)`` codes (a Flax kernel layout).
+    impl: ``None`` (auto), ``"xla"`` or ``"pallas"``.
+    interpret: run a Pallas kernel in the interpreter (CPU tests).
+
+  Raises:
+    NotImplementedError: ``impl="pallas"`` for a weight or shape the kernel
+      does not serve.
+  """
+  if isinstance(qweight, quant.PackedQArray):
+    qweight = qweight.unpack()
+  if not isinstance(qweight, quant.QArray):
+    raise ValueError(f"qmatmul expects a QArray weight, got "
+                     f"{type(qweight).__name__}.")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1])
+  if impl is None:
+    on_device = jax.default_backend() in ("gpu", "tpu")
+    chosen = Impl.PALLAS if (on_device or interpret) and _pallas_ok(
+      x2, qweight, interpret) else Impl.XLA
+  else:
+    chosen = Impl(impl)
+    if chosen is Impl.PALLAS and not _pallas_ok(x2, qweight, interpret):
+      raise NotImplementedError(
+        f"No Pallas kernel serves x {x2.shape} @ {qweight.spec.format.value} "
+        f"{qweight.spec.granularity.value} weights {qweight.codes.shape}; "
+        "use impl='xla' or impl=None.")
+  y = _qmm(x2, qweight, chosen, interpret)
+  return y.reshape(*lead, y.shape[-1])
