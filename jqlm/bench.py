@@ -286,3 +286,111 @@ def format_memory(reports, unit: str = "GiB") -> str:
     lines.append(f"{rname:<40}" + "".join(
       f"{per[c].total / div:>9.2f}" for c in configs))
   return "\n".join(lines)
+
+
+# K, N of the LLaMA-7B and LLaMA-3-8B linears (Flax layout (in, out))
+KERNEL_SHAPES = {
+  "7B qkvo 4096x4096": (4096, 4096),
+  "7B up 4096x11008": (4096, 11008),
+  "7B down 11008x4096": (11008, 4096),
+  "L3-8B up 4096x14336": (4096, 14336),
+  "L3-8B kv 4096x1024": (4096, 1024),
+}
+KERNEL_MS = (1, 4, 16, 64, 256, 1024, 4096)
+
+
+def bench_kernels(ms=KERNEL_MS, shapes=None, iters: int = 20,
+                  interpret: bool = False):
+  """Low-bit matmuls vs the bf16 dot: rows ``(case, M, K, N, s, ratio)``.
+
+  Cases: XLA bf16 dot (baseline), W8A16 and W4A16 (group 128) Pallas
+  kernels, W8A8 Pallas (per-token activation quantization included), XLA
+  int8 dot, and XLA fp8 e4m3 dot. On CPU only the XLA rows run (the Pallas
+  kernels need a GPU or TPU; ``interpret=True`` runs them in the
+  interpreter, which is for correctness, not speed).
+  """
+  from jqlm_kernels import wxa16  # noqa: PLC0415
+
+  shapes = KERNEL_SHAPES if shapes is None else shapes
+  on_device = jax.default_backend() in ("gpu", "tpu") or interpret
+  rows = []
+  key = jax.random.key(0)
+  for name, (k, n) in shapes.items():
+    w = jax.random.normal(key, (k, n), jnp.float32) * 0.02
+    w16 = w.astype(jnp.bfloat16)
+    q8 = quant.quantize(w, quant.QuantSpec(format="int8",
+                                           granularity="channel"))
+    q4 = quant.quantize(w, quant.QuantSpec(format="int4", granularity="group",
+                                           group_size=128, axis=0))
+    s4 = q4.scale.reshape(-1, n)
+    p4 = wxa16.pack_int4(q4.codes, 128)
+    for m in ms:
+      x = jax.random.normal(key, (m, k), jnp.bfloat16)
+      cases = _kernel_cases(m, k, n, w, w16, q8, p4, s4, on_device,
+                            interpret)
+      times = {}
+      for cname, fn in cases.items():
+        times[cname] = time_fn(lambda a, f=fn: (jax.block_until_ready(f(a)),
+                                                a)[1:], x, iters=iters)
+      base = times["bf16 dot (XLA, baseline)"]
+      for cname, t in times.items():
+        rows.append((f"{name} {cname}", m, k, n, t, base / t))
+  return rows
+
+
+def _bf16_dot(a, b):
+  return a @ b
+
+
+def _int8_xla(a, codes, ws):
+  from jqlm_kernels import w8a8  # noqa: PLC0415
+
+  aq, xs = w8a8.quantize_rows(a)
+  acc = jax.lax.dot(aq, codes, preferred_element_type=jnp.int32)
+  return (acc.astype(jnp.float32) * xs * ws).astype(jnp.bfloat16)
+
+
+def _fp8_xla(a, w8):
+  return jax.lax.dot(a.astype(jnp.float8_e4m3fn), w8,
+                     preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+
+def _kernel_cases(m, k, n, w, w16, q8, p4, s4, on_device, interpret):
+  """name -> jitted function of the activations."""
+  from jqlm_kernels import w8a8, wxa16  # noqa: PLC0415
+
+  ws8 = q8.scale.reshape(1, n)
+  cases = {
+    "bf16 dot (XLA, baseline)": jax.jit(functools.partial(_bf16_dot,
+                                                          b=w16)),
+    "int8 dot (XLA)": jax.jit(functools.partial(_int8_xla, codes=q8.codes,
+                                                ws=ws8)),
+    "fp8 e4m3 dot (XLA)": jax.jit(functools.partial(
+      _fp8_xla, w8=w.astype(jnp.float8_e4m3fn))),
+  }
+  if not on_device:
+    return cases
+  bm = 16 if m >= 16 else m
+  blocks = dict(block_m=bm, block_n=128, block_k=128)
+  if wxa16.can_use(m, k, n, bits=8, group_size=k, **blocks):
+    cases["W8A16 Pallas"] = jax.jit(functools.partial(
+      wxa16.wxa16_matmul, w=q8.codes, scale=ws8, bits=8, group_size=k,
+      interpret=interpret, **blocks))
+  if wxa16.can_use(m, k, n, bits=4, group_size=128, **blocks):
+    cases["W4A16 Pallas"] = jax.jit(functools.partial(
+      wxa16.wxa16_matmul, w=p4, scale=s4, bits=4, group_size=128,
+      interpret=interpret, **blocks))
+  if w8a8.can_use(m, k, n, **blocks):
+    def w8a8_case(a):
+      return w8a8.w8a8_matmul(*w8a8.quantize_rows(a), q8.codes, ws8,
+                              interpret=interpret, **blocks)
+    cases["W8A8 Pallas"] = jax.jit(w8a8_case)
+  return cases
+
+
+def format_kernel_rows(rows, title: str) -> str:
+  head = (f"{'case':<48} {'M':>5} {'ms':>9} {'speedup':>8}")
+  lines = [title, head, "-" * len(head)]
+  for name, m, _, _, t, r in rows:
+    lines.append(f"{name:<48} {m:>5} {t * 1e3:>9.3f} {r:>8.2f}")
+  return "\n".join(lines)

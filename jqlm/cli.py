@@ -44,6 +44,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              rounds=args.rounds)
     title = (f"one jitted update, LLaMA-130M shapes (scale {args.scale}), "
              f"ratio vs optax.adamw; {device}, jax {jax.__version__}")
+  elif args.which == "kernels":
+    rows = bench.bench_kernels(iters=args.iters)
+    print(bench.format_kernel_rows(
+      rows, f"low-bit matmuls vs the bf16 dot (speedup = bf16 time / "
+      f"time); {device}, jax {jax.__version__}"))
+    return 0
   elif args.which == "memory":
     reports = bench.bench_memory()
     print(f"params + optimizer state of the official LLaMA configs (spec "
@@ -133,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     description="Print a benchmark table whose baseline is measured in the "
     "same run.",
   )
-  bench.add_argument("which", choices=["optim", "quant", "memory"])
+  bench.add_argument("which", choices=["optim", "quant", "memory", "kernels"])
   bench.add_argument("--iters", type=int, default=5,
                      help="timed iterations per round (median kept)")
   bench.add_argument("--rounds", type=int, default=5,

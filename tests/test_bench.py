@@ -44,3 +44,15 @@ def test_bench_memory_table_and_ordering():
   assert totals["AdamW 4-bit states, bf16 params"] < totals[
     "AdamW 8-bit states, bf16 params"]
   assert totals["Q-GaLore (int8 W, int4 P, 8-bit)"] == min(totals.values())
+
+
+def test_bench_kernels_smoke_interpret():
+  """The kernel benchmark runs (tiny shapes; Pallas rows in interpret
+  mode on CPU); the baseline row's speedup is 1."""
+  rows = bench.bench_kernels(ms=(16,), shapes={"tiny": (256, 128)},
+                             iters=1, interpret=True)
+  names = {r[0] for r in rows}
+  assert {"tiny bf16 dot (XLA, baseline)", "tiny W4A16 Pallas",
+          "tiny W8A16 Pallas", "tiny W8A8 Pallas"} <= names
+  assert [r[5] for r in rows if "baseline" in r[0]] == [1.0]
+  assert bench.format_kernel_rows(rows, "t").startswith("t")
