@@ -5,6 +5,6 @@
 the XLA reference (dequantize, then a float32-accumulating dot).
 """
 
-from jqlm.ops.qmatmul import Impl, qmatmul
+from jqlm.ops.qmatmul import Impl, qmatmul, qmatmul_w8a8
 
-__all__ = ["Impl", "qmatmul"]
+__all__ = ["Impl", "qmatmul", "qmatmul_w8a8"]

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 from jqlm import quant
 
 try:  # kernels are optional at import time (style.md §2)
+  from jqlm_kernels import w8a8 as _w8a8
   from jqlm_kernels import wxa16 as _wxa16
 except ImportError:  # pragma: no cover
-  _wxa16 = None
+  _wxa16 = _w8a8 = None
 
 
 class Impl(enum.Enum):
@@ -172,3 +173,55 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
         "use impl='xla' or impl=None.")
   y = _qmm(x2, qweight, chosen, interpret)
   return y.reshape(*lead, y.shape[-1])
+
+
+def qmatmul_w8a8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
+                 interpret: bool = False) -> jax.Array:
+  r"""W8A8: per-token symmetric int8 activations times int8 weights
+  quantized per output channel, int32 accumulation:
+  :math:`y = s^x s^w (q^x q^w)`. Note the activation rounding: this is not
+  ``x @ dequantize(w)``.
+
+  Args:
+    x: activations ``(..., K)``.
+    qweight: a QArray, ``format="int8", granularity="channel"`` (axis -1).
+    impl: ``None`` (the Pallas kernel on GPU/TPU or with ``interpret``, else
+      XLA's int8 dot), ``"xla"`` or ``"pallas"``.
+    interpret: run the Pallas kernel in the interpreter.
+
+  Raises:
+    ValueError: a weight that is not per-channel symmetric int8.
+    NotImplementedError: ``impl="pallas"`` for shapes the kernel rejects.
+  """
+  if not (isinstance(qweight, quant.QArray) and qweight.codes.ndim == 2
+          and qweight.spec.format.value == "int8"
+          and qweight.spec.granularity is quant.Granularity.CHANNEL
+          and qweight.spec.axis % 2 == 1 and qweight.zero_point is None):
+    raise ValueError(
+      "qmatmul_w8a8 needs a symmetric int8 weight quantized per output "
+      "channel: QuantSpec(format='int8', granularity='channel').")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1])
+  m, k = x2.shape
+  n = qweight.codes.shape[1]
+  ws = qweight.scale.reshape(1, n).astype(jnp.float32)
+  bm, bn, bk = _blocks(m, k, n, k)
+  ok = _w8a8 is not None and _w8a8.can_use(m, k, n, block_m=bm, block_n=bn,
+                                           block_k=bk)
+  if impl is None:
+    use = ok and (interpret or jax.default_backend() in ("gpu", "tpu"))
+  else:
+    use = Impl(impl) is Impl.PALLAS
+    if use and not ok:
+      raise NotImplementedError(
+        f"The W8A8 kernel does not serve x {x2.shape} @ w {(k, n)}; use "
+        "impl='xla'.")
+  xq, xs = (_w8a8.quantize_rows(x2) if _w8a8 is not None else (None, None))
+  if use:
+    y = _w8a8.w8a8_matmul(xq, xs, qweight.codes, ws, out_dtype=x.dtype,
+                          block_m=bm, block_n=bn, block_k=bk,
+                          interpret=interpret)
+  else:
+    acc = jax.lax.dot(xq, qweight.codes, preferred_element_type=jnp.int32)
+    y = (acc.astype(jnp.float32) * xs * ws).astype(x.dtype)
+  return y.reshape(*lead, n)

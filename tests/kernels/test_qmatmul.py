@@ -66,3 +66,18 @@ def test_auto_dispatch_and_fallbacks(data):
     ops.qmatmul(x, q, impl="pallas", interpret=True)
   with pytest.raises(ValueError, match="QArray"):
     ops.qmatmul(x, w)
+
+
+def test_w8a8_dispatch_kernel_equals_xla(data):
+  x, w = data
+  q = quant.quantize(w, SPECS["int8 channel"])
+  ref = ops.qmatmul_w8a8(x, q, impl="xla")
+  got = ops.qmatmul_w8a8(x, q, impl="pallas", interpret=True)
+  # both accumulate exactly in int32: equal up to float32 scaling order
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6,
+                             atol=1e-6)
+  exact = np.asarray(x @ w)
+  rel = np.linalg.norm(np.asarray(ref) - exact) / np.linalg.norm(exact)
+  assert rel < 0.02  # int8 rounding of activations and weights
+  with pytest.raises(ValueError, match="per output"):
+    ops.qmatmul_w8a8(x, quant.quantize(w, SPECS["int4 group64"]))
