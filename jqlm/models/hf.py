@@ -235,15 +235,12 @@ def load_hf_llama(path: str, *, dtype=jnp.float32, param_dtype=None,
   param_dtype = dtype if param_dtype is None else param_dtype
   cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, **overrides)
   tensors = _read_tensors(path)
-  tensors.pop("model.rotary_emb.inv_freq", None)
   for key in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
     tensors.pop(key)
   model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   state = nnx.state(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(state)) if hasattr(nnx, "to_flat_state") \
-    else dict(state.flat_state())
   names = _hf_names(cfg)
-  for p, var in flat.items():
+  for p, var in nnx.to_flat_state(state):
     key = tuple(p)
     if key not in names:
       raise ValueError(f"No HF tensor is mapped to jqlm param {key}.")
@@ -285,12 +282,9 @@ def save_hf_llama(model: Llama, path: str, *, dtype=None,
     raise ValueError(f"save dtype must be float32, bfloat16 or float16, got "
                      f"{dtype}.")
   os.makedirs(path, exist_ok=True)
-  state = nnx.state(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(state)) if hasattr(nnx, "to_flat_state") \
-    else dict(state.flat_state())
   names = _hf_names(cfg)
   tensors = {}
-  for p, var in flat.items():
+  for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     hf_name, transpose = names[tuple(p)]
     value = var.get_value()
     if isinstance(value, (quant.QArray, quant.PackedQArray)):

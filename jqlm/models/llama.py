@@ -316,14 +316,17 @@ class RMSNorm(nnx.Module):
     return w.reshape((1,) * (y.ndim - 1) + w.shape) * y
 
 
+def _linear_kwargs(cfg: LlamaConfig, rngs: nnx.Rngs) -> dict:
+  return dict(policy=cfg.quant, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+              init_std=cfg.init_std, rngs=rngs)
+
+
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with RoPE."""
 
   def __init__(self, cfg: LlamaConfig, *, path: str, rngs: nnx.Rngs):
     d, hd = cfg.hidden_size, cfg.head_dim
-    common = dict(policy=cfg.quant, dtype=cfg.dtype,
-                  param_dtype=cfg.param_dtype, init_std=cfg.init_std,
-                  rngs=rngs)
+    common = _linear_kwargs(cfg, rngs)
     self.q = QLinear(d, cfg.num_heads * hd, path=f"{path}.q",
                      axes=("embed", "heads"), **common)
     self.k = QLinear(d, cfg.num_kv_heads * hd, path=f"{path}.k",
@@ -364,9 +367,7 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, path: str, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
-    common = dict(policy=cfg.quant, dtype=cfg.dtype,
-                  param_dtype=cfg.param_dtype, init_std=cfg.init_std,
-                  rngs=rngs)
+    common = _linear_kwargs(cfg, rngs)
     self.gate = QLinear(d, f, path=f"{path}.gate", axes=("embed", "mlp"),
                         **common)
     self.up = QLinear(d, f, path=f"{path}.up", axes=("embed", "mlp"),
@@ -417,10 +418,7 @@ class Llama(nnx.Module):
       init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
            cfg.param_dtype), axes=("vocab", "embed"))
     self.layers = nnx.List([Block(cfg, path=f"layers.{i}", rngs=rngs)
-                            for i in range(cfg.num_layers)]) \
-      if hasattr(nnx, "List") else [
-        Block(cfg, path=f"layers.{i}", rngs=rngs)
-        for i in range(cfg.num_layers)]
+                            for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps,
                               dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     if not cfg.tie_embeddings:

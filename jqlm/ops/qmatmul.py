@@ -80,14 +80,20 @@ def _blocks(m: int, k: int, n: int, group: int):
   return bm, bn, bk
 
 
-def _pallas_ok(x2, q, interpret) -> bool:
+def _group(q: quant.QArray) -> int:
+  """Rows per scale: the group size, or K for per-channel scales."""
+  if q.spec.granularity is quant.Granularity.GROUP:
+    return q.spec.group_size
+  return q.codes.shape[0]
+
+
+def _pallas_ok(x2, q) -> bool:
   if _wxa16 is None or not isinstance(q, quant.QArray):
     return False
   m, k = x2.shape
   n = q.codes.shape[1]
   spec = q.spec
-  group = spec.group_size if spec.granularity is quant.Granularity.GROUP \
-    else k
+  group = _group(q)
   bm, bn, bk = _blocks(m, k, n, group)
   if _kernel_args(q, bk) is None:
     return False
@@ -105,9 +111,7 @@ def _xla(x2, q):
 def _pallas(x2, q, interpret):
   m, k = x2.shape
   n = q.codes.shape[1]
-  group = q.spec.group_size if q.spec.granularity is \
-    quant.Granularity.GROUP else k
-  bm, bn, bk = _blocks(m, k, n, group)
+  bm, bn, bk = _blocks(m, k, n, _group(q))
   w, scale, zero, bits, group = _kernel_args(q, bk)
   return _wxa16.wxa16_matmul(x2, w, scale, zero, bits=bits, group_size=group,
                              block_m=bm, block_n=bn, block_k=bk,
@@ -163,10 +167,10 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
   if impl is None:
     on_device = jax.default_backend() in ("gpu", "tpu")
     chosen = Impl.PALLAS if (on_device or interpret) and _pallas_ok(
-      x2, qweight, interpret) else Impl.XLA
+      x2, qweight) else Impl.XLA
   else:
     chosen = Impl(impl)
-    if chosen is Impl.PALLAS and not _pallas_ok(x2, qweight, interpret):
+    if chosen is Impl.PALLAS and not _pallas_ok(x2, qweight):
       raise NotImplementedError(
         f"No Pallas kernel serves x {x2.shape} @ {qweight.spec.format.value} "
         f"{qweight.spec.granularity.value} weights {qweight.codes.shape}; "
@@ -216,7 +220,7 @@ def qmatmul_w8a8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
       raise NotImplementedError(
         f"The W8A8 kernel does not serve x {x2.shape} @ w {(k, n)}; use "
         "impl='xla'.")
-  xq, xs = (_w8a8.quantize_rows(x2) if _w8a8 is not None else (None, None))
+  xq, xs = _w8a8.quantize_rows(x2)
   if use:
     y = _w8a8.w8a8_matmul(xq, xs, qweight.codes, ws, out_dtype=x.dtype,
                           block_m=bm, block_n=bn, block_k=bk,

@@ -32,6 +32,7 @@ from jqlm.optim.galore import (
   weight_spec,
 )
 from jqlm.optim.spam import scale_by_learning_rate_post_decay
+from jqlm.optim.stochastic import _leaf_keys
 
 
 def scale_by_q_galore(
@@ -74,10 +75,6 @@ class WeightRoundingState(NamedTuple):
 
   key: jax.Array
   step_key: jax.Array
-
-
-def _leaf_keys(key, n):
-  return list(jax.random.split(key, max(n, 1)))[:n]
 
 
 def _weight_rounding(

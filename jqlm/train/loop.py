@@ -86,12 +86,12 @@ def _quant_error(params, mcfg: models.LlamaConfig) -> float | None:
   if mcfg.quant is None:
     return None
   errs = []
-  for layer in params["layers"].values() if isinstance(
-      params["layers"], dict) else params["layers"]:
+  layers = params["layers"]
+  for i in (layers if isinstance(layers, dict) else range(len(layers))):
     for group, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))):
       for n in names:
-        w = layer[group][n]["kernel"]
-        rule = mcfg.quant.rule_for(f"layers.0.{group}.{n}")
+        w = layers[i][group][n]["kernel"]
+        rule = mcfg.quant.rule_for(f"layers.{i}.{group}.{n}")
         if rule is None or rule.weight is None or isinstance(
             w, quant.QArray):
           continue
@@ -143,6 +143,30 @@ def distributed_init(cfg: TrainConfig) -> None:
     jax.distributed.initialize()
 
 
+def _abstract_state(s: jstate.Setup) -> TrainState:
+  """The train state's shapes, dtypes and shardings (a restore target)."""
+  return jax.tree.map(
+    lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+    jax.eval_shape(s.init), s.shardings)
+
+
+def _eval_rows(cfg: TrainConfig, eval_data, n_batches: int,
+               data_parallel: int = 1, pid: int = 0, pcount: int = 1):
+  """The fixed held-out batches (the first sequences in epoch-0 order),
+  each at most ``batch_size`` rows and a multiple of ``data_parallel``."""
+  n_eval = min(cfg.batch_size, eval_data.num_sequences)
+  n_eval -= n_eval % data_parallel
+  if n_eval < 1:
+    raise ValueError(f"The held-out data has {eval_data.num_sequences} "
+                     "sequences, too few for one eval batch; use shorter "
+                     "seq_len or more data.")
+  pos = jdata.DataPosition()
+  for _ in range(n_batches):
+    rows, pos = eval_data.batch(pos, n_eval, process_index=pid,
+                                process_count=pcount)
+    yield rows
+
+
 def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         stop_after: int | None = None) -> RunResult:
   """Trains per ``cfg``; see the module docstring.
@@ -189,11 +213,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                       keep=cfg.keep_checkpoints)
   position = jdata.DataPosition()
   if resume:
-    abstract = jax.eval_shape(s.init)
-    abstract = jax.tree.map(
-      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-      abstract, s.shardings)
-    state, position, _ = ckpt.restore(abstract)
+    state, position, _ = ckpt.restore(_abstract_state(s))
   else:
     state = jstate.init_state(s)
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -211,18 +231,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
   def device_batch(rows):
     return jax.make_array_from_process_local_data(batch_sharding, rows)
 
-  eval_batches = []
-  epos = jdata.DataPosition()
-  for _ in range(cfg.eval_batches):
-    n_eval = min(cfg.batch_size, eval_data.num_sequences)
-    n_eval -= n_eval % mesh.shape["data"]
-    if n_eval < 1:
-      raise ValueError(f"The held-out data has {eval_data.num_sequences} "
-                       "sequences, too few for one eval batch; use shorter "
-                       "seq_len or more data.")
-    rows, epos = eval_data.batch(epos, n_eval, process_index=pid,
-                                 process_count=pcount)
-    eval_batches.append(device_batch(rows))
+  eval_batches = [device_batch(rows) for rows in _eval_rows(
+    cfg, eval_data, cfg.eval_batches, mesh.shape["data"], pid, pcount)]
 
   metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
   if pid != 0:  # one writer per run
@@ -328,11 +338,8 @@ def load_run(path: str):
     cfg = TrainConfig.from_json(f.read()).replace(workdir=path)
   mesh = models.make_mesh(devices=jax.devices()[:1])
   s = jstate.setup(cfg, mesh)
-  abstract = jax.tree.map(
-    lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-    jax.eval_shape(s.init), s.shardings)
   state, _, _ = Checkpointer(os.path.join(path, "checkpoints")).restore(
-    abstract)
+    _abstract_state(s))
   tok, _, eval_data = prepare_data(cfg)
   return cfg, s, state, tok, eval_data
 
@@ -342,11 +349,8 @@ def evaluate(path: str, batches: int | None = None) -> dict:
   cfg, s, state, _, eval_data = load_run(path)
   fn = jax.jit(functools.partial(eval_loss, graphdef=s.graphdef,
                                  nnx_state=s.nnx_state))
-  pos, losses = jdata.DataPosition(), []
-  for _ in range(batches or cfg.eval_batches):
-    rows, pos = eval_data.batch(pos, min(cfg.batch_size,
-                                         eval_data.num_sequences))
-    losses.append(float(fn(state.params, jnp.asarray(rows))))
+  losses = [float(fn(state.params, jnp.asarray(rows))) for rows in
+            _eval_rows(cfg, eval_data, batches or cfg.eval_batches)]
   loss = float(np.mean(losses))
   return {"step": int(state.step), "eval_loss": loss,
           "eval_ppl": math.exp(loss)}
