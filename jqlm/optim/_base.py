@@ -8,7 +8,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 
 def concrete(value: Any) -> float | None:
@@ -59,10 +58,6 @@ def compute_dtype(dtype) -> jnp.dtype:
 def hp(value: Any, dtype) -> jax.Array:
   """A hyper-parameter as a scalar of ``dtype`` (strict-promotion safe)."""
   return jnp.asarray(value).astype(dtype)
-
-
-def zeros_like_tree(params, dtype=None):
-  return optax.tree.zeros_like(params, dtype=dtype)
 
 
 def scalar_tree(params, value: float = 0.0):

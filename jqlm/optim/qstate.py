@@ -297,7 +297,3 @@ def store(value: jax.Array, like):
   if isinstance(like, QuantizedMoment):
     return encode(value, like.signed, like.quant)
   return value.astype(like.dtype)
-
-
-def is_moment(x) -> bool:
-  return isinstance(x, QuantizedMoment)
