@@ -49,6 +49,7 @@ from jqlm.optim.spam import (
   scale_by_learning_rate_post_decay,
   scale_by_spam,
   spam,
+  spam_second_moment,
   spam_warmup_factor,
 )
 from jqlm.optim.spikes import (
@@ -106,6 +107,7 @@ __all__ = [
   "ResetMode",
   "ResetMomentumState",
   "SpamState",
+  "spam_second_moment",
   "SpikeDiagnostics",
   "StableSpamState",
   "StochasticRoundingState",

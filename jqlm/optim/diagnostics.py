@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jqlm.optim import _base
-from jqlm.optim.spam import SpamState
+from jqlm.optim.spam import SpamState, flagged_spikes
 from jqlm.optim.spikes import AdaClipState, ClipSpikesState, ResetMomentumState
 from jqlm.optim.stable_spam import StableSpamState
 
@@ -38,7 +38,9 @@ def spike_diagnostics(opt_state) -> SpikeDiagnostics:
 
   Walks the state pytree, so it sees through ``optax.chain``,
   ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``, ``masked`` and
-  ``partition``. Usable under jit; the training loop logs it every step.
+  ``partition``. Usable under jit. SPAM's count with float moments is taken
+  here, by one pass over its second moments (``SpamState``), so call it when
+  the value is logged rather than inside every training step.
 
   Example::
 
@@ -53,6 +55,8 @@ def spike_diagnostics(opt_state) -> SpikeDiagnostics:
   for node in nodes:
     if isinstance(node, _SPIKE_STATES):
       total = total + _base.tree_sum(node.spike_count).astype(jnp.int32)
+    if isinstance(node, SpamState):  # float moments: flags in nu's sign bits
+      total = total + flagged_spikes(node.nu)
     if isinstance(node, _WARMUP_STATES):
       factor = factor * node.warmup_factor
   return SpikeDiagnostics(spike_count=total, warmup_factor=factor)

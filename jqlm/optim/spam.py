@@ -66,8 +66,15 @@ class SpamState(NamedTuple):
   Attributes:
     count: int32 number of updates done (``t - 1`` before an update).
     mu: first moments (``state_dtype``).
-    nu: second moments (``state_dtype``).
-    spike_count: per-leaf int32 number of elements clipped in the last step.
+    nu: second moments (``state_dtype``). With ``track_spikes`` and float
+      moments, the sign bit of each element flags whether it was clipped in
+      the last update: the moment is ``|nu|`` (read it with
+      :func:`spam_second_moment`), and :func:`jqlm.optim.spike_diagnostics`
+      counts the flags only when it is called, so the update itself pays
+      nothing for the diagnostic.
+    spike_count: per-leaf int32 number of elements clipped in the last step,
+      for quantized moments (``state_quant``), which cannot carry a flag;
+      0 for float moments, whose count is in ``nu``'s sign bits.
     warmup_factor: float32 post-reset warmup factor :math:`s_t` applied in
       the last update (1 before the first).
   """
@@ -118,22 +125,58 @@ def spam_schedule(count, reset_interval, grace_steps):
   return t % dt == 0, (t >= grace) & (t % dt >= grace)
 
 
-def clipped_grad_sq(g_in, v_in, threshold, cdt):
+def spam_second_moment(state: SpamState) -> optax.Updates:
+  """SPAM's second moments ``v`` from ``state``, without the spike flags.
+
+  Float moments carry the last update's spike flags in their sign bits
+  (:class:`SpamState`); this returns ``|nu|`` for them, and the decoded
+  moments (float32) for quantized ones.
+  """
+  def leaf(v):
+    return (qstate.load(v, jnp.float32) if isinstance(v, qstate.QuantizedMoment)
+            else jnp.abs(v))
+  return jax.tree.map(leaf, state.nu,
+                      is_leaf=lambda x: isinstance(x, qstate.QuantizedMoment))
+
+
+def flagged_spikes(nu) -> jax.Array:
+  """Number of spike flags (set sign bits) in float SPAM moments ``nu``.
+
+  One pass reading ``nu``; quantized leaves count 0 (their count is in
+  ``SpamState.spike_count``).
+  """
+  total = jnp.zeros((), jnp.int32)
+  for v in jax.tree.leaves(
+      nu, is_leaf=lambda x: isinstance(x, qstate.QuantizedMoment)):
+    if isinstance(v, qstate.QuantizedMoment) or v.size == 0:
+      continue
+    (n,) = _base.fused_sums(lambda x: (jnp.signbit(x),), (v,))
+    total = total + n
+  return total
+
+
+def clipped_grad_sq(g_in, v_in, threshold, cdt, flagged=False):
   r"""SPAM's clipped squared gradient :math:`\min(g^2, \theta v)`.
 
   Where :math:`g^2 > \theta v` (a spike) SPAM replaces :math:`g` by
   :math:`\mathrm{sign}(g)\sqrt{\theta v}`, whose square is
   :math:`\theta v`: the second moment needs no square root. ``threshold``
-  is :math:`\theta` (``inf`` disables clipping).
+  is :math:`\theta` (``inf`` disables clipping). ``flagged``: ``v_in``
+  carries spike flags in its sign bits (:class:`SpamState`), read ``|v|``.
 
   Returns:
     ``(min(g^2, theta v), v)`` in ``cdt``.
   """
   g = g_in.astype(cdt)
   v = qstate.load(v_in, cdt)
+  if flagged:
+    v = jnp.abs(v)
   bound_sq = threshold * v
   g_sq = g * g
-  return jnp.where(g_sq > bound_sq, bound_sq, g_sq), v
+  spike = g_sq > bound_sq
+  if flagged:
+    return jnp.where(spike, bound_sq, g_sq), v, spike
+  return jnp.where(spike, bound_sq, g_sq), v
 
 
 def spike_clip_from_new(g_in, v_new, threshold, b2, cdt, count=True):
@@ -147,8 +190,8 @@ def spike_clip_from_new(g_in, v_new, threshold, b2, cdt, count=True):
   hold to 1e-10 in float64).
 
   Returns:
-    ``(g_clipped, spikes)``; ``spikes`` (int32) from one fused pass over the
-    raw inputs, or 0 if not ``count``.
+    ``(g_clipped, spikes, is_spike)``; ``spikes`` (int32) from one fused pass
+    over the raw inputs, or 0 if not ``count``; ``is_spike`` the mask.
   """
   denom = b2 + (1 - b2) * threshold
 
@@ -164,7 +207,7 @@ def spike_clip_from_new(g_in, v_new, threshold, b2, cdt, count=True):
                                  (threshold, denom))
   else:
     spikes = jnp.zeros((), jnp.int32)
-  return g, spikes
+  return g, spikes, spike
 
 
 def scale_by_spam(
@@ -194,11 +237,13 @@ def scale_by_spam(
     grace_steps: A, no clipping during the first A updates and the first A
       updates after each reset (the official ``grad_accu_steps``).
     state_dtype: dtype of the moments; default the params' dtype.
-    track_spikes: count the clipped elements into ``spike_count`` (read with
-      :func:`jqlm.optim.spike_diagnostics`). The count is one more fused
-      pass reading the gradient and the second moment (~25% of an adamw step on
-      CPU, docs/benchmarks.md). With ``False`` the count stays 0; the update
-      is unchanged.
+    track_spikes: record which elements were clipped, for
+      :func:`jqlm.optim.spike_diagnostics`. Float moments record them in the
+      sign bits of ``nu`` at no cost to the update (the count is taken when
+      the diagnostics are read: one pass over ``nu``); quantized moments
+      count them into ``spike_count`` during the update, one more fused
+      pass over the gradient and ``v``. With ``False`` the count stays 0;
+      the update is unchanged.
     state_quant: store both moments block-wise quantized
       (:class:`jqlm.optim.StateQuant`, or ``8`` / ``4`` for its defaults);
       ``None`` keeps them in ``state_dtype``. A deviation from the official
@@ -242,20 +287,32 @@ def scale_by_spam(
       threshold = jnp.where(
         clip_on, _base.hp(spike_threshold, cdt) * keep, jnp.inf).astype(cdt)
       # The second moment first: v' = b2 v + (1 - b2) min(g^2, theta v).
-      g_sq, v_old = clipped_grad_sq(g_in, v_in, threshold, cdt)
+      # Float moments carry the spike flags in v's sign bits (SpamState);
+      # quantized ones count the spikes in this update instead.
+      flag = track_spikes and not isinstance(v_in, qstate.QuantizedMoment)
+      if flag:
+        g_sq, v_old, spike = clipped_grad_sq(g_in, v_in, threshold, cdt, True)
+      else:
+        g_sq, v_old = clipped_grad_sq(g_in, v_in, threshold, cdt)
       v = b2_ * v_old * keep + (1 - b2_) * g_sq
+      if flag:  # -0.0 flags a clipped zero moment
+        v_out = qstate.store(jnp.where(spike, -v, v), v_in)
+        # Everything after reads the stored moment (one materialised
+        # buffer, updated in place) rather than recomputing v from v_in.
+        v = jnp.abs(v_out).astype(cdt)
+      else:
+        v_out = qstate.store(v, v_in)
       # Then the clipped gradient from v' instead of v (spike_clip_from_new):
       # the same values up to rounding, but the old v is read by one loop
       # only, so XLA updates the donated buffer in place (no copy of v).
-      g, n_spikes = spike_clip_from_new(g_in, v, threshold, b2_, cdt,
-                                        track_spikes)
+      g, n_spikes, _ = spike_clip_from_new(
+        g_in, v, threshold, b2_, cdt, track_spikes and not flag)
       m = b1_ * qstate.load(m_in, cdt) * keep + (1 - b1_) * g
       tf = t.astype(cdt)
       step = jnp.sqrt(1 - b2_**tf) / (1 - b1_**tf)
       f = spam_warmup_factor(state.count, reset_interval, warmup_steps, cdt)
       u = (f * step) * m / (jnp.sqrt(v) + _base.hp(eps, cdt))
-      return (u.astype(g_in.dtype), qstate.store(m, m_in),
-              qstate.store(v, v_in), n_spikes)
+      return (u.astype(g_in.dtype), qstate.store(m, m_in), v_out, n_spikes)
 
     u, m, v, spikes = _base.map_n(leaf, updates, state.mu, state.nu, n=4)
     return u, SpamState(count=optax.safe_increment(state.count), mu=m, nu=v,

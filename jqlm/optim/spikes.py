@@ -108,7 +108,7 @@ def clip_spikes(
       v = b * v * keep + (1 - b) * g_sq
       # The clipped gradient from the new v, as in scale_by_spam (one reader
       # of the old, donated v).
-      g, spikes = spike_clip_from_new(g_in, v, threshold, b, cdt)
+      g, spikes, _ = spike_clip_from_new(g_in, v, threshold, b, cdt)
       return g.astype(g_in.dtype), v, spikes
 
     g, v, spikes = _base.map_n(leaf, updates, state.nu, n=3)

@@ -35,6 +35,7 @@ from jqlm.train.step import (
   build_optimizer,
   eval_loss,
   lr_schedule,
+  step_diagnostics,
   train_step,
 )
 
@@ -44,5 +45,5 @@ __all__ = [
   "TrainConfig", "TrainState", "apply_overrides", "build_optimizer",
   "distributed_init", "eval_loss", "evaluate", "init_state", "load_config",
   "load_run", "lr_schedule", "model_config", "prepare_data", "run",
-  "sample", "setup", "train_step",
+  "sample", "setup", "step_diagnostics", "train_step",
 ]

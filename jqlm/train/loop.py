@@ -26,7 +26,13 @@ from jqlm import models, quant
 from jqlm.train import state as jstate
 from jqlm.train.checkpoint import Checkpointer
 from jqlm.train.config import NanPolicy, TrainConfig
-from jqlm.train.step import TrainState, eval_loss, lr_schedule, train_step
+from jqlm.train.step import (
+  TrainState,
+  eval_loss,
+  lr_schedule,
+  step_diagnostics,
+  train_step,
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -223,6 +229,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                       grad_clip=cfg.grad_clip),
     in_shardings=(s.shardings, batch_sharding),
     out_shardings=(s.shardings, None), donate_argnums=(0,))
+  diag_fn = jax.jit(step_diagnostics)
   eval_fn = jax.jit(functools.partial(eval_loss, graphdef=s.graphdef,
                                       nnx_state=s.nnx_state))
   schedule = lr_schedule(cfg)
@@ -278,12 +285,13 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
       step += 1
       if step % cfg.log_every == 0 or step == cfg.steps:
         now = time.perf_counter()
+        diag = diag_fn(state)
         rec = {"step": step, "loss": float(m["loss"]),
                "grad_norm": float(m["grad_norm"]),
                "lr": float(schedule(step - 1)),
                "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
-               "spikes": float(m["spikes"]),
-               "warmup_factor": float(m["warmup_factor"]),
+               "spikes": float(diag["spikes"]),
+               "warmup_factor": float(diag["warmup_factor"]),
                "skipped_total": skipped}
         qe = _quant_error(state.params, s.mcfg)
         if qe is not None:

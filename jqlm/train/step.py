@@ -15,6 +15,9 @@ by :func:`make_train_step`):
 4. if the loss or gradient norm is not finite, keeps params and optimizer
    state unchanged and reports ``skipped = 1`` (the loop then counts it or
    stops, per :class:`NanPolicy`).
+
+The spike diagnostics are read from the state by :func:`step_diagnostics`,
+which the loop calls on the steps it logs.
 """
 
 from __future__ import annotations
@@ -174,10 +177,19 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, *, graphdef,
     rng=rng)
   metrics = {"loss": loss, "grad_norm": gnorm,
              "skipped": (~ok).astype(jnp.float32)}
-  diag = optim.spike_diagnostics(opt_state)
-  metrics["spikes"] = diag.spike_count.astype(jnp.float32)
-  metrics["warmup_factor"] = diag.warmup_factor
   return new_state, metrics
+
+
+def step_diagnostics(state: TrainState) -> dict[str, jax.Array]:
+  """The last update's ``spikes`` and ``warmup_factor`` (float32), from
+  :func:`jqlm.optim.spike_diagnostics` of the optimizer state.
+
+  Separate from :func:`train_step` so that the loop pays for the count (a
+  pass over SPAM's second moments) only on the steps it logs.
+  """
+  diag = optim.spike_diagnostics(state.opt_state)
+  return {"spikes": diag.spike_count.astype(jnp.float32),
+          "warmup_factor": diag.warmup_factor.astype(jnp.float32)}
 
 
 def eval_loss(params, tokens_BxL, *, graphdef, nnx_state) -> jax.Array:

@@ -35,6 +35,7 @@ class NumpySpam:
     t = self.total_step + 1
     sc = self.warmup(self.cur)
     b1, b2 = self.betas
+    self.spikes = 0  # elements clipped in this step
     for name, p in params.items():
       g = grads[name].copy()
       st = self.state.setdefault(name, dict(step=0, m=np.zeros_like(p),
@@ -47,6 +48,7 @@ class NumpySpam:
                                               t % self.dt >= self.a):
         thr = self.theta * st["v"]
         mask = g * g > thr
+        self.spikes += int(mask.sum())
         g[mask] = np.sign(g[mask]) * np.sqrt(thr[mask])
       st["m"] = b1 * st["m"] + (1 - b1) * g
       st["v"] = b2 * st["v"] + (1 - b2) * g * g

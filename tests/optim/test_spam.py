@@ -103,6 +103,41 @@ def test_spam_matches_numpy_transcription(dtype, wd):
   assert _max_rel_err(traj, expect) < TOL[dtype]
 
 
+def test_spam_spike_flags_count_every_step_and_keep_v():
+  # Float moments carry the spike flags in nu's sign bits: the count read by
+  # spike_diagnostics equals the reference's clipped elements at every step,
+  # |nu| is the reference's v, and quantized moments count eagerly.
+  ref = NumpySpam(1e-2, warmup_steps=6, threshold=50.0, delta_t=25,
+                  grad_accu_steps=4)
+  p_ref = {k: v.copy() for k, v in _params().items()}
+  with jax.enable_x64(True):
+    opt = optim.spam(1e-2, **SPAM_KW)
+    q_opt = optim.spam(1e-2, state_quant=optim.StateQuant(min_size=1),
+                       **SPAM_KW)
+    p = {k: jnp.asarray(v) for k, v in _params().items()}
+    state, q_state = opt.init(p), q_opt.init(p)
+    step = jax.jit(opt.update)
+    q_step = jax.jit(q_opt.update)
+    diag = jax.jit(optim.spike_diagnostics)
+    counts, q_counts = [], []
+    for g in _grads():
+      ref.step(p_ref, g)
+      gj = {k: jnp.asarray(v) for k, v in g.items()}
+      u, state = step(gj, state, p)
+      _, q_state = q_step(gj, q_state, p)
+      p = optax.apply_updates(p, u)
+      counts.append((int(diag(state).spike_count), ref.spikes))
+      q_counts.append(int(diag(q_state).spike_count))
+      v = optim.spam_second_moment(state[0])
+      for k in v:
+        np.testing.assert_allclose(np.asarray(v[k]), ref.state[k]["v"],
+                                   rtol=1e-9, atol=1e-300)
+    assert float(jnp.min(v["w"])) >= 0
+  got, want = zip(*counts, strict=True)
+  assert sum(want) > 10 and got == want
+  assert sum(q_counts) > 10  # 8-bit moments: eager count, near the float one
+
+
 def test_spam_with_schedule_matches_numpy():
   # The schedule is evaluated at count = t - 1 (the official LambdaLR is
   # stepped after optimizer.step()).
