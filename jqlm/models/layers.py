@@ -162,10 +162,14 @@ def _fq_act(x_BxD: jax.Array, spec: quant.QuantSpec) -> jax.Array:
   return quant.fake_quant(x_TxD, spec).reshape(shape)
 
 
+# Kernel values the forward pass runs through jqlm.ops.qmatmul.
+_LOW_BIT = (quant.QArray, quant.PackedQArray, ops.TappedWeight)
+
+
 def kernel_value(kernel: nnx.Param, dtype) -> jax.Array:
   """A kernel param's value in ``dtype``, dequantizing QArray kernels."""
   w = kernel.get_value()
-  if isinstance(w, (quant.QArray, quant.PackedQArray)):
+  if isinstance(w, _LOW_BIT):
     return w.dequantize(dtype)
   return w.astype(dtype)
 
@@ -204,7 +208,7 @@ class QLinear(nnx.Module):
   def __call__(self, x_BxD: jax.Array) -> jax.Array:
     rule = self.rule
     w = self.kernel.get_value()
-    if rule is None and isinstance(w, (quant.QArray, quant.PackedQArray)):
+    if rule is None and isinstance(w, _LOW_BIT):
       # real low-bit weights: the dispatcher picks a Pallas kernel on
       # GPU/TPU and dequantize-then-dot elsewhere
       return ops.qmatmul(x_BxD.astype(self.dtype), w).astype(self.dtype)

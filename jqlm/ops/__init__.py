@@ -5,6 +5,14 @@
 the XLA reference (dequantize, then a float32-accumulating dot).
 """
 
-from jqlm.ops.qmatmul import Impl, qmatmul, qmatmul_w8a8
+from jqlm.ops.qmatmul import (
+  Impl,
+  TappedWeight,
+  qmatmul,
+  qmatmul_w8a8,
+  tap_gradients,
+  tap_weights,
+)
 
-__all__ = ["Impl", "qmatmul", "qmatmul_w8a8"]
+__all__ = ["Impl", "TappedWeight", "qmatmul", "qmatmul_w8a8",
+           "tap_gradients", "tap_weights"]

@@ -5,8 +5,9 @@ Implementations (:class:`Impl`):
 * ``xla``: dequantize the weight, then ``einsum`` with float32
   accumulation (the reference; every backend);
 * ``pallas``: the W8A16 / W4A16 kernel of :mod:`jqlm_kernels.wxa16`
-  (weights dequantized in-kernel); compiled on GPU/TPU, or run by the Pallas
-  interpreter with ``interpret=True`` (how CPU tests reach the kernel code).
+  (weights dequantized in-kernel; split-K for decode shapes, M <= 16);
+  compiled on GPU/TPU, or run by the Pallas interpreter with
+  ``interpret=True`` (how CPU tests reach the kernel code).
 
 ``impl=None`` picks ``pallas`` on GPU/TPU when the kernel serves the weight
 format and shapes, and ``xla`` otherwise; a forced ``impl="pallas"`` that
@@ -17,7 +18,9 @@ per output channel (``granularity="channel", axis=-1``) or in groups along K
 
 Gradients: a ``custom_vjp`` gives :math:`\partial x = g \hat W^\top` (the
 weight codes are integers and get none), so ``jax.grad`` works through a
-QAT model with real low-bit weights.
+QAT model with real low-bit weights; a :class:`TappedWeight` also returns
+:math:`\partial \hat W = x^\top g` (Q-GaLore's int8 forward, whose
+optimizer needs the full-rank weight gradient).
 """
 
 from __future__ import annotations
@@ -40,6 +43,67 @@ except ImportError:  # pragma: no cover
 class Impl(enum.Enum):
   XLA = "xla"
   PALLAS = "pallas"
+
+
+@jax.tree_util.register_pytree_node_class
+class TappedWeight:
+  r"""A low-bit weight with a gradient tap: ``qmatmul`` runs the kernel on
+  ``qweight`` and returns :math:`\partial L / \partial \hat W = x^	op g`
+  (the gradient with respect to the *dequantized* weight) as the cotangent
+  of ``tap``.
+
+  This is how training differentiates through real low-bit weights without
+  materialising them in float: Q-GaLore's int8 forward (spec §5.3) needs
+  the full-rank weight gradient, which the integer codes cannot carry. Build
+  the taps with :func:`tap_weights` (zeros, inside the jitted step: XLA
+  never materialises them) and differentiate with respect to them.
+
+  ``tap`` must be zero: the kernel path ignores its value (the
+  :meth:`dequantize` path adds it, so both paths give the same gradient).
+  """
+
+  def __init__(self, qweight, tap):
+    self.qweight = qweight
+    self.tap = tap
+
+  def tree_flatten(self):
+    return (self.qweight, self.tap), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    return cls(*children)
+
+  @property
+  def shape(self):
+    return self.tap.shape
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """``dequantize(qweight) + tap`` in ``dtype`` (a float fallback path
+    whose gradient with respect to ``tap`` is the same as the kernel's)."""
+    return self.qweight.dequantize(dtype) + self.tap.astype(dtype)
+
+
+def _is_low_bit(x) -> bool:
+  return isinstance(x, (quant.QArray, quant.PackedQArray))
+
+
+def tap_weights(params, dtype=jnp.float32):
+  """``params`` with every 2-D QArray / PackedQArray leaf wrapped in a
+  :class:`TappedWeight` with a zero tap of its shape in ``dtype``."""
+  def leaf(x):
+    if _is_low_bit(x) and len(x.shape) == 2:
+      return TappedWeight(x, jnp.zeros(x.shape, dtype))
+    return x
+  return jax.tree.map(leaf, params, is_leaf=_is_low_bit)
+
+
+def tap_gradients(grads):
+  """The gradient tree of a tapped tree: each :class:`TappedWeight` becomes
+  its tap's cotangent (the float gradient of the dequantized weight)."""
+  is_tap = lambda x: isinstance(x, TappedWeight)  # noqa: E731
+  return jax.tree.map(lambda g: g.tap if is_tap(g) else g, grads,
+                      is_leaf=is_tap)
 
 
 def _kernel_args(q: quant.QArray, block_k: int):
@@ -80,6 +144,24 @@ def _blocks(m: int, k: int, n: int, group: int):
   return bm, bn, bk
 
 
+# Programs a decode matmul should launch to fill a GPU (H100: 132 SMs).
+_TARGET_PROGRAMS = 256
+
+
+def _split_k(m: int, k: int, n: int, bm: int, bn: int, bk: int) -> int:
+  """Split-K factor for decode shapes (M <= 16): a power of two, at most 16,
+  that divides the K blocks and brings the programs near
+  ``_TARGET_PROGRAMS``; 1 for larger M (enough ``(M, N)`` tiles)."""
+  if m > 16 or k % bk:
+    return 1
+  tiles = (m // bm) * (n // bn)
+  split = 1
+  while (split < 16 and tiles * split * 2 <= _TARGET_PROGRAMS
+         and (k // bk) % (split * 2) == 0):
+    split *= 2
+  return split
+
+
 def _group(q: quant.QArray) -> int:
   """Rows per scale: the group size, or K for per-channel scales."""
   if q.spec.granularity is quant.Granularity.GROUP:
@@ -115,6 +197,7 @@ def _pallas(x2, q, interpret):
   w, scale, zero, bits, group = _kernel_args(q, bk)
   return _wxa16.wxa16_matmul(x2, w, scale, zero, bits=bits, group_size=group,
                              block_m=bm, block_n=bn, block_k=bk,
+                             split_k=_split_k(m, k, n, bm, bn, bk),
                              interpret=interpret)
 
 
@@ -142,6 +225,27 @@ def _qmm_bwd(impl, interpret, q, g):
 _qmm.defvjp(_qmm_fwd, _qmm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _qmm_tapped(x2, q, tap, impl: Impl, interpret: bool):
+  del tap  # zero by contract (TappedWeight)
+  return _qmm(x2, q, impl, interpret)
+
+
+def _qmm_tapped_fwd(x2, q, tap, impl, interpret):
+  return _qmm(x2, q, impl, interpret), (x2, q, tap)
+
+
+def _qmm_tapped_bwd(impl, interpret, res, g):
+  x2, q, tap = res
+  dx, dq = _qmm_bwd(impl, interpret, q, g)
+  dw = jnp.einsum("mk,mn->kn", x2.astype(jnp.float32), g.astype(jnp.float32),
+                  preferred_element_type=jnp.float32).astype(tap.dtype)
+  return dx, dq, dw
+
+
+_qmm_tapped.defvjp(_qmm_tapped_fwd, _qmm_tapped_bwd)
+
+
 def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
             interpret: bool = False) -> jax.Array:
   """``x (..., K) @ dequantize(qweight) (K, N) -> (..., N)`` in ``x.dtype``.
@@ -149,7 +253,9 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
   Args:
     x: activations.
     qweight: a :class:`jqlm.quant.QArray` or :class:`jqlm.quant.PackedQArray`
-      with ``(K, N)`` codes (a Flax kernel layout).
+      with ``(K, N)`` codes (a Flax kernel layout), or a
+      :class:`TappedWeight` of one (training: the weight gradient comes
+      back as the tap's cotangent).
     impl: ``None`` (auto), ``"xla"`` or ``"pallas"``.
     interpret: run a Pallas kernel in the interpreter (CPU tests).
 
@@ -157,6 +263,9 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
     NotImplementedError: ``impl="pallas"`` for a weight or shape the kernel
       does not serve.
   """
+  tap = None
+  if isinstance(qweight, TappedWeight):
+    qweight, tap = qweight.qweight, qweight.tap
   if isinstance(qweight, quant.PackedQArray):
     qweight = qweight.unpack()
   if not isinstance(qweight, quant.QArray):
@@ -175,7 +284,10 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
         f"No Pallas kernel serves x {x2.shape} @ {qweight.spec.format.value} "
         f"{qweight.spec.granularity.value} weights {qweight.codes.shape}; "
         "use impl='xla' or impl=None.")
-  y = _qmm(x2, qweight, chosen, interpret)
+  if tap is None:
+    y = _qmm(x2, qweight, chosen, interpret)
+  else:
+    y = _qmm_tapped(x2, qweight, tap, chosen, interpret)
   return y.reshape(*lead, y.shape[-1])
 
 

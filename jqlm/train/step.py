@@ -5,7 +5,10 @@ by :func:`make_train_step`):
 
 1. splits the batch into ``grad_accum`` micro-batches and sums
    ``jax.value_and_grad`` of the mean next-token cross-entropy over them
-   (``lax.scan``), at the *dequantized* params (Q-GaLore's int8 kernels);
+   (``lax.scan``). Q-GaLore's int8 weights stay int8 in the forward pass
+   (:func:`jqlm.ops.qmatmul`); their gradients come back through zero
+   :class:`jqlm.ops.TappedWeight` taps as the gradients of the dequantized
+   weights;
 2. optionally clips the global gradient norm (torch's
    ``clip_grad_norm_``: coefficient ``c / (norm + 1e-6)`` capped at 1,
    spec §1);
@@ -31,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jqlm import optim, quant
+from jqlm import ops, optim, quant
 from jqlm.train.config import OptimizerKind, ScheduleKind, TrainConfig
 
 
@@ -123,6 +126,30 @@ def _loss_fn(float_params, graphdef, nnx_state, tokens_BxL):
   return cross_entropy(model(tokens_BxL[:, :-1]), tokens_BxL[:, 1:])
 
 
+def _split_low_bit(params):
+  """``(diff, join)``: the differentiable params, with a zero float32 tap in
+  place of every 2-D QArray weight, and the function that puts the QArrays
+  back as :class:`jqlm.ops.TappedWeight`. The forward then runs the
+  low-bit matmul (a Pallas kernel on GPU/TPU) and the tap's gradient is
+  the full-rank gradient of the dequantized weight (what Q-GaLore's
+  optimizer consumes); float params are unchanged."""
+  is_q = lambda x: isinstance(x, (quant.QArray, quant.PackedQArray))  # noqa: E731
+  leaves, treedef = jax.tree.flatten(params, is_leaf=is_q)
+  tapped = [is_q(x) and len(x.shape) == 2 for x in leaves]
+  diff = treedef.unflatten([
+    jnp.zeros(x.shape, jnp.float32) if t else
+    (x.dequantize(jnp.float32) if is_q(x) else x)
+    for x, t in zip(leaves, tapped, strict=True)])
+
+  def join(d):
+    d_leaves = treedef.flatten_up_to(d)
+    return treedef.unflatten([
+      ops.TappedWeight(x, dx) if t else dx
+      for x, dx, t in zip(leaves, d_leaves, tapped, strict=True)])
+
+  return diff, join
+
+
 def _global_norm(tree) -> jax.Array:
   leaves = [jnp.sum(jnp.square(x.astype(jnp.float32)))
             for x in jax.tree.leaves(tree)]
@@ -140,17 +167,18 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, *, graphdef,
   """One update; see the module docstring. Returns the new state and
   float32 metrics ``loss``, ``grad_norm``, ``skipped``."""
   rng, _ = jax.random.split(state.rng)
-  float_params = optim.dequantize_params(state.params)
+  diff_params, join = _split_low_bit(state.params)
   b = tokens_BxL.shape[0]
   micro = tokens_BxL.reshape(grad_accum, b // grad_accum, -1)
-  vg = jax.value_and_grad(_loss_fn)
+  vg = jax.value_and_grad(
+    lambda d, mb: _loss_fn(join(d), graphdef, nnx_state, mb))
 
   def body(carry, mb):
     loss_sum, g_sum = carry
-    loss, g = vg(float_params, graphdef, nnx_state, mb)
+    loss, g = vg(diff_params, mb)
     return (loss_sum + loss, jax.tree.map(jnp.add, g_sum, g)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, float_params)
+  zeros = jax.tree.map(jnp.zeros_like, diff_params)
   (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
                                   micro)
   inv = jnp.float32(1.0 / grad_accum)

@@ -12,7 +12,8 @@ Layouts (prepared once, at quantization time):
 * ``scale``: float32 ``(K // G, N)`` (``G = K`` for per-channel scales).
 * ``zero``: optional float32 ``(K // G, N)`` zero points (asymmetric codes).
 
-Grid: ``(M / bm, N / bn)``; each program loops over K in blocks of ``bk``
+Grid: ``(M / bm, N / bn, S)``; each program loops over its K slice (all of
+K unless split-K, ``S > 1``) in blocks of ``bk``
 (a multiple of the group size, or the group size a multiple of ``bk``),
 dequantizes its ``(bk, bn)`` weight tile in registers and accumulates in
 float32. The same kernel lowers through Triton on GPU and Mosaic on TPU, and
@@ -68,9 +69,12 @@ def reference(x, w, scale, zero=None, *, bits: int, group_size: int,
 
 
 def can_use(m: int, k: int, n: int, *, bits: int, group_size: int,
-            block_m: int, block_n: int, block_k: int) -> bool:
+            block_m: int, block_n: int, block_k: int,
+            split_k: int = 1) -> bool:
   """Whether the kernel serves these shapes (else the caller falls back)."""
   if bits not in (4, 8):
+    return False
+  if split_k < 1 or k % block_k or (k // block_k) % split_k:
     return False
   if any(b < 1 or b & (b - 1) for b in (block_m, block_n, block_k)):
     return False  # Triton tiles are powers of two
@@ -84,17 +88,20 @@ def can_use(m: int, k: int, n: int, *, bits: int, group_size: int,
 
 
 def _kernel(x_ref, w_ref, s_ref, *rest, bits, group_size, block_k, n_k,
-            has_zero):
+            has_zero, split_k):
   if has_zero:
     z_ref, o_ref = rest
   else:
     (o_ref,) = rest
-  bm, bn = o_ref.shape
+  bm, bn = o_ref.shape[-2:]
   per_group = max(block_k // group_size, 1)
+  # With split-K, program (i, j, s) covers K blocks [s n_k, (s + 1) n_k);
+  # x and w arrive sliced to them, the scales whole (global group index).
+  kb0 = pl.program_id(2) * n_k if split_k > 1 else 0
 
   def dequant(q_f32, kb):
     # scales of the groups covering rows [kb*bk, (kb+1)*bk)
-    g0 = (kb * block_k) // group_size
+    g0 = ((kb0 + kb) * block_k) // group_size
     s = s_ref[pl.ds(g0, per_group), :]
     if per_group > 1:
       s = jnp.repeat(s, group_size, axis=0)
@@ -122,15 +129,20 @@ def _kernel(x_ref, w_ref, s_ref, *rest, bits, group_size, block_k, n_k,
     return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
   acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros((bm, bn), jnp.float32))
-  o_ref[...] = acc.astype(o_ref.dtype)
+  o_ref[...] = acc.astype(o_ref.dtype).reshape(o_ref.shape)
 
 
 @functools.partial(jax.jit, static_argnames=(
-  "bits", "group_size", "block_m", "block_n", "block_k", "interpret"))
+  "bits", "group_size", "block_m", "block_n", "block_k", "split_k",
+  "interpret"))
 def wxa16_matmul(x, w, scale, zero=None, *, bits: int, group_size: int,
                  block_m: int = 16, block_n: int = 64, block_k: int = 64,
-                 interpret: bool = False) -> jax.Array:
+                 split_k: int = 1, interpret: bool = False) -> jax.Array:
   """``x (M, K) @ dequant(w) -> (M, N)`` in ``x.dtype`` (f32 accumulation).
+
+  Split-K (``split_k = S > 1``, for decode: M <= 16 leaves few ``(M, N)``
+  tiles to fill the GPU) adds a grid axis over S slices of K; each program
+  writes a float32 partial ``(S, M, N)`` and XLA sums the slices.
 
   Args:
     x: activations ``(M, K)``.
@@ -141,6 +153,7 @@ def wxa16_matmul(x, w, scale, zero=None, *, bits: int, group_size: int,
     bits: 8 or 4.
     group_size: rows per scale (``K`` for per-channel).
     block_m, block_n, block_k: tile sizes (static).
+    split_k: number of K slices (static; must divide ``K / block_k``).
     interpret: run the kernel in the Pallas interpreter (CPU).
 
   Raises:
@@ -149,29 +162,39 @@ def wxa16_matmul(x, w, scale, zero=None, *, bits: int, group_size: int,
   m, k = x.shape
   n = w.shape[1]
   if not can_use(m, k, n, bits=bits, group_size=group_size, block_m=block_m,
-                 block_n=block_n, block_k=block_k):
+                 block_n=block_n, block_k=block_k, split_k=split_k):
     raise NotImplementedError(
       f"wxa16_matmul: M={m}, K={k}, N={n}, bits={bits}, group={group_size} "
-      f"with blocks ({block_m}, {block_n}, {block_k}) are not supported.")
+      f"with blocks ({block_m}, {block_n}, {block_k}) and split_k={split_k} "
+      "are not supported.")
   ng = scale.shape[0]
-  wk = w.shape[0]
+  ks, wks = k // split_k, w.shape[0] // split_k  # per slice
   in_specs = [
-    pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
-    pl.BlockSpec((wk, block_n), lambda i, j: (0, j)),
-    pl.BlockSpec((ng, block_n), lambda i, j: (0, j)),
+    pl.BlockSpec((block_m, ks), lambda i, j, s: (i, s)),
+    pl.BlockSpec((wks, block_n), lambda i, j, s: (s, j)),
+    pl.BlockSpec((ng, block_n), lambda i, j, s: (0, j)),
   ]
   args = [x, w, scale.astype(jnp.float32)]
   if zero is not None:
-    in_specs.append(pl.BlockSpec((ng, block_n), lambda i, j: (0, j)))
+    in_specs.append(pl.BlockSpec((ng, block_n), lambda i, j, s: (0, j)))
     args.append(zero.astype(jnp.float32))
   kernel = functools.partial(
     _kernel, bits=bits, group_size=group_size, block_k=block_k,
-    n_k=k // block_k, has_zero=zero is not None)
-  return pl.pallas_call(
+    n_k=ks // block_k, has_zero=zero is not None, split_k=split_k)
+  grid = (common.cdiv(m, block_m), common.cdiv(n, block_n), split_k)
+  if split_k == 1:
+    return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+      grid=grid, in_specs=in_specs,
+      out_specs=pl.BlockSpec((block_m, block_n), lambda i, j, s: (i, j)),
+      interpret=interpret,
+    )(*args)
+  parts = pl.pallas_call(
     kernel,
-    out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-    grid=(common.cdiv(m, block_m), common.cdiv(n, block_n)),
-    in_specs=in_specs,
-    out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+    out_shape=jax.ShapeDtypeStruct((split_k, m, n), jnp.float32),
+    grid=grid, in_specs=in_specs,
+    out_specs=pl.BlockSpec((1, block_m, block_n), lambda i, j, s: (s, i, j)),
     interpret=interpret,
   )(*args)
+  return jnp.sum(parts, axis=0).astype(x.dtype)

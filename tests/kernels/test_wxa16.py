@@ -47,6 +47,32 @@ def test_kernel_matches_reference(bits, m, k, n, g, bk, zero, dtype):
                              np.asarray(want, np.float32), **TOL[dtype])
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m, k, g, split", [
+  (1, 512, 64, 4),     # decode: groups inside each slice
+  (4, 256, 256, 2),    # per-channel scales across slices
+  (16, 512, 128, 8),   # one K block per slice
+])
+def test_split_k_matches_reference(bits, m, k, g, split):
+  x, codes, s, z = _case(m, k, 64, g, bits, True, jnp.float32, seed=3)
+  w = codes if bits == 8 else wxa16.pack_int4(codes, 64)
+  got = wxa16.wxa16_matmul(x, w, s, z, bits=bits, group_size=g,
+                           block_m=min(m, 16), block_n=64, block_k=64,
+                           split_k=split, interpret=True)
+  want = wxa16.reference(x, w, s, z, bits=bits, group_size=g, block_k=64)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                             **TOL[jnp.float32])
+
+
+def test_split_k_must_divide_the_k_blocks():
+  assert not wxa16.can_use(1, 256, 64, bits=8, group_size=64, block_m=1,
+                           block_n=64, block_k=64, split_k=3)
+  with pytest.raises(NotImplementedError, match="split_k=3"):
+    wxa16.wxa16_matmul(jnp.zeros((1, 256)), jnp.zeros((256, 64), jnp.int8),
+                       jnp.ones((4, 64)), bits=8, group_size=64, block_m=1,
+                       block_k=64, split_k=3, interpret=True)
+
+
 def test_reference_matches_jqlm_quant_dequantize():
   """The kernel's oracle agrees with jqlm.quant on a grouped int4 weight."""
   rng = np.random.default_rng(1)
