@@ -9,10 +9,11 @@ from jqlm.ops.qmatmul import (
   Impl,
   TappedWeight,
   qmatmul,
+  qmatmul_fp8,
   qmatmul_w8a8,
   tap_gradients,
   tap_weights,
 )
 
-__all__ = ["Impl", "TappedWeight", "qmatmul", "qmatmul_w8a8",
+__all__ = ["Impl", "TappedWeight", "qmatmul", "qmatmul_fp8", "qmatmul_w8a8",
            "tap_gradients", "tap_weights"]

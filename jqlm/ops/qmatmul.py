@@ -34,10 +34,11 @@ import jax.numpy as jnp
 from jqlm import quant
 
 try:  # kernels are optional at import time (style.md §2)
+  from jqlm_kernels import fp8 as _fp8
   from jqlm_kernels import w8a8 as _w8a8
   from jqlm_kernels import wxa16 as _wxa16
 except ImportError:  # pragma: no cover
-  _wxa16 = _w8a8 = None
+  _wxa16 = _w8a8 = _fp8 = None
 
 
 class Impl(enum.Enum):
@@ -340,4 +341,64 @@ def qmatmul_w8a8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
   else:
     acc = jax.lax.dot(xq, qweight.codes, preferred_element_type=jnp.int32)
     y = (acc.astype(jnp.float32) * xs * ws).astype(x.dtype)
+  return y.reshape(*lead, n)
+
+
+def qmatmul_fp8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
+                rowwise: bool = True, interpret: bool = False) -> jax.Array:
+  r"""FP8: e4m3 activations (absmax-scaled per token, or per tensor with
+  ``rowwise=False``) times an e4m3 weight quantized per output channel or
+  per tensor, float32 accumulation: :math:`y = s^x s^w (q^x q^w)`.
+
+  ``impl=None`` uses XLA's native fp8 ``dot`` (cuBLASLt's FP8 GEMM on
+  Hopper, which fuses the scales); ``"pallas"`` runs the Pallas kernel of
+  :mod:`jqlm_kernels.fp8`. ``jqlm bench matmul`` times both.
+
+  Args:
+    x: activations ``(..., K)``.
+    qweight: a QArray with ``format="fp8_e4m3"`` and ``granularity``
+      ``"channel"`` (axis -1) or ``"tensor"``.
+    impl: ``None`` / ``"xla"`` or ``"pallas"``.
+    rowwise: per-token activation scales (else one per tensor).
+    interpret: run the Pallas kernel in the interpreter.
+
+  Raises:
+    ValueError: another weight format or granularity.
+    NotImplementedError: ``impl="pallas"`` for shapes the kernel rejects.
+  """
+  spec = getattr(qweight, "spec", None)
+  ok_weight = (
+    isinstance(qweight, quant.QArray) and qweight.codes.ndim == 2
+    and spec.format.value == "fp8_e4m3" and qweight.outlier_values is None
+    and (spec.granularity is quant.Granularity.TENSOR
+         or (spec.granularity is quant.Granularity.CHANNEL
+             and spec.axis % 2 == 1)))
+  if not ok_weight:
+    raise ValueError(
+      "qmatmul_fp8 needs an e4m3 weight quantized per output channel or per "
+      "tensor: QuantSpec(format='fp8_e4m3', granularity='channel' or "
+      "'tensor').")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1])
+  m, k = x2.shape
+  n = qweight.codes.shape[1]
+  ws = jnp.broadcast_to(qweight.scale.astype(jnp.float32).reshape(1, -1),
+                        (1, n))
+  xq, xs = _fp8.quantize_fp8(x2, rowwise=rowwise)
+  use = impl is not None and Impl(impl) is Impl.PALLAS
+  if use:
+    bm = 64 if m % 64 == 0 else (16 if m % 16 == 0 else
+                                 (8 if m % 8 == 0 else 1))
+    bn = 128 if n % 128 == 0 else 64
+    bk = 128 if k % 128 == 0 else 64
+    if not _fp8.can_use(m, k, n, block_m=bm, block_n=bn, block_k=bk):
+      raise NotImplementedError(
+        f"The FP8 kernel does not serve x {x2.shape} @ w {(k, n)}; use "
+        "impl='xla'.")
+    y = _fp8.fp8_matmul(xq, xs, qweight.codes, ws, out_dtype=x.dtype,
+                        block_m=bm, block_n=bn, block_k=bk,
+                        interpret=interpret)
+  else:
+    acc = jax.lax.dot(xq, qweight.codes, preferred_element_type=jnp.float32)
+    y = (acc * xs * ws).astype(x.dtype)
   return y.reshape(*lead, n)
