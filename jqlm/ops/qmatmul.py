@@ -385,12 +385,8 @@ def qmatmul_fp8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
   ws = jnp.broadcast_to(qweight.scale.astype(jnp.float32).reshape(1, -1),
                         (1, n))
   xq, xs = _fp8.quantize_fp8(x2, rowwise=rowwise)
-  use = impl is not None and Impl(impl) is Impl.PALLAS
-  if use:
-    bm = 64 if m % 64 == 0 else (16 if m % 16 == 0 else
-                                 (8 if m % 8 == 0 else 1))
-    bn = 128 if n % 128 == 0 else 64
-    bk = 128 if k % 128 == 0 else 64
+  if impl is not None and Impl(impl) is Impl.PALLAS:
+    bm, bn, bk = _blocks(m, k, n, k)
     if not _fp8.can_use(m, k, n, block_m=bm, block_n=bn, block_k=bk):
       raise NotImplementedError(
         f"The FP8 kernel does not serve x {x2.shape} @ w {(k, n)}; use "

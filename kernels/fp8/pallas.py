@@ -18,7 +18,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 from jqlm_kernels import common
 
 E4M3_MAX = 448.0
@@ -53,21 +52,7 @@ def can_use(m: int, k: int, n: int, *, block_m: int, block_n: int,
             block_k: int) -> bool:
   """Whether the kernel serves these shapes (powers-of-two tiles dividing
   M, N and K)."""
-  if any(b < 1 or b & (b - 1) for b in (block_m, block_n, block_k)):
-    return False
-  return m % block_m == 0 and n % block_n == 0 and k % block_k == 0
-
-
-def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, o_ref, *, block_k, n_k):
-  bm, bn = o_ref.shape
-
-  def body(kb, acc):
-    x = xq_ref[:, pl.ds(kb * block_k, block_k)]
-    w = wq_ref[pl.ds(kb * block_k, block_k), :]
-    return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
-
-  acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros((bm, bn), jnp.float32))
-  o_ref[...] = (acc * xs_ref[...] * ws_ref[...]).astype(o_ref.dtype)
+  return common.tiles_ok(m, k, n, block_m, block_n, block_k)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -103,15 +88,6 @@ def fp8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_m: int = 64,
       f"{block_k}) are not supported.")
   xs = jnp.broadcast_to(xs.astype(jnp.float32), (m, 1))
   ws = jnp.broadcast_to(ws.astype(jnp.float32), (1, n))
-  kernel = functools.partial(_kernel, block_k=block_k, n_k=k // block_k)
-  return pl.pallas_call(
-    kernel,
-    out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-    grid=(common.cdiv(m, block_m), common.cdiv(n, block_n)),
-    in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
-              pl.BlockSpec((block_m, 1), lambda i, j: (i, 0)),
-              pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
-              pl.BlockSpec((1, block_n), lambda i, j: (0, j))],
-    out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
-    interpret=interpret,
-  )(xq, xs, wq, ws)
+  return common.scaled_matmul(
+    xq, xs, wq, ws, acc_dtype=jnp.float32, out_dtype=out_dtype, block_m=block_m,
+    block_n=block_n, block_k=block_k, interpret=interpret)

@@ -13,7 +13,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 from jqlm_kernels import common
 
 
@@ -33,22 +32,9 @@ def reference(xq, xs, wq, ws, out_dtype=jnp.float32) -> jax.Array:
 
 def can_use(m: int, k: int, n: int, *, block_m: int, block_n: int,
             block_k: int) -> bool:
-  if any(b < 1 or b & (b - 1) for b in (block_m, block_n, block_k)):
-    return False
-  return m % block_m == 0 and n % block_n == 0 and k % block_k == 0
-
-
-def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, o_ref, *, block_k, n_k):
-  bm, bn = o_ref.shape
-
-  def body(kb, acc):
-    x = xq_ref[:, pl.ds(kb * block_k, block_k)]
-    w = wq_ref[pl.ds(kb * block_k, block_k), :]
-    return acc + jnp.dot(x, w, preferred_element_type=jnp.int32)
-
-  acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros((bm, bn), jnp.int32))
-  y = acc.astype(jnp.float32) * xs_ref[...] * ws_ref[...]
-  o_ref[...] = y.astype(o_ref.dtype)
+  """Whether the kernel serves these shapes (powers-of-two tiles dividing
+  M, N and K)."""
+  return common.tiles_ok(m, k, n, block_m, block_n, block_k)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -75,15 +61,6 @@ def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_m: int = 16,
     raise NotImplementedError(
       f"w8a8_matmul: M={m}, K={k}, N={n} with blocks ({block_m}, {block_n}, "
       f"{block_k}) are not supported.")
-  kernel = functools.partial(_kernel, block_k=block_k, n_k=k // block_k)
-  return pl.pallas_call(
-    kernel,
-    out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-    grid=(common.cdiv(m, block_m), common.cdiv(n, block_n)),
-    in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
-              pl.BlockSpec((block_m, 1), lambda i, j: (i, 0)),
-              pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
-              pl.BlockSpec((1, block_n), lambda i, j: (0, j))],
-    out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
-    interpret=interpret,
-  )(xq, xs.astype(jnp.float32), wq, ws.astype(jnp.float32))
+  return common.scaled_matmul(
+    xq, xs, wq, ws, acc_dtype=jnp.int32, out_dtype=out_dtype, block_m=block_m,
+    block_n=block_n, block_k=block_k, interpret=interpret)
