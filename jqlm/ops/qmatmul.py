@@ -4,6 +4,8 @@ Implementations (:class:`Impl`):
 
 * ``xla``: dequantize the weight, then ``einsum`` with float32
   accumulation (the reference; every backend);
+* ``triton``: the W4A16 Triton kernel of :mod:`jqlm_kernels.wxa16.triton`
+  through ``jax_triton.triton_call`` (GPU only; ragged M and N masked);
 * ``pallas``: the W8A16 / W4A16 kernel of :mod:`jqlm_kernels.wxa16`
   (weights dequantized in-kernel; split-K for decode shapes, M <= 16);
   compiled on GPU/TPU, or run by the Pallas interpreter with
@@ -34,16 +36,19 @@ import jax.numpy as jnp
 from jqlm import quant
 
 try:  # kernels are optional at import time (style.md §2)
+  from jqlm_kernels import common as _common
   from jqlm_kernels import fp8 as _fp8
   from jqlm_kernels import w8a8 as _w8a8
   from jqlm_kernels import wxa16 as _wxa16
+  from jqlm_kernels.wxa16 import triton as _w4a16_triton
 except ImportError:  # pragma: no cover
-  _wxa16 = _w8a8 = _fp8 = None
+  _common = _wxa16 = _w8a8 = _fp8 = _w4a16_triton = None
 
 
 class Impl(enum.Enum):
   XLA = "xla"
   PALLAS = "pallas"
+  TRITON = "triton"
 
 
 @jax.tree_util.register_pytree_node_class
@@ -184,6 +189,29 @@ def _pallas_ok(x2, q) -> bool:
                         block_m=bm, block_n=bn, block_k=bk)
 
 
+def _triton_ok(x2, q) -> bool:
+  """The jax-triton W4A16 kernel serves this int4 weight (needs triton,
+  jax_triton, i.e. a GPU)."""
+  if (_w4a16_triton is None or not _w4a16_triton.AVAILABLE
+      or not isinstance(q, quant.QArray) or q.spec.bits != 4
+      or not _common.triton_available()):
+    return False
+  m, k = x2.shape
+  n = q.codes.shape[1]
+  _, bn, bk = _blocks(max(m, 16), k, n, _group(q))
+  return _kernel_args(q, bk) is not None and _w4a16_triton.can_use(
+    m, k, n, group_size=_group(q), block_m=16, block_n=bn, block_k=bk)
+
+
+def _triton(x2, q):
+  m, k = x2.shape
+  n = q.codes.shape[1]
+  _, bn, bk = _blocks(max(m, 16), k, n, _group(q))
+  w, scale, zero, _, group = _kernel_args(q, bk)
+  return _w4a16_triton.w4a16_matmul(x2, w, scale, zero, group_size=group,
+                                    block_m=16, block_n=bn, block_k=bk)
+
+
 def _xla(x2, q):
   w = q.dequantize(jnp.float32)
   y = jnp.einsum("mk,kn->mn", x2.astype(jnp.float32), w,
@@ -206,6 +234,8 @@ def _pallas(x2, q, interpret):
 def _qmm(x2, q, impl: Impl, interpret: bool):
   if impl is Impl.PALLAS:
     return _pallas(x2, q, interpret)
+  if impl is Impl.TRITON:
+    return _triton(x2, q)
   return _xla(x2, q)
 
 
@@ -257,7 +287,9 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
       with ``(K, N)`` codes (a Flax kernel layout), or a
       :class:`TappedWeight` of one (training: the weight gradient comes
       back as the tap's cotangent).
-    impl: ``None`` (auto), ``"xla"`` or ``"pallas"``.
+    impl: ``None`` (auto: Pallas on GPU/TPU when it serves the weight, else
+      the jax-triton W4A16 kernel on GPU when it does, else XLA),
+      ``"xla"``, ``"pallas"`` or ``"triton"``.
     interpret: run a Pallas kernel in the interpreter (CPU tests).
 
   Raises:
@@ -276,15 +308,21 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
   x2 = x.reshape(-1, x.shape[-1])
   if impl is None:
     on_device = jax.default_backend() in ("gpu", "tpu")
-    chosen = Impl.PALLAS if (on_device or interpret) and _pallas_ok(
-      x2, qweight) else Impl.XLA
+    if (on_device or interpret) and _pallas_ok(x2, qweight):
+      chosen = Impl.PALLAS
+    elif on_device and _triton_ok(x2, qweight):
+      chosen = Impl.TRITON
+    else:
+      chosen = Impl.XLA
   else:
     chosen = Impl(impl)
-    if chosen is Impl.PALLAS and not _pallas_ok(x2, qweight):
+    ok = {Impl.PALLAS: _pallas_ok, Impl.TRITON: _triton_ok}.get(chosen)
+    if ok is not None and not ok(x2, qweight):
       raise NotImplementedError(
-        f"No Pallas kernel serves x {x2.shape} @ {qweight.spec.format.value} "
-        f"{qweight.spec.granularity.value} weights {qweight.codes.shape}; "
-        "use impl='xla' or impl=None.")
+        f"No {chosen.value} kernel serves x {x2.shape} @ "
+        f"{qweight.spec.format.value} {qweight.spec.granularity.value} "
+        f"weights {qweight.codes.shape} here (triton needs int4 weights and "
+        "jax_triton, i.e. a GPU); use impl='xla' or impl=None.")
   if tap is None:
     y = _qmm(x2, qweight, chosen, interpret)
   else:

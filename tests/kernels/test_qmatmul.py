@@ -101,6 +101,10 @@ def test_auto_dispatch_and_fallbacks(data):
     ops.qmatmul(x, q, impl="pallas", interpret=True)
   with pytest.raises(ValueError, match="QArray"):
     ops.qmatmul(x, w)
+  if jax.default_backend() != "gpu":  # jax_triton imports only with a GPU
+    q4 = quant.quantize(w, SPECS["int4 group64"])
+    with pytest.raises(NotImplementedError, match="triton"):
+      ops.qmatmul(x, q4, impl="triton")
 
 
 def test_w8a8_dispatch_kernel_equals_xla(data):
