@@ -16,12 +16,13 @@ import functools
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jqlm import optim, quant
+from jqlm import ops, optim, quant
 
 
 def _median_time(fn: Callable, args: tuple, iters: int, warmup: int = 2):
@@ -299,98 +300,143 @@ KERNEL_SHAPES = {
 KERNEL_MS = (1, 4, 16, 64, 256, 1024, 4096)
 
 
-def bench_kernels(ms=KERNEL_MS, shapes=None, iters: int = 20,
-                  interpret: bool = False):
-  """Low-bit matmuls vs the bf16 dot: rows ``(case, M, K, N, s, ratio)``.
+# Dense peaks (FLOP/s for bf16, int8 / fp8; bytes/s of HBM) by device kind,
+# from the vendors' data sheets (H100 / H200 SXM). Unknown devices (CPUs)
+# get no roofline column.
+DEVICE_PEAKS = {
+  "H100": {"bf16": 989e12, "int8": 1979e12, "fp8": 1979e12, "bw": 3.35e12},
+  "H200": {"bf16": 989e12, "int8": 1979e12, "fp8": 1979e12, "bw": 4.8e12},
+}
 
-  Cases: XLA bf16 dot (baseline), W8A16 and W4A16 (group 128) Pallas
-  kernels, W8A8 Pallas (per-token activation quantization included), XLA
-  int8 dot, and XLA fp8 e4m3 dot. On CPU only the XLA rows run (the Pallas
-  kernels need a GPU or TPU; ``interpret=True`` runs them in the
+
+class MatmulRow(NamedTuple):
+  """One row of :func:`bench_matmul`."""
+
+  case: str
+  m: int
+  k: int
+  n: int
+  seconds: float
+  tflops: float
+  gbps: float
+  roofline: float | None  # fraction of the device's roofline time
+  vs_bf16: float  # bf16 dot time / this time
+  vs_dequant: float | None  # XLA dequantize-then-dot time / this time
+
+
+def device_peaks(kind: str | None = None) -> dict[str, float] | None:
+  """:data:`DEVICE_PEAKS` of the first device (or ``kind``), if known."""
+  kind = jax.devices()[0].device_kind if kind is None else kind
+  for name, peaks in DEVICE_PEAKS.items():
+    if name in kind:
+      return peaks
+  return None
+
+
+def _matmul_cases(m, k, n, weights, on_device, interpret):
+  """name -> (jitted fn of x, compute class, weight bytes, dequant case)."""
+  w16, q8, q4, qf8 = weights
+  b16, b8 = 2 * k * n, k * n + 4 * n
+  b4 = k * n // 2 + 4 * (k // 128) * n
+  cases = {
+    "bf16 dot (XLA)": (lambda x: x @ w16, "bf16", b16, None),
+    "W8A16 dequant+dot (XLA)": (
+      lambda x: ops.qmatmul(x, q8, impl="xla"), "bf16", b8, None),
+    "W4A16 dequant+dot (XLA)": (
+      lambda x: ops.qmatmul(x, q4, impl="xla"), "bf16", b4, None),
+    "W8A8 int8 dot (XLA)": (
+      lambda x: ops.qmatmul_w8a8(x, q8, impl="xla"), "int8", b8, None),
+    "FP8 e4m3 dot (XLA)": (
+      lambda x: ops.qmatmul_fp8(x, qf8, impl="xla"), "fp8", b8, None),
+  }
+  if not on_device:
+    return cases
+  x2 = jnp.zeros((m, k), jnp.bfloat16)
+  kernels = {
+    "W8A16 Pallas": (ops.qmatmul, q8, "pallas", "bf16", b8,
+                     "W8A16 dequant+dot (XLA)"),
+    "W4A16 Pallas": (ops.qmatmul, q4, "pallas", "bf16", b4,
+                     "W4A16 dequant+dot (XLA)"),
+    "W4A16 Triton": (ops.qmatmul, q4, "triton", "bf16", b4,
+                     "W4A16 dequant+dot (XLA)"),
+    "W8A8 Pallas": (ops.qmatmul_w8a8, q8, "pallas", "int8", b8, None),
+    "FP8 Pallas": (ops.qmatmul_fp8, qf8, "pallas", "fp8", b8, None),
+  }
+  for name, (fn, q, impl, cls, nbytes, deq) in kernels.items():
+    try:  # a kernel that cannot serve this shape / device is left out
+      jax.eval_shape(functools.partial(fn, qweight=q, impl=impl,
+                                       interpret=interpret)
+                     if impl == "pallas" else
+                     functools.partial(fn, qweight=q, impl=impl), x2)
+    except (NotImplementedError, ImportError):
+      continue
+    kw = dict(qweight=q, impl=impl)
+    if impl == "pallas":
+      kw["interpret"] = interpret
+    cases[name] = (functools.partial(fn, **kw), cls, nbytes, deq)
+  return cases
+
+
+def bench_matmul(ms=KERNEL_MS, shapes=None, iters: int = 20,
+                 interpret: bool = False) -> list[MatmulRow]:
+  """Low-bit matmuls against XLA's bf16 dot and XLA's own
+  dequantize-then-dot, all through :mod:`jqlm.ops` (what the models call).
+
+  Per shape and M: time, TFLOP/s (``2 M K N / t``), GB/s (activations,
+  weights with their scales, and the output), the fraction of the device's
+  roofline time (``max(flops / peak, bytes / bandwidth) / t``, with the
+  peak of the case's compute type; known devices only), and the speed-ups.
+  Weights are int8 per channel, int4 in groups of 128, and e4m3 per
+  channel; activations bf16. On CPU only the XLA rows run (the kernels
+  need a GPU or TPU; ``interpret=True`` runs the Pallas kernels in the
   interpreter, which is for correctness, not speed).
   """
-  from jqlm_kernels import wxa16  # noqa: PLC0415
-
   shapes = KERNEL_SHAPES if shapes is None else shapes
   on_device = jax.default_backend() in ("gpu", "tpu") or interpret
+  peaks = device_peaks()
   rows = []
   key = jax.random.key(0)
   for name, (k, n) in shapes.items():
     w = jax.random.normal(key, (k, n), jnp.float32) * 0.02
-    w16 = w.astype(jnp.bfloat16)
-    q8 = quant.quantize(w, quant.QuantSpec(format="int8",
-                                           granularity="channel"))
-    q4 = quant.quantize(w, quant.QuantSpec(format="int4", granularity="group",
-                                           group_size=128, axis=0))
-    s4 = q4.scale.reshape(-1, n)
-    p4 = wxa16.pack_int4(q4.codes, 128)
+    weights = (
+      w.astype(jnp.bfloat16),
+      quant.quantize(w, quant.QuantSpec(format="int8", granularity="channel")),
+      quant.quantize(w, quant.QuantSpec(format="int4", granularity="group",
+                                        group_size=128, axis=0)),
+      quant.quantize(w, quant.QuantSpec(format="fp8_e4m3",
+                                        granularity="channel")),
+    )
     for m in ms:
       x = jax.random.normal(key, (m, k), jnp.bfloat16)
-      cases = _kernel_cases(m, k, n, w, w16, q8, p4, s4, on_device,
-                            interpret)
+      cases = _matmul_cases(m, k, n, weights, on_device, interpret)
       times = {}
-      for cname, fn in cases.items():
-        times[cname] = time_fn(lambda a, f=fn: (jax.block_until_ready(f(a)),
-                                                a)[1:], x, iters=iters)
-      base = times["bf16 dot (XLA, baseline)"]
-      for cname, t in times.items():
-        rows.append((f"{name} {cname}", m, k, n, t, base / t))
+      for cname, (fn, *_rest) in cases.items():
+        f = jax.jit(fn)
+        times[cname] = time_fn(
+          lambda a, f=f: (jax.block_until_ready(f(a)), a)[1:], x, iters=iters)
+      base = times["bf16 dot (XLA)"]
+      flops = 2.0 * m * k * n
+      for cname, (_, cls, wbytes, deq) in cases.items():
+        t = times[cname]
+        nbytes = wbytes + 2 * m * k + 2 * m * n
+        roof = None
+        if peaks is not None:
+          roof = max(flops / peaks[cls], nbytes / peaks["bw"]) / t
+        rows.append(MatmulRow(
+          f"{name} {cname}", m, k, n, t, flops / t / 1e12, nbytes / t / 1e9,
+          roof, base / t, times[deq] / t if deq is not None else None))
   return rows
 
 
-def _bf16_dot(a, b):
-  return a @ b
-
-
-def _int8_xla(a, codes, ws):
-  from jqlm_kernels import w8a8  # noqa: PLC0415
-
-  aq, xs = w8a8.quantize_rows(a)
-  acc = jax.lax.dot(aq, codes, preferred_element_type=jnp.int32)
-  return (acc.astype(jnp.float32) * xs * ws).astype(jnp.bfloat16)
-
-
-def _fp8_xla(a, w8):
-  return jax.lax.dot(a.astype(jnp.float8_e4m3fn), w8,
-                     preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-
-
-def _kernel_cases(m, k, n, w, w16, q8, p4, s4, on_device, interpret):
-  """name -> jitted function of the activations."""
-  from jqlm_kernels import w8a8, wxa16  # noqa: PLC0415
-
-  ws8 = q8.scale.reshape(1, n)
-  cases = {
-    "bf16 dot (XLA, baseline)": jax.jit(functools.partial(_bf16_dot,
-                                                          b=w16)),
-    "int8 dot (XLA)": jax.jit(functools.partial(_int8_xla, codes=q8.codes,
-                                                ws=ws8)),
-    "fp8 e4m3 dot (XLA)": jax.jit(functools.partial(
-      _fp8_xla, w8=w.astype(jnp.float8_e4m3fn))),
-  }
-  if not on_device:
-    return cases
-  bm = 16 if m >= 16 else m
-  blocks = dict(block_m=bm, block_n=128, block_k=128)
-  if wxa16.can_use(m, k, n, bits=8, group_size=k, **blocks):
-    cases["W8A16 Pallas"] = jax.jit(functools.partial(
-      wxa16.wxa16_matmul, w=q8.codes, scale=ws8, bits=8, group_size=k,
-      interpret=interpret, **blocks))
-  if wxa16.can_use(m, k, n, bits=4, group_size=128, **blocks):
-    cases["W4A16 Pallas"] = jax.jit(functools.partial(
-      wxa16.wxa16_matmul, w=p4, scale=s4, bits=4, group_size=128,
-      interpret=interpret, **blocks))
-  if w8a8.can_use(m, k, n, **blocks):
-    def w8a8_case(a):
-      return w8a8.w8a8_matmul(*w8a8.quantize_rows(a), q8.codes, ws8,
-                              interpret=interpret, **blocks)
-    cases["W8A8 Pallas"] = jax.jit(w8a8_case)
-  return cases
-
-
-def format_kernel_rows(rows, title: str) -> str:
-  head = (f"{'case':<48} {'M':>5} {'ms':>9} {'speedup':>8}")
+def format_matmul_rows(rows: list[MatmulRow], title: str) -> str:
+  """The :func:`bench_matmul` table (markdown-friendly columns)."""
+  head = (f"{'case':<44} {'M':>5} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} "
+          f"{'%roof':>6} {'xbf16':>6} {'xdeq':>6}")
   lines = [title, head, "-" * len(head)]
-  for name, m, _, _, t, r in rows:
-    lines.append(f"{name:<48} {m:>5} {t * 1e3:>9.3f} {r:>8.2f}")
+  for r in rows:
+    roof = "-" if r.roofline is None else f"{100 * r.roofline:.0f}"
+    deq = "-" if r.vs_dequant is None else f"{r.vs_dequant:.2f}"
+    lines.append(
+      f"{r.case:<44} {r.m:>5} {r.seconds * 1e3:>9.3f} {r.tflops:>8.2f} "
+      f"{r.gbps:>8.1f} {roof:>6} {r.vs_bf16:>6.2f} {deq:>6}")
   return "\n".join(lines)

@@ -4,7 +4,7 @@ Sub-commands:
 
 * ``jqlm demo``: quantize random data in every format and print a table of
   storage bits and errors.
-* ``jqlm bench optim|quant|memory``: benchmark tables (see :mod:`jqlm.bench`).
+* ``jqlm bench optim|quant|memory|matmul``: benchmark tables (see :mod:`jqlm.bench`).
 * ``jqlm train --config <preset or file.py> --set key=value ...``: train
   (:func:`jqlm.train.run`); ``--resume`` continues from the newest checkpoint.
 * ``jqlm eval --checkpoint <workdir>``: held-out loss and perplexity.
@@ -44,11 +44,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              rounds=args.rounds)
     title = (f"one jitted update, LLaMA-130M shapes (scale {args.scale}), "
              f"ratio vs optax.adamw; {device}, jax {jax.__version__}")
-  elif args.which == "kernels":
-    rows = bench.bench_kernels(iters=args.iters)
-    print(bench.format_kernel_rows(
-      rows, f"low-bit matmuls vs the bf16 dot (speedup = bf16 time / "
-      f"time); {device}, jax {jax.__version__}"))
+  elif args.which in ("matmul", "kernels"):
+    rows = bench.bench_matmul(iters=args.iters)
+    print(bench.format_matmul_rows(
+      rows, f"low-bit matmuls through jqlm.ops (xbf16 = bf16 dot time / "
+      f"time, xdeq = XLA dequantize-then-dot time / time, %roof = roofline "
+      f"time / time); {device}, jax {jax.__version__}"))
     return 0
   elif args.which == "memory":
     reports = bench.bench_memory()
@@ -139,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     description="Print a benchmark table whose baseline is measured in the "
     "same run.",
   )
-  bench.add_argument("which", choices=["optim", "quant", "memory", "kernels"])
+  bench.add_argument("which", choices=["optim", "quant", "memory", "matmul",
+                                      "kernels"],
+                     help="kernels is an alias of matmul")
   bench.add_argument("--iters", type=int, default=5,
                      help="timed iterations per round (median kept)")
   bench.add_argument("--rounds", type=int, default=5,

@@ -46,13 +46,20 @@ def test_bench_memory_table_and_ordering():
   assert totals["Q-GaLore (int8 W, int4 P, 8-bit)"] == min(totals.values())
 
 
-def test_bench_kernels_smoke_interpret():
-  """The kernel benchmark runs (tiny shapes; Pallas rows in interpret
-  mode on CPU); the baseline row's speedup is 1."""
-  rows = bench.bench_kernels(ms=(16,), shapes={"tiny": (256, 128)},
-                             iters=1, interpret=True)
-  names = {r[0] for r in rows}
-  assert {"tiny bf16 dot (XLA, baseline)", "tiny W4A16 Pallas",
-          "tiny W8A16 Pallas", "tiny W8A8 Pallas"} <= names
-  assert [r[5] for r in rows if "baseline" in r[0]] == [1.0]
-  assert bench.format_kernel_rows(rows, "t").startswith("t")
+def test_bench_matmul_smoke_interpret():
+  """The matmul benchmark runs (tiny shapes; Pallas rows in interpret mode
+  on CPU); the baseline's speed-up is 1 and the columns are consistent."""
+  rows = bench.bench_matmul(ms=(16,), shapes={"tiny": (256, 128)}, iters=1,
+                            interpret=True)
+  by = {r.case: r for r in rows}
+  assert {"tiny bf16 dot (XLA)", "tiny W4A16 Pallas", "tiny W8A16 Pallas",
+          "tiny W8A8 Pallas", "tiny FP8 Pallas", "tiny FP8 e4m3 dot (XLA)",
+          "tiny W4A16 dequant+dot (XLA)"} <= set(by)
+  assert by["tiny bf16 dot (XLA)"].vs_bf16 == 1.0
+  r = by["tiny W4A16 Pallas"]
+  assert r.vs_dequant is not None and r.vs_dequant > 0
+  assert abs(r.tflops * 1e12 * r.seconds - 2 * 16 * 256 * 128) < 1e-3 * 2 * \
+    16 * 256 * 128
+  assert r.roofline is None  # no known peaks on a CPU
+  assert bench.device_peaks("NVIDIA H100 80GB HBM3")["bw"] == 3.35e12
+  assert bench.format_matmul_rows(rows, "t").startswith("t")
