@@ -363,17 +363,12 @@ def _matmul_cases(m, k, n, weights, on_device, interpret):
     "FP8 Pallas": (ops.qmatmul_fp8, qf8, "pallas", "fp8", b8, None),
   }
   for name, (fn, q, impl, cls, nbytes, deq) in kernels.items():
+    f = functools.partial(fn, qweight=q, impl=impl, interpret=interpret)
     try:  # a kernel that cannot serve this shape / device is left out
-      jax.eval_shape(functools.partial(fn, qweight=q, impl=impl,
-                                       interpret=interpret)
-                     if impl == "pallas" else
-                     functools.partial(fn, qweight=q, impl=impl), x2)
+      jax.eval_shape(f, x2)
     except (NotImplementedError, ImportError):
       continue
-    kw = dict(qweight=q, impl=impl)
-    if impl == "pallas":
-      kw["interpret"] = interpret
-    cases[name] = (functools.partial(fn, **kw), cls, nbytes, deq)
+    cases[name] = (f, cls, nbytes, deq)
   return cases
 
 

@@ -11,9 +11,8 @@ from jqlm.ops.qmatmul import (
   qmatmul,
   qmatmul_fp8,
   qmatmul_w8a8,
-  tap_gradients,
-  tap_weights,
+  split_taps,
 )
 
 __all__ = ["Impl", "TappedWeight", "qmatmul", "qmatmul_fp8", "qmatmul_w8a8",
-           "tap_gradients", "tap_weights"]
+           "split_taps"]

@@ -61,7 +61,7 @@ class TappedWeight:
   This is how training differentiates through real low-bit weights without
   materialising them in float: Q-GaLore's int8 forward (spec §5.3) needs
   the full-rank weight gradient, which the integer codes cannot carry. Build
-  the taps with :func:`tap_weights` (zeros, inside the jitted step: XLA
+  the taps with :func:`split_taps` (zeros, inside the jitted step: XLA
   never materialises them) and differentiate with respect to them.
 
   ``tap`` must be zero: the kernel path ignores its value (the
@@ -94,22 +94,33 @@ def _is_low_bit(x) -> bool:
   return isinstance(x, (quant.QArray, quant.PackedQArray))
 
 
-def tap_weights(params, dtype=jnp.float32):
-  """``params`` with every 2-D QArray / PackedQArray leaf wrapped in a
-  :class:`TappedWeight` with a zero tap of its shape in ``dtype``."""
-  def leaf(x):
-    if _is_low_bit(x) and len(x.shape) == 2:
-      return TappedWeight(x, jnp.zeros(x.shape, dtype))
-    return x
-  return jax.tree.map(leaf, params, is_leaf=_is_low_bit)
+def split_taps(params):
+  """``(diff, join)`` for differentiating through low-bit weights.
 
+  ``diff`` is ``params`` with a zero float32 tap in place of every 2-D
+  QArray / PackedQArray (other low-bit leaves dequantized, float leaves
+  unchanged): a tree ``jax.grad`` accepts. ``join(diff)`` puts the weights
+  back as :class:`TappedWeight` for the forward pass, so the gradient with
+  respect to ``diff`` holds, at each weight, the full-rank gradient of the
+  dequantized weight, as the float tree of ``dequantize(params)`` would::
 
-def tap_gradients(grads):
-  """The gradient tree of a tapped tree: each :class:`TappedWeight` becomes
-  its tap's cotangent (the float gradient of the dequantized weight)."""
-  is_tap = lambda x: isinstance(x, TappedWeight)  # noqa: E731
-  return jax.tree.map(lambda g: g.tap if is_tap(g) else g, grads,
-                      is_leaf=is_tap)
+    diff, join = split_taps(params)
+    grads = jax.grad(lambda d: loss(join(d), batch))(diff)
+  """
+  leaves, treedef = jax.tree.flatten(params, is_leaf=_is_low_bit)
+  tapped = [_is_low_bit(x) and len(x.shape) == 2 for x in leaves]
+  diff = treedef.unflatten([
+    jnp.zeros(x.shape, jnp.float32) if t else
+    (x.dequantize(jnp.float32) if _is_low_bit(x) else x)
+    for x, t in zip(leaves, tapped, strict=True)])
+
+  def join(d):
+    d_leaves = treedef.flatten_up_to(d)
+    return treedef.unflatten([
+      TappedWeight(x, dx) if t else dx
+      for x, dx, t in zip(leaves, d_leaves, tapped, strict=True)])
+
+  return diff, join
 
 
 def _kernel_args(q: quant.QArray, block_k: int):
@@ -197,16 +208,22 @@ def _triton_ok(x2, q) -> bool:
       or not _common.triton_available()):
     return False
   m, k = x2.shape
-  n = q.codes.shape[1]
-  _, bn, bk = _blocks(max(m, 16), k, n, _group(q))
+  bn, bk = _triton_blocks(x2, q)
   return _kernel_args(q, bk) is not None and _w4a16_triton.can_use(
-    m, k, n, group_size=_group(q), block_m=16, block_n=bn, block_k=bk)
+    m, k, q.codes.shape[1], group_size=_group(q), block_m=16, block_n=bn,
+    block_k=bk)
+
+
+def _triton_blocks(x2, q) -> tuple[int, int]:
+  """``(block_n, block_k)`` of the Triton kernel (``block_m`` is 16, the
+  least ``tl.dot`` takes; smaller M is masked)."""
+  m, k = x2.shape
+  _, bn, bk = _blocks(max(m, 16), k, q.codes.shape[1], _group(q))
+  return bn, bk
 
 
 def _triton(x2, q):
-  m, k = x2.shape
-  n = q.codes.shape[1]
-  _, bn, bk = _blocks(max(m, 16), k, n, _group(q))
+  bn, bk = _triton_blocks(x2, q)
   w, scale, zero, _, group = _kernel_args(q, bk)
   return _w4a16_triton.w4a16_matmul(x2, w, scale, zero, group_size=group,
                                     block_m=16, block_n=bn, block_k=bk)
@@ -330,6 +347,15 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
   return y.reshape(*lead, y.shape[-1])
 
 
+def _xla_or_pallas(impl, name: str) -> Impl:
+  """``impl`` as an :class:`Impl`; only XLA and Pallas serve ``name``."""
+  chosen = Impl(impl)
+  if chosen not in (Impl.XLA, Impl.PALLAS):
+    raise ValueError(f"{name} has XLA and Pallas implementations; got "
+                     f"impl={impl!r}. Use 'xla', 'pallas' or None.")
+  return chosen
+
+
 def qmatmul_w8a8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
                  interpret: bool = False) -> jax.Array:
   r"""W8A8: per-token symmetric int8 activations times int8 weights
@@ -366,7 +392,7 @@ def qmatmul_w8a8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
   if impl is None:
     use = ok and (interpret or jax.default_backend() in ("gpu", "tpu"))
   else:
-    use = Impl(impl) is Impl.PALLAS
+    use = _xla_or_pallas(impl, "qmatmul_w8a8") is Impl.PALLAS
     if use and not ok:
       raise NotImplementedError(
         f"The W8A8 kernel does not serve x {x2.shape} @ w {(k, n)}; use "
@@ -423,7 +449,7 @@ def qmatmul_fp8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
   ws = jnp.broadcast_to(qweight.scale.astype(jnp.float32).reshape(1, -1),
                         (1, n))
   xq, xs = _fp8.quantize_fp8(x2, rowwise=rowwise)
-  if impl is not None and Impl(impl) is Impl.PALLAS:
+  if impl is not None and _xla_or_pallas(impl, "qmatmul_fp8") is Impl.PALLAS:
     bm, bn, bk = _blocks(m, k, n, k)
     if not _fp8.can_use(m, k, n, block_m=bm, block_n=bn, block_k=bk):
       raise NotImplementedError(

@@ -148,7 +148,7 @@ def flagged_spikes(nu) -> jax.Array:
   total = jnp.zeros((), jnp.int32)
   for v in jax.tree.leaves(
       nu, is_leaf=lambda x: isinstance(x, qstate.QuantizedMoment)):
-    if isinstance(v, qstate.QuantizedMoment) or v.size == 0:
+    if isinstance(v, qstate.QuantizedMoment):
       continue
     (n,) = _base.fused_sums(lambda x: (jnp.signbit(x),), (v,))
     total = total + n
@@ -165,7 +165,7 @@ def clipped_grad_sq(g_in, v_in, threshold, cdt, flagged=False):
   carries spike flags in its sign bits (:class:`SpamState`), read ``|v|``.
 
   Returns:
-    ``(min(g^2, theta v), v)`` in ``cdt``.
+    ``(min(g^2, theta v), v, is_spike)``, the first two in ``cdt``.
   """
   g = g_in.astype(cdt)
   v = qstate.load(v_in, cdt)
@@ -174,9 +174,7 @@ def clipped_grad_sq(g_in, v_in, threshold, cdt, flagged=False):
   bound_sq = threshold * v
   g_sq = g * g
   spike = g_sq > bound_sq
-  if flagged:
-    return jnp.where(spike, bound_sq, g_sq), v, spike
-  return jnp.where(spike, bound_sq, g_sq), v
+  return jnp.where(spike, bound_sq, g_sq), v, spike
 
 
 def spike_clip_from_new(g_in, v_new, threshold, b2, cdt, count=True):
@@ -190,8 +188,8 @@ def spike_clip_from_new(g_in, v_new, threshold, b2, cdt, count=True):
   hold to 1e-10 in float64).
 
   Returns:
-    ``(g_clipped, spikes, is_spike)``; ``spikes`` (int32) from one fused pass
-    over the raw inputs, or 0 if not ``count``; ``is_spike`` the mask.
+    ``(g_clipped, spikes)``; ``spikes`` (int32) from one fused pass over the
+    raw inputs, or 0 if not ``count``.
   """
   denom = b2 + (1 - b2) * threshold
 
@@ -207,7 +205,7 @@ def spike_clip_from_new(g_in, v_new, threshold, b2, cdt, count=True):
                                  (threshold, denom))
   else:
     spikes = jnp.zeros((), jnp.int32)
-  return g, spikes, spike
+  return g, spikes
 
 
 def scale_by_spam(
@@ -290,10 +288,7 @@ def scale_by_spam(
       # Float moments carry the spike flags in v's sign bits (SpamState);
       # quantized ones count the spikes in this update instead.
       flag = track_spikes and not isinstance(v_in, qstate.QuantizedMoment)
-      if flag:
-        g_sq, v_old, spike = clipped_grad_sq(g_in, v_in, threshold, cdt, True)
-      else:
-        g_sq, v_old = clipped_grad_sq(g_in, v_in, threshold, cdt)
+      g_sq, v_old, spike = clipped_grad_sq(g_in, v_in, threshold, cdt, flag)
       v = b2_ * v_old * keep + (1 - b2_) * g_sq
       if flag:  # -0.0 flags a clipped zero moment
         v_out = qstate.store(jnp.where(spike, -v, v), v_in)
@@ -305,7 +300,7 @@ def scale_by_spam(
       # Then the clipped gradient from v' instead of v (spike_clip_from_new):
       # the same values up to rounding, but the old v is read by one loop
       # only, so XLA updates the donated buffer in place (no copy of v).
-      g, n_spikes, _ = spike_clip_from_new(
+      g, n_spikes = spike_clip_from_new(
         g_in, v, threshold, b2_, cdt, track_spikes and not flag)
       m = b1_ * qstate.load(m_in, cdt) * keep + (1 - b1_) * g
       tf = t.astype(cdt)

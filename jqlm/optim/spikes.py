@@ -103,12 +103,12 @@ def clip_spikes(
       keep = jnp.where(reset, 0.0, 1.0).astype(cdt)
       threshold = jnp.where(
         on, _base.hp(spike_threshold, cdt) * keep, jnp.inf).astype(cdt)
-      g_sq, v = clipped_grad_sq(g_in, v_in, threshold, cdt)
+      g_sq, v, _ = clipped_grad_sq(g_in, v_in, threshold, cdt)
       b = _base.hp(b2, cdt)
       v = b * v * keep + (1 - b) * g_sq
       # The clipped gradient from the new v, as in scale_by_spam (one reader
       # of the old, donated v).
-      g, spikes, _ = spike_clip_from_new(g_in, v, threshold, b, cdt)
+      g, spikes = spike_clip_from_new(g_in, v, threshold, b, cdt)
       return g.astype(g_in.dtype), v, spikes
 
     g, v, spikes = _base.map_n(leaf, updates, state.nu, n=3)

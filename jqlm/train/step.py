@@ -126,30 +126,6 @@ def _loss_fn(float_params, graphdef, nnx_state, tokens_BxL):
   return cross_entropy(model(tokens_BxL[:, :-1]), tokens_BxL[:, 1:])
 
 
-def _split_low_bit(params):
-  """``(diff, join)``: the differentiable params, with a zero float32 tap in
-  place of every 2-D QArray weight, and the function that puts the QArrays
-  back as :class:`jqlm.ops.TappedWeight`. The forward then runs the
-  low-bit matmul (a Pallas kernel on GPU/TPU) and the tap's gradient is
-  the full-rank gradient of the dequantized weight (what Q-GaLore's
-  optimizer consumes); float params are unchanged."""
-  is_q = lambda x: isinstance(x, (quant.QArray, quant.PackedQArray))  # noqa: E731
-  leaves, treedef = jax.tree.flatten(params, is_leaf=is_q)
-  tapped = [is_q(x) and len(x.shape) == 2 for x in leaves]
-  diff = treedef.unflatten([
-    jnp.zeros(x.shape, jnp.float32) if t else
-    (x.dequantize(jnp.float32) if is_q(x) else x)
-    for x, t in zip(leaves, tapped, strict=True)])
-
-  def join(d):
-    d_leaves = treedef.flatten_up_to(d)
-    return treedef.unflatten([
-      ops.TappedWeight(x, dx) if t else dx
-      for x, dx, t in zip(leaves, d_leaves, tapped, strict=True)])
-
-  return diff, join
-
-
 def _global_norm(tree) -> jax.Array:
   leaves = [jnp.sum(jnp.square(x.astype(jnp.float32)))
             for x in jax.tree.leaves(tree)]
@@ -167,7 +143,7 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, *, graphdef,
   """One update; see the module docstring. Returns the new state and
   float32 metrics ``loss``, ``grad_norm``, ``skipped``."""
   rng, _ = jax.random.split(state.rng)
-  diff_params, join = _split_low_bit(state.params)
+  diff_params, join = ops.split_taps(state.params)
   b = tokens_BxL.shape[0]
   micro = tokens_BxL.reshape(grad_accum, b // grad_accum, -1)
   vg = jax.value_and_grad(

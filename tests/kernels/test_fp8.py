@@ -80,6 +80,8 @@ def test_qmatmul_fp8_pallas_equals_xla(gran):
                              atol=1e-4)
   exact = np.asarray(x3 @ w)
   assert np.linalg.norm(np.asarray(ref) - exact) < 0.08 * np.linalg.norm(exact)
+  with pytest.raises(ValueError, match="'xla', 'pallas' or None"):
+    ops.qmatmul_fp8(x3, q, impl="triton")
   with pytest.raises(ValueError, match="fp8_e4m3"):
     ops.qmatmul_fp8(x, quant.quantize(w, quant.QuantSpec(
       format="int8", granularity="channel")))

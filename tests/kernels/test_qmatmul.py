@@ -78,15 +78,16 @@ def test_tapped_weight_gradient_is_the_dequantized_weight_gradient(data, impl):
                              atol=1e-5)
 
 
-def test_tap_weights_round_trip():
+def test_split_taps_round_trip():
   rng = np.random.default_rng(2)
   w = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
   params = {"q": quant.quantize(w, SPECS["int8 channel"]), "norm": jnp.ones(3)}
-  tapped = ops.tap_weights(params)
-  assert isinstance(tapped["q"], ops.TappedWeight)
-  assert tapped["q"].tap.shape == (64, 32) and tapped["norm"] is params["norm"]
-  grads = ops.tap_gradients(jax.tree.map(jnp.ones_like, tapped))
-  assert grads["q"].shape == (64, 32) and grads["norm"].shape == (3,)
+  diff, join = ops.split_taps(params)
+  assert diff["q"].shape == (64, 32) and diff["q"].dtype == jnp.float32
+  assert diff["norm"] is params["norm"]
+  joined = join(diff)
+  assert isinstance(joined["q"], ops.TappedWeight)
+  assert joined["q"].qweight is params["q"] and joined["norm"] is diff["norm"]
 
 
 def test_auto_dispatch_and_fallbacks(data):

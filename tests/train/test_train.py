@@ -124,13 +124,14 @@ def test_qgalore_weight_gradients_through_taps_equal_dequantized(tmp_path):
   # The train step differentiates the int8 forward through zero taps
   # (jqlm.ops.TappedWeight); that equals the gradient of the dequantized
   # float model.
+  from jqlm import ops  # noqa: PLC0415
   from jqlm.train import step as jstep  # noqa: PLC0415
   cfg = _cfg(tmp_path, "tap", optimizer="q_galore", rank=8)
   setup = train.setup(cfg, models.make_mesh(devices=jax.devices()[:1]))
   state = train.init_state(setup)
   tokens = jnp.asarray(np.random.default_rng(0).integers(
     0, 64, (2, cfg.seq_len + 1)), jnp.int32)
-  diff, join = jstep._split_low_bit(state.params)
+  diff, join = ops.split_taps(state.params)
   g_tap = jax.grad(lambda d: jstep._loss_fn(
     join(d), setup.graphdef, setup.nnx_state, tokens))(diff)
   float_params = optim.dequantize_params(state.params)
