@@ -7,6 +7,9 @@ Sub-commands:
 * ``jqlm bench optim|quant|memory|matmul``: benchmark tables (see :mod:`jqlm.bench`).
 * ``jqlm train --config <preset or file.py> --set key=value ...``: train
   (:func:`jqlm.train.run`); ``--resume`` continues from the newest checkpoint.
+* ``jqlm compare <suite or file.py>``: several optimizer / precision arms
+  on the same data, seeds and token budget; a markdown table and plots
+  (:mod:`jqlm.train.compare`).
 * ``jqlm eval --checkpoint <workdir>``: held-out loss and perplexity.
 * ``jqlm generate --checkpoint <workdir> --prompt TEXT``: sample.
 """
@@ -94,6 +97,58 @@ def _cmd_train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+  import dataclasses  # noqa: PLC0415
+  import shlex  # noqa: PLC0415
+
+  from jqlm.train import compare, config  # noqa: PLC0415
+
+  if args.list or not args.suite:
+    for name, make in compare.SUITES.items():
+      s = make()
+      c = s.arms[0].config
+      print(f"{name}: {s.title}; arms {', '.join(a.name for a in s.arms)}; "
+            f"{len(s.seeds)} seeds x {c.steps} steps")
+    return 0
+  suite = compare.load_suite(args.suite)
+  if args.steps is not None:
+    suite = suite.with_steps(args.steps)
+  if args.seeds is not None:
+    try:
+      seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+      raise ValueError(f"--seeds expects comma-separated integers such as "
+                       f"0,1,2; got {args.seeds!r}.") from None
+    suite = suite.with_seeds(seeds)
+  if args.set:
+    suite = dataclasses.replace(suite, arms=tuple(
+      compare.Arm(a.name, config.apply_overrides(a.config, args.set))
+      for a in suite.arms))
+  if args.arms:
+    keep = [x.strip() for x in args.arms.split(",")]
+    names = [a.name for a in suite.arms]
+    unknown = [k for k in keep if k not in names]
+    if unknown:
+      raise ValueError(f"--arms: {unknown} not in suite {suite.name!r} "
+                       f"(arms: {names}).")
+    suite = dataclasses.replace(
+      suite, arms=tuple(a for a in suite.arms if a.name in keep),
+      target=suite.target if suite.target in keep else None,
+      reference=suite.reference if suite.reference in keep else None)
+  out = args.out or f"runs/compare/{suite.name}"
+  c = suite.arms[0].config
+  print(f"jqlm compare {suite.name}: {len(suite.arms)} arms x "
+        f"{len(suite.seeds)} seeds, {c.steps} steps of {c.batch_size}x"
+        f"{c.seq_len} tokens; output {out}")
+  result = compare.run_suite(suite, out, reuse=not args.fresh)
+  command = "jqlm " + " ".join(shlex.quote(a) for a in args.argv)
+  paths = result.save(out, command=command)
+  print()
+  print(result.table())
+  print(f"\nwrote {paths['md']}, {paths['json']}, {paths['png']}")
+  return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
   from jqlm import train  # noqa: PLC0415
 
@@ -167,6 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
   tr.add_argument("--no-progress", action="store_true",
                   help="no progress bar")
   tr.set_defaults(func=_cmd_train)
+  cmp = sub.add_parser(
+    "compare", help="train several arms and tabulate (jqlm.train.compare)",
+    description="Train a suite's optimizer/precision arms on the same data, "
+    "seeds and token budget; write results.md (table), results.json and "
+    "curves.png (loss, gradient norm, spikes). SUITE is a built-in name "
+    "(--list) or a .py file whose get_suite() returns a Suite "
+    "(experiments/suites/ holds the paper-scale ones).")
+  cmp.add_argument("suite", nargs="?", help="suite name or file.py")
+  cmp.add_argument("--list", action="store_true", help="list the suites")
+  cmp.add_argument("--out", default=None,
+                   help="output dir (default runs/compare/<suite>)")
+  cmp.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (default the suite's)")
+  cmp.add_argument("--steps", type=int, default=None,
+                   help="run every arm for this many steps (LR warmup in proportion)")
+  cmp.add_argument("--arms", default=None,
+                   help="comma-separated subset of the arms")
+  cmp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field of every arm (repeatable)")
+  cmp.add_argument("--fresh", action="store_true",
+                   help="retrain runs that already finished")
+  cmp.set_defaults(func=_cmd_compare)
   ev = sub.add_parser("eval", help="held-out loss of a run's checkpoint")
   ev.add_argument("--checkpoint", required=True,
                   help="the run's work dir (or its checkpoints dir)")
@@ -189,13 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
   if not getattr(args, "func", None):
     parser.print_help()
     return 0
   try:
     return args.func(args)
   except (ValueError, FileNotFoundError) as e:
-    if args.command not in ("train", "eval", "generate"):
+    if args.command not in ("train", "eval", "generate", "compare"):
       raise
     print(f"jqlm {args.command}: error: {e}", file=sys.stderr)
     return 2

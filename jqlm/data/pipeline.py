@@ -96,7 +96,9 @@ def load_texts(source: str | Sequence[str], *, split: str = "train",
     config: hub dataset config (``"en"`` for C4).
     cache_dir: ``datasets`` cache directory.
     max_docs: stop after this many documents.
-    max_bytes: for ``"stdlib"``: a subset of about this size.
+    max_bytes: stop once the documents read hold about this many bytes
+      (for ``"stdlib"``: a deterministic subset of that size); a token
+      budget for streamed hub datasets such as C4.
 
   Raises:
     RuntimeError: a hub name while ``HF_DATASETS_OFFLINE`` /
@@ -105,12 +107,17 @@ def load_texts(source: str | Sequence[str], *, split: str = "train",
   if isinstance(source, str) and source == "stdlib":
     docs: Iterable[str] = (_read(f) for f in stdlib_corpus(
       split, max_bytes=max_bytes))
+    max_bytes = None  # the subset above is already that size
   else:
     docs = _hf_texts(source, split=split, text_field=text_field,
                      config=config, cache_dir=cache_dir)
+  total = 0
   for i, doc in enumerate(docs):
     if max_docs is not None and i >= max_docs:
       return
+    if max_bytes is not None and total >= max_bytes:
+      return
+    total += len(doc)
     yield doc
 
 
@@ -165,16 +172,18 @@ def tokenize_to_array(texts: Iterable[str], tokenizer, *, eos_id: int = 0,
                       batch_docs: int = 256) -> np.ndarray:
   """One int32 token stream: every document's ids followed by ``eos_id``.
 
-  With ``cache_path`` (a ``.npy``), a cached stream is loaded, or the new
-  one saved atomically.
+  Documents are encoded without the tokenizer's own special tokens (a T5
+  tokenizer would otherwise append a second ``</s>``). With ``cache_path``
+  (a ``.npy``), a cached stream is loaded memory-mapped, or the new one
+  saved atomically.
   """
   if cache_path is not None and os.path.exists(cache_path):
-    return np.load(cache_path)
+    return np.load(cache_path, mmap_mode="r")
   chunks: list[np.ndarray] = []
   batch: list[str] = []
 
   def flush():
-    for enc in tokenizer.encode_batch(batch):
+    for enc in tokenizer.encode_batch(batch, add_special_tokens=False):
       chunks.append(np.asarray(enc.ids + [eos_id], np.int32))
     batch.clear()
 

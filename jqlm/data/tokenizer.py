@@ -71,15 +71,41 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *,
 
 
 def load_tokenizer(path: str):
-  """Loads a ``tokenizer.json`` (a file, or a directory holding one)."""
+  """Loads a ``tokenizer.json`` (a file, or a directory holding one), or a
+  Hugging Face hub tokenizer by name (``"t5-base"``, the official runs'
+  tokenizer, spec §6; needs the network).
+
+  Raises:
+    FileNotFoundError: a local-looking path that does not exist.
+    RuntimeError: a hub name while ``HF_HUB_OFFLINE`` is set.
+  """
   _require()
   from tokenizers import Tokenizer  # noqa: PLC0415
 
   if os.path.isdir(path):
     path = os.path.join(path, "tokenizer.json")
-  if not os.path.exists(path):
+  if os.path.exists(path):
+    return Tokenizer.from_file(path)
+  looks_local = (path.endswith(".json") or path.startswith((".", "/", "~"))
+                 or path.count("/") > 1)
+  if looks_local:
     raise FileNotFoundError(f"No tokenizer.json at {path!r}.")
-  return Tokenizer.from_file(path)
+  if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+    raise RuntimeError(
+      f"{path!r} is not a local tokenizer.json, and loading it from the "
+      "Hugging Face hub needs the network, but HF_HUB_OFFLINE is set. Pass "
+      "a local tokenizer.json, or leave tokenizer unset to train one.")
+  return Tokenizer.from_pretrained(path)
+
+
+def eos_id(tokenizer) -> int:
+  """The id appended after every document: ``</s>`` (T5, the official
+  runs') or ``<|endoftext|>`` (jqlm's BPE, id 0) when present, else 0."""
+  for name in ("</s>", "<|endoftext|>", "<eos>"):
+    i = tokenizer.token_to_id(name)
+    if i is not None:
+      return int(i)
+  return 0
 
 
 def fingerprint(parts: Iterable[str]) -> str:

@@ -90,9 +90,11 @@ class ProjectorState(NamedTuple):
     gap: this layer's refresh interval (int32; grows under Q-GaLore).
     svd_count: SVDs run so far (int32).
     queue: the last ``queue_size`` cosine similarities, newest last
-      (float32; empty for GaLore).
+      (float32; one unused zero for GaLore, as orbax cannot save an empty
+      array).
     queue_len: how many entries of ``queue`` are filled.
-    past: the previous top singular vector (float32; empty for GaLore).
+    past: the previous top singular vector (float32; one unused zero for
+      GaLore).
   """
 
   proj: Any
@@ -303,9 +305,10 @@ def _galore(
         proj=proj,
         gap=jnp.asarray(update_proj_gap, jnp.int32),
         svd_count=jnp.zeros((), jnp.int32),
-        queue=jnp.zeros((qsize,), jnp.float32),
+        # GaLore keeps one unused zero: orbax cannot save empty arrays
+        queue=jnp.zeros((max(qsize, 1),), jnp.float32),
         queue_len=jnp.zeros((), jnp.int32),
-        past=jnp.zeros((d if adaptive else 0,), jnp.float32),
+        past=jnp.zeros((d if adaptive else 1,), jnp.float32),
       ))
     return GaLoreState(
       count=jnp.zeros((), jnp.int32),

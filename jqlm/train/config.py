@@ -48,9 +48,20 @@ class TrainConfig:
   fields override it when set. ``quant`` names a QAT policy (``none``,
   ``int4`` and ``fp4`` = Stable-SPAM's recipes, ``w8a8``, ``w4a16``,
   ``hadamard``). Data: ``data`` is ``stdlib`` (the embedded corpus), local
-  files or a hub name (:func:`jqlm.data.load_texts`). Batches hold
-  ``batch_size`` sequences of ``seq_len`` tokens, split into ``grad_accum``
-  micro-batches.
+  files or a hub name (:func:`jqlm.data.load_texts`); the trained
+  tokenizer and token arrays are cached in ``cache_dir`` (default
+  ``workdir/cache``; runs on the same data can share one). ``tokenizer``
+  is a local ``tokenizer.json`` or a hub name such as ``"t5-base"`` (the
+  official runs', spec §6). Batches hold ``batch_size`` sequences of
+  ``seq_len`` tokens, split into ``grad_accum`` micro-batches.
+
+  Optimizer fields left at ``None`` take the optimizer's own (official)
+  default: ``reset_interval`` (SPAM and Stable-SPAM's ΔT),
+  ``reset_warmup_steps`` (SPAM's post-reset warmup N),
+  ``spike_grace_steps`` (SPAM's 20 updates without clipping after each
+  reset), ``spike_threshold`` (SPAM's θ), ``gamma1``/``gamma2``/``gamma3`` (Stable-SPAM's γ's, spec
+  §3.3). ``total_steps_scale`` sets Stable-SPAM's ``total_T`` to
+  ``steps``.
   """
 
   # model
@@ -70,7 +81,9 @@ class TrainConfig:
   data_config: str | None = None
   text_field: str = "text"
   data_max_bytes: int | None = 2_000_000
+  eval_split: str | None = None
   tokenizer: str | None = None
+  cache_dir: str | None = None
   seq_len: int = 64
   batch_size: int = 16
   grad_accum: int = 1
@@ -83,6 +96,12 @@ class TrainConfig:
   min_lr_ratio: float = 0.1
   grad_clip: float = 0.0
   reset_interval: int | None = None
+  reset_warmup_steps: int | None = None
+  spike_grace_steps: int | None = None
+  spike_threshold: float | None = None
+  gamma1: float | None = None
+  gamma2: float | None = None
+  gamma3: float | None = None
   total_steps_scale: bool = True
   rank: int = 16
   update_proj_gap: int = 50
@@ -132,6 +151,22 @@ class TrainConfig:
     if self.state_quant not in (0, 4, 8):
       raise ValueError(f"state_quant must be 0 (float), 8 or 4, got "
                        f"{self.state_quant}.")
+    for name in ("gamma1", "gamma2", "gamma3"):
+      g = getattr(self, name)
+      if g is not None and not 0.0 <= g < 1.0:
+        raise ValueError(f"{name}={g} must be in [0, 1) (an EMA "
+                         "coefficient).")
+    for name in ("reset_interval", "reset_warmup_steps", "update_proj_gap",
+                 "rank"):
+      v = getattr(self, name)
+      if v is not None and v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}.")
+    if self.spike_grace_steps is not None and self.spike_grace_steps < 0:
+      raise ValueError(f"spike_grace_steps must be >= 0, got "
+                       f"{self.spike_grace_steps}.")
+    if self.spike_threshold is not None and self.spike_threshold <= 0:
+      raise ValueError(f"spike_threshold must be > 0, got "
+                       f"{self.spike_threshold}.")
     if self.warmup_steps < 0 or (self.steps > 1
                                  and self.warmup_steps >= self.steps):
       raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, "
@@ -215,7 +250,9 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
 
 def load_config(spec: str | None) -> TrainConfig:
   """A preset name of :data:`CONFIGS`, a ``.py`` file defining
-  ``get_config()``, a saved ``config.json``, or ``None`` (the default)."""
+  ``get_config()``, ``file.py:ARG`` (calls ``get_config("ARG")``, e.g.
+  ``experiments/configs/galore.py:130m``), a saved ``config.json``, or
+  ``None`` (the default)."""
   if spec is None:
     return TrainConfig()
   if spec in CONFIGS:
@@ -223,19 +260,69 @@ def load_config(spec: str | None) -> TrainConfig:
   if spec.endswith(".json") and os.path.exists(spec):
     with open(spec) as f:
       return TrainConfig.from_json(f.read())
-  if spec.endswith(".py") and os.path.exists(spec):
-    mod_spec = importlib.util.spec_from_file_location("jqlm_user_config", spec)
+  path, arg = spec, None
+  if ".py:" in spec:
+    path, arg = spec.rsplit(":", 1)
+  if path.endswith(".py") and os.path.exists(path):
+    mod_spec = importlib.util.spec_from_file_location("jqlm_user_config", path)
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    if not hasattr(mod, "get_config"):
+      raise ValueError(f"{path} defines no get_config().")
+    cfg = mod.get_config() if arg is None else mod.get_config(arg)
     if not isinstance(cfg, TrainConfig):
-      raise ValueError(f"{spec}: get_config() must return a TrainConfig, "
+      raise ValueError(f"{path}: get_config() must return a TrainConfig, "
                        f"got {type(cfg).__name__}.")
     return cfg
   close = difflib.get_close_matches(spec, list(CONFIGS), n=3)
   raise ValueError(f"Unknown config {spec!r}: not a preset ({sorted(CONFIGS)}"
                    f"{'; close: ' + ', '.join(close) if close else ''}) nor "
-                   "an existing .py / .json file.")
+                   "an existing .py (optionally file.py:ARG) / .json file.")
+
+
+def pick(table: dict, arg: str | None, what: str):
+  """``table[arg]`` for a config file's ``get_config(arg)``; a clear error
+  naming the choices when ``arg`` is missing or unknown."""
+  if arg not in table:
+    raise ValueError(f"{what}: choose one of {sorted(table)} (as "
+                     f"file.py:{next(iter(table))}), got {arg!r}.")
+  return table[arg]
+
+
+def official_c4(*, steps: int, model: str, grad_accum: int = 1,
+                **changes) -> TrainConfig:
+  """The setting every official run shares (spec §1, §6), as a base for
+  ``experiments/configs``: LLaMA with the T5 tokenizer's 32000 tokens,
+  C4 ``en`` streamed from the hub, 512 sequences of 256 tokens per update,
+  pure bf16 (no float32 master weights), cosine to 0.1x, no weight decay,
+  no clipping, evaluated on about 10M tokens of C4 validation every 1000
+  updates.
+
+  Deviations (documented in ``experiments/README.md``): sequences are
+  packed from the token stream (the official code truncates and pads each
+  document to 256 tokens and masks the pads); the training text is read
+  once up to a byte budget of about 5 bytes per token of the run
+  (``data_max_bytes``) and tokenized into a cached array.
+
+  Args:
+    steps: updates.
+    model: a preset of :data:`jqlm.models.PRESETS`.
+    grad_accum: micro-batches per update (choose for the memory at hand;
+      the update is the same).
+    **changes: the run's own fields (optimizer, lr, warmup, ...).
+  """
+  base = dict(model=model, vocab_size=32000, data="allenai/c4",
+              data_config="en", tokenizer="t5-base", eval_split="validation",
+              data_max_bytes=5 * steps * 512 * 257, seq_len=256,
+              batch_size=512, grad_accum=grad_accum, dtype="bfloat16",
+              param_dtype="bfloat16", schedule="cosine", min_lr_ratio=0.1,
+              weight_decay=0.0, grad_clip=0.0, steps=steps,
+              eval_every=1000, eval_batches=77, log_every=50,
+              ckpt_every=1000, keep_checkpoints=2)
+  base.update(changes)
+  opt = base.get("optimizer", "run")
+  base.setdefault("workdir", f"runs/{model}_{getattr(opt, 'value', opt)}")
+  return TrainConfig(**base)
 
 
 def demo_config() -> TrainConfig:

@@ -51,9 +51,18 @@ class RunResult:
 
 
 def prepare_data(cfg: TrainConfig):
-  """(tokenizer, train PackedData, eval PackedData), cached in the work
-  dir."""
-  cache = os.path.join(cfg.workdir, "cache")
+  """(tokenizer, train PackedData, eval PackedData), cached in
+  ``cfg.cache_dir`` (default ``workdir/cache``).
+
+  The held-out data is the embedded corpus' eval split for ``"stdlib"``,
+  ``cfg.eval_split`` of the source when set (C4's ``"validation"``, as the
+  official runs), else the last 2% of the training stream.
+
+  Raises:
+    ValueError: a tokenizer larger than ``vocab_size``, or a token id that
+      the model's embedding cannot hold.
+  """
+  cache = cfg.cache_dir or os.path.join(cfg.workdir, "cache")
   os.makedirs(cache, exist_ok=True)
   fp = jdata.tokenizer.fingerprint([cfg.data, str(cfg.data_config),
                                     str(cfg.data_max_bytes), cfg.text_field])
@@ -62,26 +71,45 @@ def prepare_data(cfg: TrainConfig):
              max_bytes=cfg.data_max_bytes)
   if cfg.tokenizer is not None:
     tok = jdata.load_tokenizer(cfg.tokenizer)
-    if tok.get_vocab_size() > cfg.vocab_size:
+    # added tokens (T5's <extra_id_*> sentinels) never occur in plain text;
+    # the id check below catches one that does
+    n = tok.get_vocab_size(with_added_tokens=False)
+    if n > cfg.vocab_size:
       raise ValueError(
-        f"The tokenizer {cfg.tokenizer!r} has {tok.get_vocab_size()} tokens "
-        f"but vocab_size={cfg.vocab_size}; set vocab_size >= it.")
-    fp = jdata.tokenizer.fingerprint([fp, os.path.abspath(cfg.tokenizer)])
+        f"The tokenizer {cfg.tokenizer!r} has {n} tokens but vocab_size="
+        f"{cfg.vocab_size}; set vocab_size >= {n}.")
+    where = (os.path.abspath(cfg.tokenizer) if os.path.exists(cfg.tokenizer)
+             else cfg.tokenizer)
+    fp = jdata.tokenizer.fingerprint([fp, where])
   else:
     tok = jdata.train_tokenizer(jdata.load_texts(cfg.data, **src),
                                 cfg.vocab_size, cache_dir=cache,
                                 fingerprint=fp)
+  eos = jdata.eos_id(tok)
   base = os.path.join(cache, f"tokens-{cfg.vocab_size}-{fp}")
   train = jdata.tokenize_to_array(jdata.load_texts(cfg.data, **src), tok,
-                                  cache_path=base + "-train.npy")
+                                  eos_id=eos, cache_path=base + "-train.npy")
   if cfg.data == "stdlib":
     ev_src = {**src, "max_bytes": None}
     ev = jdata.tokenize_to_array(jdata.load_texts("stdlib", split="eval",
-                                                  **ev_src), tok,
+                                                  **ev_src), tok, eos_id=eos,
                                  cache_path=base + "-eval.npy")
+  elif cfg.eval_split is not None:
+    # about 8 bytes of text per token covers the eval batches
+    need = 8 * cfg.eval_batches * cfg.batch_size * (cfg.seq_len + 1)
+    ev_src = {**src, "max_bytes": need}
+    ev = jdata.tokenize_to_array(
+      jdata.load_texts(cfg.data, split=cfg.eval_split, **ev_src), tok,
+      eos_id=eos, cache_path=f"{base}-{cfg.eval_split}-{need}.npy")
   else:  # hold out the stream's last 2%
     cut = int(len(train) * 0.98)
     train, ev = train[:cut], train[cut:]
+  for name, arr in (("training", train), ("held-out", ev)):
+    top = int(arr.max()) if len(arr) else 0
+    if top >= cfg.vocab_size:
+      raise ValueError(
+        f"The {name} tokens hold id {top}, outside the model's vocab_size="
+        f"{cfg.vocab_size}; set vocab_size > {top}.")
   return (tok, jdata.PackedData(train, cfg.seq_len, seed=cfg.seed),
           jdata.PackedData(ev, cfg.seq_len, seed=cfg.seed))
 
@@ -158,16 +186,19 @@ def _abstract_state(s: jstate.Setup) -> TrainState:
 
 def _eval_rows(cfg: TrainConfig, eval_data, n_batches: int,
                data_parallel: int = 1, pid: int = 0, pcount: int = 1):
-  """The fixed held-out batches (the first sequences in epoch-0 order),
-  each at most ``batch_size`` rows and a multiple of ``data_parallel``."""
-  n_eval = min(cfg.batch_size, eval_data.num_sequences)
+  """The fixed held-out batches (the first sequences in epoch-0 order):
+  ``n_batches`` batches of ``batch_size`` rows, each split into
+  ``grad_accum`` micro-batches as training is (so evaluation fits where
+  training does); each at most the held-out data and a multiple of
+  ``data_parallel``."""
+  n_eval = min(cfg.batch_size // cfg.grad_accum, eval_data.num_sequences)
   n_eval -= n_eval % data_parallel
   if n_eval < 1:
     raise ValueError(f"The held-out data has {eval_data.num_sequences} "
                      "sequences, too few for one eval batch; use shorter "
                      "seq_len or more data.")
   pos = jdata.DataPosition()
-  for _ in range(n_batches):
+  for _ in range(n_batches * cfg.grad_accum):
     rows, pos = eval_data.batch(pos, n_eval, process_index=pid,
                                 process_count=pcount)
     yield rows

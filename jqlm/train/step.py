@@ -87,11 +87,14 @@ def build_optimizer(cfg: TrainConfig, key: jax.Array
     case OptimizerKind.ADAMW:
       return optim.adamw(lr, weight_decay=cfg.weight_decay, state_quant=sq)
     case OptimizerKind.SPAM:
-      kw = {} if reset is None else {"reset_interval": reset}
+      kw = _given(reset_interval=reset, warmup_steps=cfg.reset_warmup_steps,
+                  grace_steps=cfg.spike_grace_steps,
+                  spike_threshold=cfg.spike_threshold)
       return optim.spam(lr, weight_decay=cfg.weight_decay, state_quant=sq,
                         **kw)
     case OptimizerKind.STABLE_SPAM:
-      kw = {} if reset is None else {"reset_interval": reset}
+      kw = _given(reset_interval=reset, gamma1=cfg.gamma1,
+                  gamma2=cfg.gamma2, gamma3=cfg.gamma3)
       return optim.stable_spam(
         lr, weight_decay=cfg.weight_decay, state_quant=sq,
         total_steps=cfg.steps if cfg.total_steps_scale else None, **kw)
@@ -107,6 +110,11 @@ def build_optimizer(cfg: TrainConfig, key: jax.Array
         state_quant=8 if sq is None else sq,
         proj_group_size=_proj_group(cfg))
   raise ValueError(f"Unknown optimizer {cfg.optimizer}.")  # pragma: no cover
+
+
+def _given(**kw) -> dict:
+  """The keyword arguments that are not None (None = optimizer default)."""
+  return {k: v for k, v in kw.items() if v is not None}
 
 
 def _proj_group(cfg: TrainConfig) -> int:

@@ -1,0 +1,221 @@
+"""jqlm.train.compare and experiments/: the official configs carry the
+spec's hyper-parameters, the CPU suites are exactly their scaled-down
+versions, and a tiny suite runs end to end (table numbers recomputed from
+the runs, finished runs reused, plots written)."""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from jqlm import cli, train
+from jqlm.train import compare
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "experiments" / "configs"
+SUITES = ROOT / "experiments" / "suites"
+
+
+def _config(spec):
+  return train.load_config(str(CONFIGS / spec))
+
+
+# (file:arg) -> the spec's values (an independent transcription of
+# ../shared/spec/optimizers.md §2.5, §3.3, §4.4, §5.5)
+OFFICIAL = {
+  "spam.py:130m": dict(model="llama_130m", lr=8e-4, steps=20_000,
+                       warmup_steps=1_000, spike_threshold=5000.0,
+                       reset_interval=500, reset_warmup_steps=150,
+                       spike_grace_steps=20, optimizer="spam"),
+  "spam.py:350m": dict(model="llama_350m", lr=4e-4, steps=60_000,
+                       warmup_steps=1_000, reset_interval=500),
+  "stable_spam.py:int4": dict(model="llama_350m", quant="int4", lr=4e-4,
+                              warmup_steps=2_000, steps=20_000, gamma1=0.7,
+                              gamma2=0.9, gamma3=0.999, reset_interval=500,
+                              optimizer="stable_spam"),
+  "stable_spam.py:fp4": dict(model="llama_350m", quant="fp4", lr=4e-4,
+                             gamma1=0.7, gamma2=0.9, reset_interval=500),
+  "stable_spam.py:bf16": dict(model="llama_130m", quant="none", lr=8e-4,
+                              warmup_steps=2_000, gamma1=0.85,
+                              gamma2=0.99999, gamma3=0.999,
+                              reset_interval=1000),
+  "galore.py:60m": dict(model="llama_60m", rank=128, steps=10_000,
+                        warmup_steps=1_000, lr=0.01, update_proj_gap=200,
+                        galore_scale=0.25, grad_clip=0.0),
+  "galore.py:130m": dict(rank=256, steps=20_000, warmup_steps=2_000),
+  "galore.py:350m": dict(rank=256, steps=60_000, warmup_steps=6_000),
+  "galore.py:1b": dict(rank=1024, steps=100_000, warmup_steps=10_000),
+  "galore.py:7b": dict(model="llama_7b", rank=1024, steps=150_000,
+                       warmup_steps=15_000, lr=0.005, update_proj_gap=500,
+                       grad_clip=1.0),
+  "q_galore.py:60m": dict(lr=0.015, rank=128, steps=10_000,
+                          stochastic_round=True, optimizer="q_galore"),
+  "q_galore.py:130m": dict(lr=0.015, rank=256, steps=20_000),
+  "q_galore.py:350m": dict(lr=0.01, rank=256, steps=60_000),
+  "q_galore.py:1b": dict(lr=0.01, rank=1024, steps=100_000),
+  "q_galore.py:7b": dict(lr=0.004, rank=1024, steps=150_000,
+                         warmup_steps=15_000, update_proj_gap=500,
+                         grad_clip=1.0),
+}
+
+
+@pytest.mark.parametrize("spec", sorted(OFFICIAL))
+def test_official_configs_hold_the_spec_values(spec):
+  cfg = _config(spec)
+  for key, want in OFFICIAL[spec].items():
+    got = getattr(cfg, key)
+    got = getattr(got, "value", got)
+    assert got == want, (spec, key, got, want)
+  # spec §1 and §6: common to every official run
+  assert (cfg.batch_size, cfg.seq_len, cfg.vocab_size) == (512, 256, 32000)
+  assert (cfg.data, cfg.data_config, cfg.tokenizer) == ("allenai/c4", "en",
+                                                        "t5-base")
+  assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "bfloat16")
+  assert cfg.min_lr_ratio == 0.1 and cfg.weight_decay == 0.0
+  assert cfg.schedule is train.ScheduleKind.COSINE
+  assert cfg.batch_size % cfg.grad_accum == 0
+  # the optimizer builds from it (no arrays are made)
+  assert train.build_optimizer(cfg, jax.random.key(0)) is not None
+
+
+def test_config_file_argument_errors():
+  with pytest.raises(ValueError, match="choose one of"):
+    _config("galore.py:13m")
+  with pytest.raises(ValueError, match="Unknown config"):
+    train.load_config(str(CONFIGS / "nope.py:1b"))
+
+
+@pytest.mark.parametrize("paper,cpu", [("stable_spam_350m.py", "stable_spam"),
+                                       ("spam_130m.py", "spam"),
+                                       ("q_galore_130m.py", "q_galore")])
+def test_cpu_suites_are_the_paper_suites_scaled_down(paper, cpu):
+  big = compare.load_suite(str(SUITES / paper))
+  small = compare.SUITES[cpu]()
+  assert [a.name for a in big.arms] == [a.name for a in small.arms]
+  assert (big.target, big.reference) == (small.target, small.reference)
+  for arm in big.arms:
+    want = compare.scale_down(arm.config).replace(workdir="-")
+    assert small.arm(arm.name).config.replace(workdir="-") == want, arm.name
+
+
+def test_scale_down_and_rescale_steps():
+  cfg = _config("stable_spam.py:int4")
+  small = compare.scale_down(cfg, steps=1000, lr_factor=4.0)
+  assert small.steps == 1000 and small.warmup_steps == 100  # 2000 / 20K
+  assert small.lr == pytest.approx(1.6e-3)
+  # the optimizer's own step constants and non-step settings are kept
+  for key in ("reset_interval", "gamma1", "gamma2", "gamma3", "quant",
+              "optimizer", "total_steps_scale", "grad_clip"):
+    assert getattr(small, key) == getattr(cfg, key), key
+  assert small.data == "stdlib" and small.hidden_size == 128
+  g = compare.scale_down(_config("galore.py:130m"))
+  assert g.rank == 40  # 256 * 128 / 768, to a multiple of 8
+  assert g.update_proj_gap == 200
+  assert compare.rescale_steps(cfg, 10).warmup_steps == 1
+  with pytest.raises(ValueError, match="steps must be >= 2"):
+    compare.rescale_steps(cfg, 1)
+
+
+def test_suite_validation():
+  a = train.TrainConfig(steps=10, warmup_steps=1)
+  with pytest.raises(ValueError, match="repeat"):
+    compare.Suite("s", "t", (compare.Arm("x", a), compare.Arm("x", a)))
+  with pytest.raises(ValueError, match="target='y' is not an arm"):
+    compare.Suite("s", "t", (compare.Arm("x", a),), target="y")
+  with pytest.raises(ValueError, match="one token budget"):
+    compare.Suite("s", "t", (compare.Arm("x", a),
+                             compare.Arm("y", a.replace(steps=20))))
+  with pytest.raises(ValueError, match="seeds must be distinct"):
+    compare.Suite("s", "t", (compare.Arm("x", a),), seeds=(1, 1))
+  with pytest.raises(ValueError, match="without spaces or slashes"):
+    compare.Arm("a/b", a)
+  with pytest.raises(ValueError, match="Unknown suite"):
+    compare.load_suite("nope")
+
+
+def test_crossing_step_interpolates():
+  ev = [{"step": 10, "eval_loss": 5.0}, {"step": 20, "eval_loss": 4.0},
+        {"step": 30, "eval_loss": 3.0}]
+  assert compare.crossing_step(ev, 4.5) == pytest.approx(15.0)
+  assert compare.crossing_step(ev, 3.0) == pytest.approx(30.0)
+  assert compare.crossing_step(ev, 6.0) == 10.0  # already below at first
+  assert compare.crossing_step(ev, 2.9) is None
+
+
+TINY = dict(model="llama_tiny", hidden_size=32, intermediate_size=64,
+            num_layers=1, num_heads=2, num_kv_heads=2, vocab_size=300,
+            data_max_bytes=60_000, seq_len=16, batch_size=8, steps=4,
+            warmup_steps=1, lr=3e-3, log_every=1, eval_every=2,
+            eval_batches=1, ckpt_every=4, rank=8, update_proj_gap=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("suite"))
+  base = train.TrainConfig(**TINY)
+  suite = compare.Suite(
+    name="tiny", title="tiny", seeds=(0, 1), target="adam",
+    reference="adam",
+    arms=(compare.Arm("adam", base.replace(optimizer="adamw")),
+          # GaLore's state must checkpoint (it once held empty arrays)
+          compare.Arm("galore", base.replace(optimizer="galore"))))
+  return suite, out, compare.run_suite(suite, out, log=None)
+
+
+def test_run_suite_table_matches_the_runs(tiny_result):
+  suite, out, res = tiny_result
+  assert len(res.records) == 4
+  rows = {r.name: r for r in res.summary()}
+  for arm in ("adam", "galore"):
+    finals = [json.loads(line)["eval_loss"] for s in (0, 1)
+              for line in open(os.path.join(out, arm, f"seed{s}",
+                                            "metrics.jsonl"))
+              if "eval_loss" in line][1::2]  # the step-4 evaluations
+    assert rows[arm].eval_loss == pytest.approx(np.mean(finals))
+    assert rows[arm].eval_loss_std == pytest.approx(np.std(finals, ddof=1))
+    assert rows[arm].ppl == pytest.approx(np.mean(np.exp(finals)))
+    delta = np.mean(finals) - rows["adam"].eval_loss
+    assert rows[arm].delta == pytest.approx(delta)
+  # the target reaches its own final loss at its last evaluation
+  assert rows["adam"].steps_to_target == pytest.approx(4.0)
+  assert rows["adam"].reached == 2
+  table = res.table()
+  assert table.count("\n") == 3  # header, rule, two arms
+  assert f"{rows['galore'].eval_loss:.4f}" in table
+  # seeds differ (init and data order), arms share a seed's data
+  assert res.final_loss("adam", 0) != res.final_loss("adam", 1)
+
+
+def test_run_suite_saves_and_reuses(tiny_result):
+  suite, out, res = tiny_result
+  paths = res.save(out, command="jqlm compare tiny")
+  assert all(os.path.getsize(p) > 0 for p in paths.values())
+  md = open(paths["md"]).read()
+  assert "`jqlm compare tiny`" in md and res.table() in md
+  data = json.load(open(paths["json"]))
+  assert [s["name"] for s in data["summary"]] == ["adam", "galore"]
+  again = compare.run_suite(suite, out, log=None)
+  assert all(r.reused for r in again.records)
+  assert again.table() == res.table()
+  # a changed config is not reused
+  changed = dataclasses.replace(suite, seeds=(0,)).with_overrides(lr=1e-3)
+  fresh = compare.run_suite(changed, out, log=None)
+  assert not any(r.reused for r in fresh.records)
+  assert math.isfinite(fresh.summary()[0].eval_loss)
+
+
+def test_compare_cli(tmp_path, capsys):
+  assert cli.main(["compare", "--list"]) == 0
+  listed = capsys.readouterr().out
+  for name in compare.SUITES:
+    assert name in listed
+  assert cli.main(["compare", "nope"]) == 2
+  assert "Unknown suite" in capsys.readouterr().err
+  assert cli.main(["compare", "spam", "--arms", "adam,nope",
+                   "--out", str(tmp_path)]) == 2
+  assert "not in suite" in capsys.readouterr().err
