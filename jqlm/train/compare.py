@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 
@@ -267,6 +268,8 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
         cache_dir=os.path.join(out_dir, "cache"))
       rec = _finished(cfg) if reuse else None
       if rec is None:
+        # the suite owns this directory: a stale or changed run is replaced
+        shutil.rmtree(cfg.workdir, ignore_errors=True)
         t0 = time.perf_counter()
         res = run(cfg, progress=False)
         wall = time.perf_counter() - t0
@@ -287,7 +290,9 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
 @dataclasses.dataclass(frozen=True)
 class ArmSummary:
   """An arm's numbers over its seeds (means, sample std; NaN when one
-  seed)."""
+  seed). ``delta``: held-out loss minus the reference arm's, paired by
+  seed; ``steps_to_target``: mean over the seeds that reach the target
+  arm's final loss (``reached`` of ``n``)."""
 
   name: str
   n: int
@@ -296,6 +301,7 @@ class ArmSummary:
   ppl: float
   train_loss: float
   delta: float | None
+  delta_std: float | None
   steps_to_target: float | None
   steps_to_target_std: float | None
   reached: int
@@ -350,11 +356,11 @@ class SuiteResult:
       ev, ev_sd = _mean_std(finals)
       tail = [np.mean([m["loss"] for m in r.metrics[-max(
         1, len(r.metrics) // 10):]]) for r in runs]
-      delta = None
-      if suite.reference is not None:
-        delta = float(np.mean([
+      delta = delta_sd = None
+      if suite.reference is not None:  # paired by seed
+        delta, delta_sd = _mean_std([
           r.evals[-1]["eval_loss"] - self.final_loss(suite.reference, r.seed)
-          for r in runs]))
+          for r in runs])
       hits, reached = [], 0
       if suite.target is not None:
         for r in runs:
@@ -366,7 +372,8 @@ class SuiteResult:
       out.append(ArmSummary(
         name=arm.name, n=len(runs), eval_loss=ev, eval_loss_std=ev_sd,
         ppl=float(np.mean([math.exp(x) for x in finals])),
-        train_loss=float(np.mean(tail)), delta=delta, steps_to_target=st,
+        train_loss=float(np.mean(tail)), delta=delta, delta_std=delta_sd,
+        steps_to_target=st,
         steps_to_target_std=st_sd, reached=reached,
         spikes=float(np.mean([sum(m.get("spikes", 0.0) for m in r.metrics)
                               / max(len(r.metrics), 1) for r in runs])),
@@ -399,7 +406,7 @@ class SuiteResult:
       cells = [r.name, opt, c.quant, f"{c.lr:g}",
                _pm(r.eval_loss, r.eval_loss_std), f"{r.ppl:.2f}"]
       if suite.reference is not None:
-        cells.append(f"{r.delta:+.4f}")
+        cells.append(_pm(r.delta, r.delta_std, sign=True))
       if suite.target is not None:
         if r.steps_to_target is None:
           cells.append(f"not reached (0/{r.n})")
@@ -486,8 +493,9 @@ class SuiteResult:
     return paths
 
 
-def _pm(mean: float, sd: float) -> str:
-  return f"{mean:.4f}" if math.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
+def _pm(mean: float, sd: float, sign: bool = False) -> str:
+  m = f"{mean:+.4f}" if sign else f"{mean:.4f}"
+  return m if math.isnan(sd) else f"{m} ± {sd:.4f}"
 
 
 # ---------------------------------------------------------------------------

@@ -62,6 +62,13 @@ def prepare_data(cfg: TrainConfig):
     ValueError: a tokenizer larger than ``vocab_size``, or a token id that
       the model's embedding cannot hold.
   """
+  if cfg.eval_split is not None and (cfg.data == "stdlib" or os.path.exists(
+      cfg.data)):
+    raise ValueError(
+      f"eval_split={cfg.eval_split!r} names a split of a hub dataset, but "
+      f"data={cfg.data!r} is local: the held-out data is the corpus' own "
+      "eval split ('stdlib') or the stream's last 2% (local files). Unset "
+      "eval_split.")
   cache = cfg.cache_dir or os.path.join(cfg.workdir, "cache")
   os.makedirs(cache, exist_ok=True)
   fp = jdata.tokenizer.fingerprint([cfg.data, str(cfg.data_config),
@@ -249,6 +256,12 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
   ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
                       keep=cfg.keep_checkpoints)
   position = jdata.DataPosition()
+  if not resume and ckpt.steps():
+    ckpt.close()
+    raise ValueError(
+      f"{cfg.workdir} already holds checkpoints (steps {ckpt.steps()}) of "
+      "an earlier run. Resume it (resume=True, jqlm train --resume), or "
+      "use another workdir, or delete that one.")
   if resume:
     state, position, _ = ckpt.restore(_abstract_state(s))
   else:

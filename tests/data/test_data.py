@@ -101,3 +101,24 @@ def test_tokenize_to_array_appends_eos_and_caches(tmp_path):
   arr = data.tokenize_to_array(texts, tok, cache_path=path)
   assert arr.dtype == np.int32 and int((arr == 0).sum()) >= len(texts)
   np.testing.assert_array_equal(np.load(path), arr)
+
+
+def test_hub_tokenizer_offline_and_eos(tmp_path, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
+    data.load_tokenizer("t5-base")
+  with pytest.raises(FileNotFoundError, match="No tokenizer.json"):
+    data.load_tokenizer(str(tmp_path / "missing.json"))
+  texts = list(data.load_texts("stdlib", max_bytes=60_000))
+  tok = data.train_tokenizer(texts, 300)
+  assert data.eos_id(tok) == 0  # <|endoftext|>
+  tok.add_special_tokens(["</s>"])
+  assert data.eos_id(tok) == tok.token_to_id("</s>") == 300
+
+
+def test_max_bytes_limits_any_source(tmp_path):
+  for i in range(10):
+    (tmp_path / f"{i}.txt").write_text("y" * 1000)
+  docs = list(data.load_texts(str(tmp_path), max_bytes=2500))
+  assert len(docs) == 3  # stops once 2500 bytes were read
+  assert len(list(data.load_texts(str(tmp_path)))) == 10

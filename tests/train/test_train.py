@@ -240,3 +240,78 @@ def test_an_interrupted_save_is_ignored(tmp_path, baseline):
   setup = train.setup(cfg, models.make_mesh())
   _, _, step = train.Checkpointer(ck).restore(jax.eval_shape(setup.init))
   assert step == 12
+
+
+def test_config_optimizer_constants_reach_the_optimizer():
+  """The SPAM / Stable-SPAM fields of TrainConfig build the same optimizer
+  as the direct call (one update on a small tree, bit-equal); None keeps
+  the optimizer's own default; bad values are rejected."""
+  import optax  # noqa: PLC0415
+
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
+  grads = [{"w": jnp.cos(jnp.arange(12.0) * (k + 1)).reshape(3, 4)}
+           for k in range(4)]
+
+  def run(tx):
+    state = tx.init(params)
+    for g in grads:
+      u, state = tx.update(g, state, params)
+    return np.asarray(u["w"])
+
+  cfg = train.TrainConfig(optimizer="stable_spam", gamma1=0.85,
+                          gamma2=0.99999, gamma3=0.99, reset_interval=3,
+                          steps=50, warmup_steps=1)
+  sched = train.lr_schedule(cfg)
+  want = optim.stable_spam(sched, gamma1=0.85, gamma2=0.99999, gamma3=0.99,
+                           reset_interval=3, total_steps=50)
+  got = train.build_optimizer(cfg, jax.random.key(0))
+  np.testing.assert_array_equal(run(got), run(want))
+  default = train.build_optimizer(cfg.replace(gamma1=None),
+                                  jax.random.key(0))
+  assert not np.array_equal(run(default), run(want))
+  cfg = train.TrainConfig(optimizer="spam", spike_threshold=2.0,
+                          reset_interval=3, reset_warmup_steps=1,
+                          spike_grace_steps=1, steps=50, warmup_steps=1)
+  want = optim.spam(train.lr_schedule(cfg), spike_threshold=2.0,
+                    reset_interval=3, warmup_steps=1, grace_steps=1)
+  np.testing.assert_array_equal(
+    run(train.build_optimizer(cfg, jax.random.key(0))), run(want))
+  assert isinstance(want, optax.GradientTransformation)
+  for bad, match in ((dict(gamma1=1.0), "gamma1"),
+                     (dict(spike_grace_steps=-1), "spike_grace_steps"),
+                     (dict(reset_interval=0), "reset_interval"),
+                     (dict(spike_threshold=0.0), "spike_threshold")):
+    with pytest.raises(ValueError, match=match):
+      train.TrainConfig(**bad)
+
+
+def test_prepare_data_rejects_ids_outside_the_vocab(tmp_path):
+  """A tokenizer whose added tokens lie past vocab_size passes the size
+  check (T5's sentinels do), but a text that produces one is an error,
+  not a silently clamped embedding lookup."""
+  from jqlm import data  # noqa: PLC0415
+
+  texts = list(data.load_texts("stdlib", max_bytes=60_000))
+  tok = data.train_tokenizer(texts, 300)
+  tok.add_tokens(["<extra_id_0>"])
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "docs").mkdir()
+  (tmp_path / "docs" / "a.txt").write_text("x = 1 <extra_id_0>\n" * 200)
+  cfg = train.TrainConfig(data=str(tmp_path / "docs"),
+                          tokenizer=str(tmp_path / "tokenizer.json"),
+                          vocab_size=300, seq_len=8,
+                          workdir=str(tmp_path / "run"))
+  with pytest.raises(ValueError, match="hold id 300"):
+    train.prepare_data(cfg)
+  with pytest.raises(ValueError, match="vocab_size >= 300"):
+    train.prepare_data(cfg.replace(vocab_size=200))
+  with pytest.raises(ValueError, match="eval_split"):
+    train.prepare_data(cfg.replace(vocab_size=301, eval_split="validation"))
+  _, tr, ev = train.prepare_data(cfg.replace(vocab_size=301))
+  assert int(np.max(tr.tokens)) == 300 and len(ev.tokens) > 0
+
+
+def test_fresh_run_into_a_used_workdir_is_refused(baseline):
+  cfg, _ = baseline
+  with pytest.raises(ValueError, match="already holds checkpoints"):
+    train.run(cfg, progress=False)
