@@ -125,16 +125,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
       compare.Arm(a.name, config.apply_overrides(a.config, args.set))
       for a in suite.arms))
   if args.arms:
-    keep = [x.strip() for x in args.arms.split(",")]
-    names = [a.name for a in suite.arms]
-    unknown = [k for k in keep if k not in names]
-    if unknown:
-      raise ValueError(f"--arms: {unknown} not in suite {suite.name!r} "
-                       f"(arms: {names}).")
-    suite = dataclasses.replace(
-      suite, arms=tuple(a for a in suite.arms if a.name in keep),
-      target=suite.target if suite.target in keep else None,
-      reference=suite.reference if suite.reference in keep else None)
+    suite = suite.select([x.strip() for x in args.arms.split(",")])
   out = args.out or f"runs/compare/{suite.name}"
   c = suite.arms[0].config
   print(f"jqlm compare {suite.name}: {len(suite.arms)} arms x "

@@ -24,6 +24,7 @@ CPU_PARAMS = {
                          "'stable_spam_int4')\n"
                          f"MODEL = {TINY_MODEL}"),
   "3_q_galore_memory": ("CONFIGS = ('60M',)\nSTEPS = 6\nSEEDS = (0,)\n"
+                        "ARMS = ('q_galore_sr',)\n"
                         f"MODEL = {{**{TINY_MODEL}, 'rank': 8}}"),
   "4_kernels": "CHECK = (16, 256, 128)\nMS = (4,)\n"
                "SHAPES = {'tiny': (256, 128)}",

@@ -63,7 +63,8 @@ class MemoryReport:
 
   def table(self, unit: str = "GiB") -> str:
     """A small text table of the parts."""
-    div = {"GiB": 2**30, "MiB": 2**20, "GB": 1e9, "MB": 1e6}[unit]
+    div = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "GB": 1e9, "MB": 1e6,
+           "KB": 1e3}[unit]
     rows = [("params", self.params),
             ("  of which quantized", self.params_quantized)]
     rows += [(f"state.{k}", v) for k, v in sorted(self.state.items())]

@@ -51,10 +51,11 @@ def _run(opt, params, grads, dtype):
     u, state = opt.update(g, state, p)
     return optax.apply_updates(p, u), state
 
+  count = jax.jit(lambda s: optim.spike_diagnostics(s).spike_count)
   traj, spikes = [], 0
   for g in grads:
     p, state = step(p, state, {k: jnp.asarray(v, dtype) for k, v in g.items()})
-    spikes += int(optim.spike_diagnostics(state).spike_count)
+    spikes += int(count(state))
     traj.append({k: np.asarray(v, np.float64) for k, v in p.items()})
   return traj, spikes
 

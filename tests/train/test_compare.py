@@ -136,6 +136,13 @@ def test_suite_validation():
     compare.Arm("a/b", a)
   with pytest.raises(ValueError, match="Unknown suite"):
     compare.load_suite("nope")
+  full = compare.SUITES["q_galore"]()
+  part = full.select(["q_galore_rne", "adam"])
+  assert [x.name for x in part.arms] == ["adam", "q_galore_rne"]
+  assert part.target is None and part.reference is None
+  assert full.select(["galore", "adam"]).target == "galore"
+  with pytest.raises(ValueError, match="not in suite"):
+    full.select(["sgd"])
 
 
 def test_crossing_step_interpolates():
