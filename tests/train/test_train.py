@@ -303,7 +303,7 @@ def test_prepare_data_rejects_ids_outside_the_vocab(tmp_path):
                           workdir=str(tmp_path / "run"))
   with pytest.raises(ValueError, match="hold id 300"):
     train.prepare_data(cfg)
-  with pytest.raises(ValueError, match="set vocab_size > 2"):
+  with pytest.raises(ValueError, match="vocab_size=200; set vocab_size > 300"):
     train.prepare_data(cfg.replace(vocab_size=200))
   with pytest.raises(ValueError, match="eval_split"):
     train.prepare_data(cfg.replace(vocab_size=301, eval_split="validation"))
