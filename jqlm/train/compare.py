@@ -470,6 +470,8 @@ class SuiteResult:
       ax.set_ylabel(label)
       if log:
         ax.set_yscale("log")
+      if key in ("loss", "eval_loss"):
+        _zoom_to_late_steps(ax)
     axes[0, 1].legend(fontsize=8)
     fig.suptitle(f"{self.suite.title} ({len(self.suite.seeds)} seeds)")
     fig.tight_layout()
@@ -510,6 +512,21 @@ class SuiteResult:
       json.dump(self.to_json(), f, indent=1)
     self.plot(paths["png"])
     return paths
+
+
+def _zoom_to_late_steps(ax, frac: float = 0.2) -> None:
+  """Y-limits that show the curves after the first ``frac`` of the steps,
+  where the arms differ (the first steps span most of the loss range)."""
+  lo, hi = math.inf, -math.inf
+  for line in ax.get_lines():
+    x, y = np.asarray(line.get_xdata(), float), np.asarray(
+      line.get_ydata(), float)
+    late = y[x >= frac * x.max()] if x.size else y
+    if late.size:
+      lo, hi = min(lo, late.min()), max(hi, late.max())
+  if math.isfinite(lo) and hi > lo:
+    pad = 0.05 * (hi - lo)
+    ax.set_ylim(lo - pad, hi + pad)
 
 
 def _pm(mean: float, sd: float, sign: bool = False) -> str:
