@@ -14,7 +14,8 @@ from nbclient import NotebookClient
 COLAB = pathlib.Path(__file__).resolve().parents[1] / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 
-TINY_MODEL = ('{"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, '
+TINY_MODEL = ('{"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, '
+              '"num_heads": 2, '
               '"num_kv_heads": 2, "vocab_size": 300, "seq_len": 16, '
               '"data_max_bytes": 100_000, "eval_batches": 1}')
 CPU_PARAMS = {
