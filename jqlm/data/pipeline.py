@@ -168,6 +168,7 @@ def _hf_texts(source, *, split, text_field, config, cache_dir):
 
 
 def tokenize_to_array(texts: Iterable[str], tokenizer, *, eos_id: int = 0,
+                      vocab_size: int | None = None,
                       cache_path: str | None = None,
                       batch_docs: int = 256) -> np.ndarray:
   """One int32 token stream: every document's ids followed by ``eos_id``.
@@ -176,6 +177,11 @@ def tokenize_to_array(texts: Iterable[str], tokenizer, *, eos_id: int = 0,
   tokenizer would otherwise append a second ``</s>``). With ``cache_path``
   (a ``.npy``), a cached stream is loaded memory-mapped, or the new one
   saved atomically.
+
+  Raises:
+    ValueError: with ``vocab_size``, an id >= it (an embedding lookup
+      would clamp it silently); checked before the stream is cached, so a
+      cached stream never holds one.
   """
   if cache_path is not None and os.path.exists(cache_path):
     return np.load(cache_path, mmap_mode="r")
@@ -194,6 +200,10 @@ def tokenize_to_array(texts: Iterable[str], tokenizer, *, eos_id: int = 0,
   if batch:
     flush()
   tokens = np.concatenate(chunks) if chunks else np.zeros((0,), np.int32)
+  top = int(tokens.max()) if tokens.size else 0
+  if vocab_size is not None and top >= vocab_size:
+    raise ValueError(f"The tokens hold id {top}, outside the model's "
+                     f"vocab_size={vocab_size}; set vocab_size > {top}.")
   if cache_path is not None:
     os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
     tmp = cache_path + ".tmp.npy"

@@ -78,8 +78,8 @@ def rescale_steps(cfg: TrainConfig, steps: int) -> TrainConfig:
 def scale_down(cfg: TrainConfig, *, steps: int = 1000,
                lr_factor: float = 4.0
                ) -> TrainConfig:
-  """An official config shrunk to run on a 2-core CPU in well under a
-  minute, keeping what the comparison is about.
+  """An official config shrunk to run on a 2-core CPU in about a minute
+  and a half, keeping what the comparison is about.
 
   Kept: optimizer, its non-step hyper-parameters (γ's, θ, GaLore scale,
   state quantization, stochastic rounding), QAT policy, LR schedule shape,
@@ -94,8 +94,8 @@ def scale_down(cfg: TrainConfig, *, steps: int = 1000,
   * the learning rate: times ``lr_factor``. The default 4 was chosen once,
     before any comparison ran, as the best of 1, 4, 8 and 16 for AdamW at
     lr 4e-4 on this model (held-out loss 4.97, 4.17, 4.25, 4.42 after 400
-    steps of a first draft of these settings); every arm of every suite gets the same factor, so the arms'
-    LRs keep the papers' ratios.
+    steps of a first draft of these settings); every arm of every suite
+    gets the same factor, so the arms' LRs keep the papers' ratios.
   """
   width = models.PRESETS[cfg.model]().hidden_size
   if cfg.hidden_size is not None:
@@ -233,7 +233,7 @@ class RunRecord:
   reused: bool = False
 
 
-def _finished(cfg: TrainConfig) -> RunRecord | None:
+def _finished(arm: str, cfg: TrainConfig) -> RunRecord | None:
   """The record of a finished run in ``cfg.workdir`` with this exact
   config, or None."""
   try:
@@ -247,7 +247,7 @@ def _finished(cfg: TrainConfig) -> RunRecord | None:
     return None
   if not (same and evals and evals[-1]["step"] == cfg.steps):
     return None
-  return RunRecord(arm="", seed=cfg.seed, metrics=metrics, evals=evals,
+  return RunRecord(arm=arm, seed=cfg.seed, metrics=metrics, evals=evals,
                    wall_s=float(info["wall_s"]), reused=True)
 
 
@@ -285,7 +285,7 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
       cfg = arm.config.replace(
         seed=seed, workdir=os.path.join(out_dir, arm.name, f"seed{seed}"),
         cache_dir=os.path.join(out_dir, "cache"))
-      rec = _finished(cfg) if reuse else None
+      rec = _finished(arm.name, cfg) if reuse else None
       if rec is None:
         # the suite owns this directory: a stale or changed run is replaced
         shutil.rmtree(cfg.workdir, ignore_errors=True)
@@ -294,9 +294,8 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
         wall = time.perf_counter() - t0
         with open(os.path.join(cfg.workdir, "run.json"), "w") as f:
           json.dump({"wall_s": wall, "skipped": res.skipped}, f)
-        rec = RunRecord(arm="", seed=seed, metrics=res.metrics,
+        rec = RunRecord(arm=arm.name, seed=seed, metrics=res.metrics,
                         evals=res.evals, wall_s=wall)
-      rec.arm = arm.name
       records.append(rec)
       if log is not None:
         ev = rec.evals[-1]["eval_loss"] if rec.evals else float("nan")
