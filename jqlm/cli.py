@@ -79,9 +79,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
   cfg = train.apply_overrides(train.load_config(args.config), args.set or [])
   train.distributed_init(cfg)
-  print(f"jqlm train: {cfg.model} ({cfg.quant} QAT), {cfg.optimizer.value}, "
-        f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens on "
-        f"{cfg.data!r}; work dir {cfg.workdir}")
+  m, d = cfg.model, cfg.data
+  print(f"jqlm train: {m.preset} ({m.quant} QAT), "
+        f"{cfg.optimizer.kind.value}, {cfg.run.steps} steps of "
+        f"{d.batch_size}x{d.seq_len} tokens on {d.source!r}; work dir "
+        f"{cfg.run.workdir}")
   res = train.run(cfg, resume=args.resume, progress=not args.no_progress)
   if res.metrics:
     first, last = res.metrics[0], res.metrics[-1]
@@ -91,7 +93,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     e = res.evals[-1]
     print(f"held-out loss {e['eval_loss']:.3f}, perplexity "
           f"{e['eval_ppl']:.1f} (step {e['step']})")
-  print(f"wrote {cfg.workdir}/metrics.jsonl, curves.png, checkpoints/"
+  print(f"wrote {cfg.run.workdir}/metrics.jsonl, curves.png, checkpoints/"
         + (f"; {res.skipped} non-finite steps skipped" if res.skipped
            else ""))
   return 0
@@ -108,7 +110,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
       s = make()
       c = s.arms[0].config
       print(f"{name}: {s.title}; arms {', '.join(a.name for a in s.arms)}; "
-            f"{len(s.seeds)} seeds x {c.steps} steps")
+            f"{len(s.seeds)} seeds x {c.run.steps} steps")
     return 0
   suite = compare.load_suite(args.suite)
   if args.steps is not None:
@@ -129,8 +131,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
   out = args.out or f"runs/compare/{suite.name}"
   c = suite.arms[0].config
   print(f"jqlm compare {suite.name}: {len(suite.arms)} arms x "
-        f"{len(suite.seeds)} seeds, {c.steps} steps of {c.batch_size}x"
-        f"{c.seq_len} tokens; output {out}")
+        f"{len(suite.seeds)} seeds, {c.run.steps} steps of "
+        f"{c.data.batch_size}x{c.data.seq_len} tokens; output {out}")
   result = compare.run_suite(suite, out, reuse=not args.fresh)
   command = "jqlm " + " ".join(shlex.quote(a) for a in args.argv)
   paths = result.save(out, command=command)
@@ -203,11 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     "train", help="train a model (jqlm.train.run)",
     description="Train per a config: a preset name (default, demo) or a "
     ".py file whose get_config() returns a jqlm.train.TrainConfig; "
-    "--set key=value overrides fields (coerced to their types).")
+    "--set section.field=value overrides fields (coerced to their types), "
+    "e.g. --set optimizer.lr=1e-3 --set model.num_layers=4 --set "
+    "run.steps=300; --set optimizer=KIND switches the optimizer to that "
+    "kind's defaults.")
   tr.add_argument("--config", default="default",
                   help="preset name or path to a config .py / config.json")
-  tr.add_argument("--set", action="append", metavar="KEY=VALUE",
-                  help="override a config field (repeatable)")
+  tr.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                  help="override a config field, e.g. optimizer.lr=1e-3 "
+                  "(repeatable; applied in order)")
   tr.add_argument("--resume", action="store_true",
                   help="continue from the newest checkpoint of the work dir")
   tr.add_argument("--no-progress", action="store_true",
@@ -230,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every arm for this many steps (LR warmup in proportion)")
   cmp.add_argument("--arms", default=None,
                    help="comma-separated subset of the arms")
-  cmp.add_argument("--set", action="append", metavar="KEY=VALUE",
+  cmp.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a config field of every arm (repeatable)")
   cmp.add_argument("--fresh", action="store_true",
                    help="retrain runs that already finished")

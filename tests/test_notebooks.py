@@ -14,19 +14,20 @@ from nbclient import NotebookClient
 COLAB = pathlib.Path(__file__).resolve().parents[1] / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 
-TINY_MODEL = ('{"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, '
-              '"num_heads": 2, '
-              '"num_kv_heads": 2, "vocab_size": 300, "seq_len": 16, '
-              '"data_max_bytes": 100_000, "eval_batches": 1}')
+TINY = ('"model": {"hidden_size": 32, "intermediate_size": 64, '
+        '"num_layers": 1, "num_heads": 2, "num_kv_heads": 2, '
+        '"vocab_size": 300}, "data": {"seq_len": 16, "max_bytes": 100_000}, '
+        '"run": {"eval_batches": 1}')
 CPU_PARAMS = {
   "1_quickstart": "ROWS, COLS = 16, 256\nSTEPS = 60",
   "2_stable_spam_4bit": ("STEPS = 6\nSEEDS = (0,)\n"
                          "ARMS = ('adam_bf16', 'adam_int4', "
                          "'stable_spam_int4')\n"
-                         f"MODEL = {TINY_MODEL}"),
+                         f"OVERRIDES = {{{TINY}}}"),
   "3_q_galore_memory": ("CONFIGS = ('60M',)\nSTEPS = 6\nSEEDS = (0,)\n"
                         "ARMS = ('q_galore_sr',)\n"
-                        f"MODEL = {{**{TINY_MODEL}, 'rank': 8}}"),
+                        f"OVERRIDES = {{{TINY}, 'optimizer': "
+                        "{'rank': 8}}"),
   "4_kernels": "CHECK = (16, 256, 128)\nMS = (4,)\n"
                "SHAPES = {'tiny': (256, 128)}",
 }

@@ -13,7 +13,8 @@ validation ppl): 34.88 / 25.36 / 18.95 / 15.64 for 60M / 130M / 350M / 1B.
 * ``7b``: rank 1024, 150K steps, lr 0.005, gap 500, gradient clipping 1.0.
 """
 
-from jqlm.train.config import TrainConfig, official_c4, pick
+from jqlm.train import GaLoreConfig, TrainConfig, official_c4
+from jqlm.train.presets import pick
 
 SIZES = {  # model, rank, steps, lr, gap, clip, grad_accum
   "60m": ("llama_60m", 128, 10_000, 0.01, 200, 0.0, 2),
@@ -27,7 +28,7 @@ SIZES = {  # model, rank, steps, lr, gap, clip, grad_accum
 def get_config(arg: str = "130m") -> TrainConfig:
   model, rank, steps, lr, gap, clip, accum = pick(SIZES, arg, "galore.py")
   return official_c4(
-    model=model, steps=steps, grad_accum=accum, optimizer="galore", lr=lr,
-    warmup_steps=steps // 10, rank=rank, update_proj_gap=gap,
-    galore_scale=0.25, grad_clip=clip, quant="none",
+    preset=model, steps=steps, grad_accum=accum,
+    optimizer=GaLoreConfig(lr=lr, warmup_steps=steps // 10, rank=rank,
+                           update_proj_gap=gap, scale=0.25, grad_clip=clip),
     workdir=f"runs/galore_{arg}")

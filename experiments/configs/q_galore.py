@@ -14,10 +14,11 @@ no clipping up to 1B.
   "LLaMA-7B in 16 GB" run (``jqlm bench memory``: 10.66 GiB of params and
   optimizer state).
 
-``--set stochastic_round=false`` gives the round-to-nearest ablation.
+``--set optimizer.stochastic_round=false`` gives the round-to-nearest ablation.
 """
 
-from jqlm.train.config import TrainConfig, official_c4, pick
+from jqlm.train import QGaLoreConfig, TrainConfig, official_c4
+from jqlm.train.presets import pick
 
 SIZES = {  # model, lr, rank, steps, gap, clip, grad_accum
   "60m": ("llama_60m", 0.015, 128, 10_000, 200, 0.0, 2),
@@ -31,7 +32,8 @@ SIZES = {  # model, lr, rank, steps, gap, clip, grad_accum
 def get_config(arg: str = "130m") -> TrainConfig:
   model, lr, rank, steps, gap, clip, accum = pick(SIZES, arg, "q_galore.py")
   return official_c4(
-    model=model, steps=steps, grad_accum=accum, optimizer="q_galore", lr=lr,
-    warmup_steps=steps // 10, rank=rank, update_proj_gap=gap,
-    galore_scale=0.25, grad_clip=clip, stochastic_round=True,
-    state_quant=8, quant="none", workdir=f"runs/q_galore_{arg}")
+    preset=model, steps=steps, grad_accum=accum,
+    optimizer=QGaLoreConfig(lr=lr, warmup_steps=steps // 10, rank=rank,
+                            update_proj_gap=gap, scale=0.25, grad_clip=clip,
+                            stochastic_round=True, state="8bit"),
+    workdir=f"runs/q_galore_{arg}")

@@ -16,7 +16,8 @@ ppl 23.56.
 There is no official 60M SPAM setting (a 60M run at lr 4e-3 diverged).
 """
 
-from jqlm.train.config import TrainConfig, official_c4, pick
+from jqlm.train import SpamConfig, TrainConfig, official_c4
+from jqlm.train.presets import pick
 
 SIZES = {  # model, lr, steps, warmup, grad_accum on one 80 GB GPU
   "130m": ("llama_130m", 8e-4, 20_000, 1_000, 2),
@@ -28,7 +29,8 @@ SIZES = {  # model, lr, steps, warmup, grad_accum on one 80 GB GPU
 def get_config(arg: str = "130m") -> TrainConfig:
   model, lr, steps, warmup, accum = pick(SIZES, arg, "spam.py")
   return official_c4(
-    model=model, steps=steps, grad_accum=accum, optimizer="spam", lr=lr,
-    warmup_steps=warmup, spike_threshold=5000.0, reset_interval=500,
-    reset_warmup_steps=150, spike_grace_steps=20, quant="none",
+    preset=model, steps=steps, grad_accum=accum,
+    optimizer=SpamConfig(lr=lr, warmup_steps=warmup, spike_threshold=5000.0,
+                         reset_interval=500, reset_warmup_steps=150,
+                         spike_grace_steps=20),
     workdir=f"runs/spam_{arg}")

@@ -15,7 +15,8 @@ no clipping, total_T 20000, cosine to 0.1x.
   loss 3.1045, ppl 22.30.
 """
 
-from jqlm.train.config import TrainConfig, official_c4, pick
+from jqlm.train import StableSpamConfig, TrainConfig, official_c4
+from jqlm.train.presets import pick
 
 SETTINGS = {  # model, quant, lr, gamma1, gamma2, gamma3, ΔT, grad_accum
   "int4": ("llama_350m", "int4", 4e-4, 0.7, 0.9, 0.999, 500, 4),
@@ -27,7 +28,8 @@ SETTINGS = {  # model, quant, lr, gamma1, gamma2, gamma3, ΔT, grad_accum
 def get_config(arg: str = "int4") -> TrainConfig:
   model, q, lr, g1, g2, g3, dt, accum = pick(SETTINGS, arg, "stable_spam.py")
   return official_c4(
-    model=model, steps=20_000, grad_accum=accum, optimizer="stable_spam",
-    quant=q, lr=lr, warmup_steps=2_000, gamma1=g1, gamma2=g2, gamma3=g3,
-    reset_interval=dt, total_steps_scale=True,
+    preset=model, steps=20_000, grad_accum=accum, quant=q,
+    optimizer=StableSpamConfig(lr=lr, warmup_steps=2_000, gamma1=g1,
+                               gamma2=g2, gamma3=g3, reset_interval=dt,
+                               total_steps_scale=True),
     workdir=f"runs/stable_spam_{arg}")

@@ -19,10 +19,12 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
 def get_suite() -> Suite:
   galore = train.load_config(os.path.join(CONFIGS, "galore.py:130m"))
   q = train.load_config(os.path.join(CONFIGS, "q_galore.py:130m"))
-  adam = galore.replace(optimizer="adamw", lr=8e-4)
+  adam = galore.replace(optimizer=galore.optimizer.with_kind("adamw",
+                                                             lr=8e-4))
   return Suite(name="q_galore_130m",
                title="Q-GaLore vs GaLore vs Adam, LLaMA-130M on C4",
                arms=(Arm("adam", adam), Arm("galore", galore),
                      Arm("q_galore_sr", q),
-                     Arm("q_galore_rne", q.replace(stochastic_round=False))),
+                     Arm("q_galore_rne", q.replace(
+                     optimizer={"stochastic_round": False}))),
                seeds=(0, 1, 2), target="galore", reference="galore")

@@ -15,9 +15,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
 
 def get_suite() -> Suite:
   spam = train.load_config(os.path.join(CONFIGS, "spam.py:130m"))
-  adam = spam.replace(optimizer="adamw", reset_interval=None,
-                      reset_warmup_steps=None, spike_grace_steps=None,
-                      spike_threshold=None)
+  adam = spam.replace(optimizer=spam.optimizer.with_kind("adamw"))
   return Suite(name="spam_130m", title="SPAM vs Adam, LLaMA-130M on C4",
                arms=(Arm("adam", adam), Arm("spam", spam)), seeds=(0, 1, 2),
                target="adam", reference="adam")

@@ -25,13 +25,12 @@ def get_suite() -> Suite:
   int4 = _config("stable_spam.py:int4")
   fp4 = _config("stable_spam.py:fp4")
   spam = _config("spam.py:350m")
-  adam = int4.replace(optimizer="adamw", gamma1=None, gamma2=None,
-                      gamma3=None, reset_interval=None)
-  spam_int4 = int4.replace(
-    optimizer="spam", gamma1=None, gamma2=None, gamma3=None,
-    **{k: getattr(spam, k) for k in ("reset_interval", "reset_warmup_steps",
-                                     "spike_grace_steps", "spike_threshold")})
-  arms = (Arm("adam_bf16", adam.replace(quant="none")),
+  # every arm runs the INT4 run's schedule; each optimizer keeps its own
+  # official constants (SPAM's from its 350M config)
+  sched = int4.optimizer.schedule_fields()
+  adam = int4.replace(optimizer=int4.optimizer.with_kind("adamw"))
+  spam_int4 = int4.replace(optimizer=spam.optimizer.replace(**sched))
+  arms = (Arm("adam_bf16", adam.replace(model={"quant": "none"})),
           Arm("adam_int4", adam),
           Arm("spam_int4", spam_int4),
           Arm("stable_spam_int4", int4),

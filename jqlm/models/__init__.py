@@ -16,10 +16,14 @@
 from jqlm.models.generate import decode_step, generate, sample_logits
 from jqlm.models.hf import load_hf_llama, save_hf_llama
 from jqlm.models.layers import (
+  BLOCK_LINEARS,
+  POLICIES,
   QLinear,
   QuantPolicy,
   QuantRule,
+  block_linear_mask,
   hadamard_w4a4,
+  module_path,
   stable_spam_fp4,
   stable_spam_int4,
   w4a16,
@@ -32,6 +36,7 @@ from jqlm.models.llama import (
   LlamaConfig,
   apply_rope,
   init_cache,
+  linear_shapes,
   llama2_7b,
   llama3_8b,
   llama_1b,
@@ -46,6 +51,7 @@ from jqlm.models.quantize import quantize_model, weight_bytes
 from jqlm.models.sharding import LOGICAL_RULES, make_mesh, to_pspec
 
 __all__ = [
+  "BLOCK_LINEARS", "POLICIES", "block_linear_mask", "linear_shapes", "module_path",
   "LOGICAL_RULES", "PRESETS", "KVCache", "Llama", "LlamaConfig", "QLinear",
   "QuantPolicy", "QuantRule", "apply_rope", "decode_step", "generate",
   "hadamard_w4a4", "init_cache", "load_hf_llama", "llama2_7b", "llama3_8b", "llama_130m",

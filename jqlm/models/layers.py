@@ -36,10 +36,65 @@ from flax import nnx
 
 from jqlm import ops, quant
 
-# The linears the official 4-bit runs quantize (spec §3.4): q, k, v, o, gate,
-# up, down. Embeddings, the LM head and norms stay in the compute dtype.
 BLOCK_LINEARS = ("*.attn.q", "*.attn.k", "*.attn.v", "*.attn.o",
                  "*.mlp.gate", "*.mlp.up", "*.mlp.down")
+"""The block linears, as ``fnmatch`` patterns over dotted module paths
+(``"layers.3.attn.q"``): q, k, v, o, gate, up and down. This is the one
+definition of the set of linears the methods act on: the QAT policies
+(spec §3.4), GaLore's and Q-GaLore's projected kernels (spec §1, §4, §5),
+Q-GaLore's int8 weights, the quantization-error report and the benchmarks'
+shapes all use it. Embeddings, the LM head and norms are not in it."""
+
+
+def module_path(param_path) -> str:
+  """The dotted module path of a param's key path:
+  ``("layers", 0, "attn", "q", "kernel")`` (or jax key entries) ->
+  ``"layers.0.attn.q"`` (the trailing param name is dropped)."""
+  parts = []
+  for k in param_path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        k = getattr(k, attr)
+        break
+    parts.append(str(k))
+  return ".".join(parts[:-1])
+
+
+def matches(path: str, patterns: Sequence[str] = BLOCK_LINEARS) -> bool:
+  """Whether a dotted module path matches any of ``patterns``."""
+  return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def block_linear_mask(params, patterns: Sequence[str] = BLOCK_LINEARS):
+  """A pytree of bools with the structure of ``params`` (a pure dict of
+  jqlm's LLaMA, arrays, ``ShapeDtypeStruct`` s or QArray leaves): True for
+  the ``kernel`` of every linear whose module path matches ``patterns``
+  (default :data:`BLOCK_LINEARS`).
+
+  Pass it as ``mask=`` to :func:`jqlm.optim.galore`,
+  :func:`jqlm.optim.q_galore` and :func:`jqlm.optim.quantize_weights`.
+
+  Raises:
+    ValueError: no param matches (the message lists the module paths).
+  """
+  patterns = tuple(patterns)
+
+  def pick(kp, _):
+    name = kp[-1]
+    name = getattr(name, "key", getattr(name, "name", name))
+    return name == "kernel" and matches(module_path(kp), patterns)
+
+  is_q = lambda x: isinstance(x, (quant.QArray, quant.PackedQArray))  # noqa: E731
+  mask = jax.tree_util.tree_map_with_path(pick, params, is_leaf=is_q)
+  if not any(jax.tree.leaves(mask)):
+    seen = sorted({module_path(kp) for kp, _ in
+                   jax.tree_util.tree_flatten_with_path(
+                     params, is_leaf=is_q)[0]})
+    raise ValueError(
+      f"No linear kernel matches {list(patterns)}; the params' module paths "
+      f"are {seen[:12]}{' ...' if len(seen) > 12 else ''}. Pass patterns "
+      "that match them.")
+  return mask
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,7 +130,7 @@ class QuantRule:
           "pass, which QAT rules do not carry; use rounding='nearest'.")
 
   def matches(self, path: str) -> bool:
-    return any(fnmatch.fnmatchcase(path, p) for p in self.patterns)
+    return matches(path, self.patterns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +198,18 @@ def hadamard_w4a4(patterns: Sequence[str] = BLOCK_LINEARS) -> QuantPolicy:
     patterns=tuple(patterns), hadamard=True,
     weight=quant.QuantSpec(format="int4", granularity="channel", axis=-1),
     act=quant.QuantSpec(format="int4", granularity="channel", axis=0)),))
+
+
+POLICIES = {
+  "none": lambda: None,
+  "int4": stable_spam_int4,
+  "fp4": stable_spam_fp4,
+  "w8a8": w8a8,
+  "w4a16": w4a16,
+  "hadamard": hadamard_w4a4,
+}
+"""The QAT policies by name (``TrainConfig.model.quant``): each entry
+builds a :class:`QuantPolicy` (``None`` for ``"none"``)."""
 
 
 def _fq_act(x_BxD: jax.Array, spec: quant.QuantSpec) -> jax.Array:

@@ -18,9 +18,9 @@ code builds it (``peft_pretraining/modeling_llama.py``; spec §6).
 * optional per-block rematerialisation (``remat=True``).
 
 Module paths are ``embed``, ``layers.<i>.{attn_norm,attn.{q,k,v,o},
-mlp_norm,mlp.{gate,up,down}}``, ``final_norm`` and ``lm_head``: GaLore's
-default mask (2-D params under ``attn`` / ``mlp``) and the quantization
-policies match them.
+mlp_norm,mlp.{gate,up,down}}``, ``final_norm`` and ``lm_head``; the block
+linears (:data:`jqlm.models.BLOCK_LINEARS`, :func:`block_linear_mask`,
+:func:`linear_shapes`) are the set that QAT, GaLore and Q-GaLore act on.
 
 References:
   Touvron et al., `LLaMA <https://arxiv.org/abs/2302.13971>`_, 2023.
@@ -29,13 +29,21 @@ References:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jqlm.models.layers import QLinear, QuantPolicy, kernel_value
+from jqlm.models.layers import (
+  BLOCK_LINEARS,
+  QLinear,
+  QuantPolicy,
+  block_linear_mask,
+  kernel_value,
+  module_path,
+)
 
 
 def _dtype(value) -> jnp.dtype:
@@ -456,6 +464,25 @@ class Llama(nnx.Module):
     return logits, KVCache(tuple(new_layers), cache.length + t)
 
 
+def linear_shapes(cfg: LlamaConfig,
+                  patterns: Sequence[str] = BLOCK_LINEARS
+                  ) -> dict[str, tuple[int, int]]:
+  """The kernel shape ``(in, out)`` of every linear of ``Llama(cfg)`` whose
+  module path matches ``patterns`` (default the block linears), keyed by
+  path (``"layers.0.attn.q"``), in the model's order. Computed by
+  ``nnx.eval_shape``: nothing is allocated."""
+  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  mask = block_linear_mask(params, patterns)
+  out = {}
+  for (kp, leaf), on in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      jax.tree.leaves(mask), strict=True):
+    if on:
+      out[module_path(kp)] = tuple(leaf.shape)
+  return out
+
+
 def param_count(model: Llama) -> int:
   """Number of parameters of a (float) model."""
   state = nnx.state(model, nnx.Param)
@@ -466,5 +493,6 @@ __all__ = [
   "Attention", "Block", "KVCache", "LayerCache", "Llama", "LlamaConfig",
   "MLP", "PRESETS", "RMSNorm", "apply_rope", "init_cache", "llama2_7b",
   "llama3_8b", "llama_130m", "llama_1b", "llama_350m", "llama_60m",
-  "llama_7b", "llama_tiny", "param_count", "rope_frequencies",
+  "llama_7b", "llama_tiny", "linear_shapes", "param_count",
+  "rope_frequencies",
 ]

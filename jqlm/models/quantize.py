@@ -10,14 +10,13 @@ dequantized weights.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 
 from jqlm import quant
-from jqlm.models.layers import BLOCK_LINEARS, QLinear
+from jqlm.models.layers import BLOCK_LINEARS, QLinear, matches
 
 
 def _packable(q: quant.QArray) -> bool:
@@ -55,8 +54,7 @@ def quantize_model(model: nnx.Module, spec: quant.QuantSpec, *,
   for _, module in nnx.iter_modules(out):
     if not isinstance(module, QLinear):
       continue
-    if not any(fnmatch.fnmatchcase(module.path, p)
-               for p in patterns):
+    if not matches(module.path, patterns):
       continue
     w = module.kernel.get_value()
     if isinstance(w, (quant.QArray, quant.PackedQArray)):

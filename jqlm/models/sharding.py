@@ -93,24 +93,92 @@ def param_axes(state) -> object:
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def state_shardings(state, mesh: Mesh,
-                    rules: Sequence[tuple[str, str | None]] = LOGICAL_RULES):
-  """``NamedSharding`` per leaf of an ``nnx.State`` (or its ``eval_shape``),
-  from the params' logical names. Leaves without names are replicated;
-  quantized params (QArray) shard their codes like the float kernel and
-  replicate their scales."""
+def key_path(keypath) -> tuple:
+  """A jax key path as plain keys: ``("layers", 0, "attn", "q", "kernel")``."""
+  out = []
+  for k in keypath:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        out.append(getattr(k, attr))
+        break
+  return tuple(out)
+
+
+def param_axis_names(model) -> dict[tuple, tuple | None]:
+  """``{param path: logical names}`` of an NNX model (or its
+  ``nnx.eval_shape``), with the paths of ``nnx.to_pure_dict``."""
   from flax import nnx  # noqa: PLC0415
 
-  def one(v):
-    md = v.get_metadata() if hasattr(v, "get_metadata") else {}
-    spec = to_pspec(md.get("axes"), rules)
-    value = v.get_value() if hasattr(v, "get_value") else v
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  return {tuple(p): v.get_metadata().get("axes") for p, v in flat.items()}
 
-    def leaf(x):
-      ok = hasattr(x, "ndim") and x.ndim == len(spec)
-      return NamedSharding(mesh, spec if ok else PartitionSpec())
 
-    return jax.tree.map(leaf, value)
+def fit_pspec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+  """``spec`` without the mesh axes that do not divide their dim (those
+  dims are replicated)."""
+  out = []
+  for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)),
+                     strict=False):
+    ok = ax is not None and ax in mesh.shape and dim % mesh.shape[ax] == 0
+    out.append(ax if ok else None)
+  return PartitionSpec(*out)
 
-  return jax.tree.map(one, state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+def _is_quantized(x) -> bool:
+  return hasattr(x, "codes") and hasattr(x, "dequantize")
+
+
+class ParamShardings:
+  """The ``NamedSharding`` of every param of a pure params pytree, from the
+  params' logical names, and of any pytree whose leaves follow the params
+  (optimizer states).
+
+  Args:
+    params: the (abstract) params: arrays, ``ShapeDtypeStruct`` s or
+      quantized (QArray) leaves.
+    axes: ``{param path: logical names}`` (:func:`param_axis_names`).
+    mesh: the mesh.
+    rules: logical name -> mesh axis.
+
+  Quantized params shard their codes like the float kernel and replicate
+  their scales; a dim that a mesh axis does not divide is replicated
+  (:func:`fit_pspec`).
+  """
+
+  def __init__(self, params, axes: dict[tuple, tuple | None], mesh: Mesh,
+               rules: Sequence[tuple[str, str | None]] = LOGICAL_RULES):
+    self.mesh = mesh
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.specs: dict[tuple, tuple[PartitionSpec, tuple]] = {}
+
+    def one(kp, leaf):
+      path = key_path(kp)
+      spec = to_pspec(axes.get(path), rules)
+      if _is_quantized(leaf):
+        shape = tuple(leaf.codes.shape)
+        spec = fit_pspec(spec, shape, mesh)
+        self.specs[path] = (spec, shape)
+        return jax.tree.map(
+          lambda x: NamedSharding(mesh, spec) if tuple(x.shape) == shape
+          else self.replicated, leaf)
+      spec = fit_pspec(spec, leaf.shape, mesh)
+      self.specs[path] = (spec, tuple(leaf.shape))
+      return NamedSharding(mesh, spec)
+
+    self.params = jax.tree_util.tree_map_with_path(one, params,
+                                                   is_leaf=_is_quantized)
+
+  def follow(self, tree):
+    """Shardings for a pytree whose leaves follow the params (an optimizer
+    state): a leaf whose path ends with a param's path and has its shape
+    takes the param's sharding; others are replicated."""
+
+    def one(kp, leaf):
+      path = key_path(kp)
+      for n in range(len(path), 0, -1):
+        hit = self.specs.get(path[-n:])
+        if hit is not None and hit[1] == tuple(leaf.shape):
+          return NamedSharding(self.mesh, hit[0])
+      return self.replicated
+
+    return jax.tree_util.tree_map_with_path(one, tree)

@@ -1,49 +1,70 @@
-"""jqlm.train: the pure train step, sharded state, checkpoints and the loop.
+"""jqlm.train: configs, the pure train step, sharded state, checkpoints, the
+loop and comparisons.
 
-* :class:`TrainConfig` (frozen, enums) with presets and ``--set`` overrides
-  (:func:`apply_overrides`, :func:`load_config`);
-* :func:`train_step`, :func:`eval_loss`, :func:`build_optimizer`,
-  :func:`lr_schedule`;
-* :func:`setup`, :func:`init_state`: sharded state from ``eval_shape``;
-* :class:`Checkpointer`: async keep-last-N orbax checkpoints with fallback;
-* :func:`run`: the loop (metrics JSONL, progress bar, eval, plot).
+Modules, one concern each:
+
+* :mod:`~jqlm.train.config`: :class:`TrainConfig` of four frozen
+  sub-configs (:class:`ModelConfig`, :class:`DataConfig`, one optimizer
+  config per kind, :class:`RunConfig`), dotted ``--set`` overrides
+  (:func:`apply_overrides`), :func:`load_config`; :mod:`~jqlm.train.presets`:
+  the named configs (:data:`CONFIGS`) and :func:`official_c4`;
+* :mod:`~jqlm.train.optimizer`: :func:`build_optimizer`, :func:`lr_schedule`;
+* :mod:`~jqlm.train.step`: :class:`TrainState`, :func:`train_step`,
+  :func:`eval_loss`, :func:`step_diagnostics` (pure functions);
+* :mod:`~jqlm.train.state`: :func:`setup`, :func:`init_state`: the model,
+  optimizer and the state's shardings from ``eval_shape``;
+* :mod:`~jqlm.train.data`: :func:`prepare_data`;
+* :mod:`~jqlm.train.checkpoint`: :class:`Checkpointer`;
+* :mod:`~jqlm.train.loop`: :func:`run`; :mod:`~jqlm.train.metrics`: the
+  metrics log and curves;
+* :mod:`~jqlm.train.inference`: :func:`load_run`, :func:`evaluate`,
+  :func:`sample`;
+* :mod:`~jqlm.train.compare`: suites, their runner and report.
 """
 
 from jqlm.train.checkpoint import Checkpointer, CheckpointError
 from jqlm.train.config import (
-  CONFIGS,
+  OPTIMIZERS,
+  AdamWConfig,
+  DataConfig,
+  GaLoreConfig,
+  ModelConfig,
   NanPolicy,
+  OptimizerConfig,
   OptimizerKind,
+  QGaLoreConfig,
+  RunConfig,
   ScheduleKind,
+  SpamConfig,
+  StableSpamConfig,
+  StateFormat,
   TrainConfig,
   apply_overrides,
   load_config,
+  optimizer_config,
 )
-from jqlm.train.loop import (
-  NonFiniteError,
-  RunResult,
-  distributed_init,
-  evaluate,
-  load_run,
-  prepare_data,
-  run,
-  sample,
-)
-from jqlm.train.state import init_state, model_config, setup
+from jqlm.train.data import prepare_data
+from jqlm.train.inference import evaluate, load_run, sample
+from jqlm.train.loop import NonFiniteError, RunResult, distributed_init, run
+from jqlm.train.optimizer import build_optimizer, lr_schedule
+from jqlm.train.presets import CONFIGS, demo_config, official_c4
+from jqlm.train.state import Setup, init_state, model_config, setup
 from jqlm.train.step import (
   TrainState,
-  build_optimizer,
   eval_loss,
-  lr_schedule,
   step_diagnostics,
   train_step,
 )
 
 __all__ = [
-  "CONFIGS", "CheckpointError", "Checkpointer", "NanPolicy",
-  "NonFiniteError", "OptimizerKind", "RunResult", "ScheduleKind",
-  "TrainConfig", "TrainState", "apply_overrides", "build_optimizer",
-  "distributed_init", "eval_loss", "evaluate", "init_state", "load_config",
-  "load_run", "lr_schedule", "model_config", "prepare_data", "run",
-  "sample", "setup", "step_diagnostics", "train_step",
+  "CONFIGS", "OPTIMIZERS", "AdamWConfig", "CheckpointError", "Checkpointer",
+  "DataConfig", "GaLoreConfig", "ModelConfig", "NanPolicy",
+  "NonFiniteError", "OptimizerConfig", "OptimizerKind", "QGaLoreConfig",
+  "RunConfig", "RunResult", "ScheduleKind", "Setup", "SpamConfig",
+  "StableSpamConfig", "StateFormat", "TrainConfig", "TrainState",
+  "apply_overrides", "build_optimizer", "demo_config", "distributed_init",
+  "eval_loss", "evaluate", "init_state", "load_config", "load_run",
+  "lr_schedule", "model_config", "official_c4", "optimizer_config",
+  "prepare_data", "run", "sample", "setup", "step_diagnostics",
+  "train_step",
 ]

@@ -51,9 +51,16 @@ class Checkpointer:
     self._mgr.reload()
     return sorted(self._mgr.all_steps())
 
-  def restore(self, abstract_state: TrainState
+  def restore(self, abstract_state: TrainState, legacy=None
               ) -> tuple[TrainState, DataPosition, int]:
     """The newest readable checkpoint, as ``(state, position, step)``.
+
+    Args:
+      abstract_state: the restore target (shapes, dtypes, shardings).
+      legacy: ``(target, convert)`` for checkpoints of an older layout
+        (:func:`jqlm.train.state.legacy_target`): a checkpoint that does
+        not restore into ``abstract_state`` is restored into ``target``
+        and passed through ``convert``.
 
     Raises:
       CheckpointError: when none exists or none can be read.
@@ -65,12 +72,14 @@ class Checkpointer:
     errors = []
     for step in reversed(steps):
       try:
-        out = self._mgr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore()))
-        pos = DataPosition(int(out["data"]["epoch"]),
-                           int(out["data"]["index"]))
-        return out["state"], pos, step
+        try:
+          state, pos = self._restore(step, abstract_state)
+        except Exception:
+          if legacy is None:
+            raise
+          state, pos = self._restore(step, legacy[0])
+          state = legacy[1](state)
+        return state, pos, step
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
         errors.append(f"step {step}: {type(e).__name__}: {e}")
         warnings.warn(
@@ -79,6 +88,13 @@ class Checkpointer:
           stacklevel=2)
     raise CheckpointError(
       f"No readable checkpoint in {self.directory!r}:\n" + "\n".join(errors))
+
+  def _restore(self, step: int, target) -> tuple[TrainState, DataPosition]:
+    out = self._mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target),
+      data=ocp.args.JsonRestore()))
+    return out["state"], DataPosition(int(out["data"]["epoch"]),
+                                      int(out["data"]["index"]))
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()

@@ -1,4 +1,35 @@
-"""The frozen training configuration, its presets and ``--set`` overrides."""
+"""The training configuration: four frozen sub-configs, validated at
+construction, with dotted ``--set`` overrides and a nested ``config.json``.
+
+A :class:`TrainConfig` holds
+
+* ``model``: :class:`ModelConfig`: the LLaMA preset, its size overrides,
+  the QAT policy, dtypes and remat;
+* ``data``: :class:`DataConfig`: the text source, tokenizer, cache and the
+  batch shape;
+* ``optimizer``: one frozen dataclass per optimizer kind
+  (:class:`AdamWConfig`, :class:`SpamConfig`, :class:`StableSpamConfig`,
+  :class:`GaLoreConfig`, :class:`QGaLoreConfig`), whose defaults are that
+  optimizer's official ones (spec §2-§5), plus the LR schedule and
+  clipping they all share;
+* ``run``: :class:`RunConfig`: steps, cadences, seed, work dir, NaN
+  policy, mesh and processes.
+
+Every field is checked when the config is built (types, ranges, enum
+values, known presets and policies, and the rules that tie fields together,
+such as ``grad_accum`` dividing ``batch_size``), so a typo fails before any
+data is read. Each message names the field, the bad value, what is allowed
+and how to fix it.
+
+``jqlm train --set`` takes dotted keys (:func:`apply_overrides`)::
+
+  --set optimizer.lr=1e-3 --set model.num_layers=4 --set run.steps=300
+  --set optimizer=q_galore      # switch kind, with that kind's defaults
+
+``config.json`` holds the nested form (:meth:`TrainConfig.to_json`); a flat
+``config.json`` of jqlm <= 0.1 still loads (:meth:`TrainConfig.from_json`),
+with a one-line notice.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +38,15 @@ import difflib
 import enum
 import importlib.util
 import json
+import logging
 import os
 import types
 import typing
-from typing import Any
+from typing import Any, ClassVar
+
+from jqlm import models
+
+_log = logging.getLogger("jqlm")
 
 
 class OptimizerKind(enum.Enum):
@@ -40,32 +76,137 @@ class NanPolicy(enum.Enum):
   STOP = "stop"
 
 
+class StateFormat(enum.Enum):
+  """How the optimizer's moments are stored: ``float`` (the params' dtype),
+  ``8bit`` or ``4bit`` block-wise (:class:`jqlm.optim.StateQuant`)."""
+
+  FLOAT = "float"
+  INT8 = "8bit"
+  INT4 = "4bit"
+
+  @property
+  def bits(self) -> int | None:
+    return {"float": None, "8bit": 8, "4bit": 4}[self.value]
+
+
+# ---------------------------------------------------------------------------
+# field checking shared by every sub-config
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    return any(_type_ok(value, a) for a in typing.get_args(hint))
+  if hint is type(None):
+    return value is None
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(hint, type):
+    return isinstance(value, hint)
+  return True
+
+
+def _hint_name(hint: Any) -> str:
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    return " or ".join(_hint_name(a) for a in typing.get_args(hint))
+  if hint is type(None):
+    return "None"
+  if isinstance(hint, type) and issubclass(hint, enum.Enum):
+    return "one of " + str([m.value for m in hint])
+  return getattr(hint, "__name__", str(hint))
+
+
+def _enum_in(hint: Any) -> type[enum.Enum] | None:
+  for a in (typing.get_args(hint) or (hint,)):
+    if isinstance(a, type) and issubclass(a, enum.Enum):
+      return a
+  return None
+
+
+class _Section:
+  """Base of the frozen sub-configs: coerces enum values given as strings,
+  checks every field's type, then runs the subclass' ``_check``."""
+
+  section: ClassVar[str] = ""
+
+  def __post_init__(self):
+    hints = typing.get_type_hints(type(self))
+    for f in dataclasses.fields(self):
+      v, hint = getattr(self, f.name), hints[f.name]
+      kind = _enum_in(hint)
+      if kind is not None and isinstance(v, str):
+        try:
+          v = kind(v)
+        except ValueError:
+          raise ValueError(
+            f"{self.where(f.name)}={v!r} is not one of "
+            f"{[m.value for m in kind]}.") from None
+        object.__setattr__(self, f.name, v)
+      if isinstance(v, int) and not isinstance(v, bool) and hint is float:
+        object.__setattr__(self, f.name, float(v))
+      if not _type_ok(v, hint):
+        raise ValueError(f"{self.where(f.name)}={v!r} must be "
+                         f"{_hint_name(hint)}, got {type(v).__name__}.")
+    self._check()
+
+  def _check(self) -> None:
+    pass
+
+  def where(self, name: str) -> str:
+    return f"{self.section}.{name}" if self.section else name
+
+  def require(self, name: str, ok: bool, allowed: str, fix: str = "") -> None:
+    """A ValueError naming the field, its value, what is allowed and how
+    to fix it, unless ``ok``."""
+    if not ok:
+      raise ValueError(f"{self.where(name)}={getattr(self, name)!r}: must be "
+                       f"{allowed}.{' ' + fix if fix else ''}")
+
+  def positive(self, *names: str) -> None:
+    for n in names:
+      v = getattr(self, n)
+      if v is not None:
+        self.require(n, v >= 1, ">= 1")
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    out = {}
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      out[f.name] = v.value if isinstance(v, enum.Enum) else v
+    return out
+
+
+# ---------------------------------------------------------------------------
+# model
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-  """Everything a run needs; saved as ``config.json`` in the work dir.
+class ModelConfig(_Section):
+  """The model of a run.
 
-  Model: ``model`` is a preset of :data:`jqlm.models.PRESETS`; the size
-  fields override it when set. ``quant`` names a QAT policy (``none``,
-  ``int4`` and ``fp4`` = Stable-SPAM's recipes, ``w8a8``, ``w4a16``,
-  ``hadamard``). Data: ``data`` is ``stdlib`` (the embedded corpus), local
-  files or a hub name (:func:`jqlm.data.load_texts`); the trained
-  tokenizer and token arrays are cached in ``cache_dir`` (default
-  ``workdir/cache``; runs on the same data can share one). ``tokenizer``
-  is a local ``tokenizer.json`` or a hub name such as ``"t5-base"`` (the
-  official runs', spec §6). Batches hold ``batch_size`` sequences of
-  ``seq_len`` tokens, split into ``grad_accum`` micro-batches.
-
-  Optimizer fields left at ``None`` take the optimizer's own (official)
-  default: ``reset_interval`` (SPAM and Stable-SPAM's ΔT),
-  ``reset_warmup_steps`` (SPAM's post-reset warmup N),
-  ``spike_grace_steps`` (SPAM's 20 updates without clipping after each
-  reset), ``spike_threshold`` (SPAM's θ), ``gamma1``/``gamma2``/``gamma3`` (Stable-SPAM's γ's, spec
-  §3.3). ``total_steps_scale`` sets Stable-SPAM's ``total_T`` to
-  ``steps``.
+  Attributes:
+    preset: a name of :data:`jqlm.models.PRESETS` (``llama_60m`` ...
+      ``llama_7b``, ``llama_tiny``).
+    vocab_size: the embedding's rows (the tokenizer's size for a trained
+      tokenizer).
+    hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads:
+      override the preset's sizes when set (``None`` keeps the preset's).
+    quant: the QAT policy, a name of :data:`jqlm.models.POLICIES`
+      (``none``; ``int4`` and ``fp4`` = Stable-SPAM's recipes; ``w8a8``,
+      ``w4a16``, ``hadamard``).
+    dtype, param_dtype: compute and storage dtypes (``float32``,
+      ``bfloat16``, ``float16``).
+    remat: rematerialise each block in the backward pass.
   """
 
-  # model
-  model: str = "llama_tiny"
+  section: ClassVar[str] = "model"
+  preset: str = "llama_tiny"
   vocab_size: int = 2048
   hidden_size: int | None = None
   intermediate_size: int | None = None
@@ -76,39 +217,331 @@ class TrainConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
-  # data
-  data: str = "stdlib"
-  data_config: str | None = None
+
+  def _check(self):
+    self.require("preset", self.preset in models.PRESETS,
+                 f"one of {sorted(models.PRESETS)}",
+                 _close(self.preset, models.PRESETS))
+    self.require("quant", self.quant in models.POLICIES,
+                 f"one of {sorted(models.POLICIES)}",
+                 _close(self.quant, models.POLICIES))
+    for name in ("dtype", "param_dtype"):
+      self.require(name, getattr(self, name) in _DTYPES, f"one of {_DTYPES}")
+    self.positive("vocab_size", "hidden_size", "intermediate_size",
+                  "num_layers", "num_heads", "num_kv_heads")
+    try:
+      self.llama(max_seq_len=2)
+    except ValueError as e:  # sizes that do not fit together
+      raise ValueError(f"model: {e}") from None
+
+  def llama(self, max_seq_len: int) -> models.LlamaConfig:
+    """The :class:`jqlm.models.LlamaConfig`: the preset with this config's
+    overrides, holding sequences of up to ``max_seq_len`` tokens."""
+    base = models.PRESETS[self.preset]()
+    over = {k: getattr(self, k) for k in (
+      "hidden_size", "intermediate_size", "num_layers", "num_heads",
+      "num_kv_heads") if getattr(self, k) is not None}
+    kw = {f.name: getattr(base, f.name)
+          for f in dataclasses.fields(models.LlamaConfig)}
+    if "hidden_size" in over or "num_heads" in over:
+      kw["head_dim"] = None
+    if "num_heads" in over and "num_kv_heads" not in over:
+      kw["num_kv_heads"] = None
+    kw.update(over)
+    kw.update(vocab_size=self.vocab_size,
+              max_seq_len=max(max_seq_len, base.max_seq_len),
+              dtype=self.dtype, param_dtype=self.param_dtype,
+              remat=self.remat, quant=models.POLICIES[self.quant]())
+    return models.LlamaConfig(**kw)
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _close(value: str, choices) -> str:
+  close = difflib.get_close_matches(str(value), list(choices), n=3)
+  return f"Did you mean {', '.join(close)}?" if close else ""
+
+
+# ---------------------------------------------------------------------------
+# data
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig(_Section):
+  """The data of a run (:func:`jqlm.train.prepare_data`).
+
+  Attributes:
+    source: ``stdlib`` (the embedded corpus), local files or a hub dataset
+      name (:func:`jqlm.data.load_texts`).
+    source_config: the hub dataset's config (C4's ``"en"``).
+    text_field: the text column.
+    max_bytes: read at most this much text (``None``: all).
+    eval_split: the hub split held out for evaluation (C4's
+      ``"validation"``); ``None`` holds out the stream's last 2% (the
+      embedded corpus has its own eval split).
+    tokenizer: a local ``tokenizer.json`` or a hub name (``"t5-base"``,
+      the official runs', spec §6); ``None`` trains a BPE tokenizer of
+      ``model.vocab_size`` tokens on the data.
+    cache_dir: where the tokenizer and token arrays are cached (default
+      ``run.workdir/cache``; runs on the same data can share one).
+    seq_len: tokens per sequence.
+    batch_size: sequences per update, split into ``grad_accum``
+      micro-batches.
+  """
+
+  section: ClassVar[str] = "data"
+  source: str = "stdlib"
+  source_config: str | None = None
   text_field: str = "text"
-  data_max_bytes: int | None = 2_000_000
+  max_bytes: int | None = 2_000_000
   eval_split: str | None = None
   tokenizer: str | None = None
   cache_dir: str | None = None
   seq_len: int = 64
   batch_size: int = 16
   grad_accum: int = 1
-  # optimizer
-  optimizer: OptimizerKind = OptimizerKind.STABLE_SPAM
-  lr: float = 3e-3
-  weight_decay: float = 0.0
+
+  def _check(self):
+    self.positive("seq_len", "batch_size", "grad_accum", "max_bytes")
+    self.require("grad_accum", self.batch_size % self.grad_accum == 0,
+                 f"a divisor of data.batch_size={self.batch_size}",
+                 "Choose grad_accum so that each micro-batch has the same "
+                 "number of sequences.")
+    local = self.source == "stdlib" or os.path.exists(self.source)
+    self.require("eval_split", self.eval_split is None or not local,
+                 f"None for local data (source={self.source!r})",
+                 "It names a split of a hub dataset; the held-out data of "
+                 "local data is the corpus' own eval split ('stdlib') or "
+                 "the stream's last 2%. Unset eval_split.")
+
+
+# ---------------------------------------------------------------------------
+# optimizers
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig(_Section):
+  """Fields every optimizer shares: the learning rate and its schedule
+  (spec §1), decoupled weight decay and global-norm clipping.
+
+  The subclasses add their optimizer's own hyper-parameters, with the
+  official defaults. ``lr`` defaults to the official LLaMA-130M value of
+  each method; the schedule's defaults are for short runs (the official
+  warmups, 1000-2000 updates or 10%, are in ``experiments/configs``).
+
+  Attributes:
+    lr: peak learning rate.
+    schedule: ``cosine`` (to ``min_lr_ratio`` x lr, spec §1) or
+      ``constant``, after a linear warmup of ``warmup_steps``.
+    warmup_steps: linear warmup updates (the first update has lr 0 when >
+      0, as the official ``LambdaLR``).
+    min_lr_ratio: the cosine's floor.
+    weight_decay: decoupled weight decay.
+    grad_clip: clip the global gradient norm to this (torch's
+      ``clip_grad_norm_``); 0 disables it.
+  """
+
+  kind: ClassVar[OptimizerKind]
+  section: ClassVar[str] = "optimizer"
+  lr: float = 1e-3
   schedule: ScheduleKind = ScheduleKind.COSINE
   warmup_steps: int = 20
   min_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
   grad_clip: float = 0.0
-  reset_interval: int | None = None
-  reset_warmup_steps: int | None = None
-  spike_grace_steps: int | None = None
-  spike_threshold: float | None = None
-  gamma1: float | None = None
-  gamma2: float | None = None
-  gamma3: float | None = None
+
+  def _check(self):
+    self.require("lr", self.lr > 0, "> 0")
+    self.require("warmup_steps", self.warmup_steps >= 0, ">= 0")
+    self.require("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+    self.require("weight_decay", self.weight_decay >= 0, ">= 0")
+    self.require("grad_clip", self.grad_clip >= 0, ">= 0 (0 disables it)")
+    for name in ("b1", "b2", "gamma1", "gamma2", "gamma3"):
+      if hasattr(self, name):
+        self.require(name, 0 <= getattr(self, name) < 1,
+                     "in [0, 1) (an EMA coefficient)")
+    if hasattr(self, "eps"):
+      self.require("eps", self.eps > 0, "> 0")
+
+  def to_dict(self) -> dict:
+    return {"kind": self.kind.value, **super().to_dict()}
+
+  def schedule_fields(self) -> dict:
+    """The fields every optimizer shares (lr, schedule, warmup, floor,
+    weight decay, clipping), by name."""
+    return {f.name: getattr(self, f.name)
+            for f in dataclasses.fields(OptimizerConfig)}
+
+  def with_kind(self, kind: OptimizerKind | str, **fields
+                ) -> OptimizerConfig:
+    """Optimizer ``kind`` with this config's shared fields
+    (:meth:`schedule_fields`), its own official defaults, and ``fields``:
+    the same schedule on another optimizer, carrying none of this one's
+    hyper-parameters."""
+    return optimizer_config(kind, **{**self.schedule_fields(), **fields})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdamWConfig(OptimizerConfig):
+  """AdamW, torch-style epsilon (:func:`jqlm.optim.adamw`); ``state``
+  ``8bit`` / ``4bit`` stores the moments block-wise quantized (spec §5.4)."""
+
+  kind: ClassVar[OptimizerKind] = OptimizerKind.ADAMW
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  state: StateFormat = StateFormat.FLOAT
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpamConfig(OptimizerConfig):
+  """SPAM (spec §2, :func:`jqlm.optim.spam`), official defaults: θ 5000,
+  ΔT 500, post-reset warmup N 150, grace A 20, HF-style eps 1e-6, lr 8e-4
+  (130M)."""
+
+  kind: ClassVar[OptimizerKind] = OptimizerKind.SPAM
+  lr: float = 8e-4
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-6
+  spike_threshold: float = 5000.0
+  reset_interval: int = 500
+  reset_warmup_steps: int = 150
+  spike_grace_steps: int = 20
+  state: StateFormat = StateFormat.FLOAT
+
+  def _check(self):
+    super()._check()
+    self.positive("reset_interval", "reset_warmup_steps")
+    self.require("spike_grace_steps", self.spike_grace_steps >= 0, ">= 0")
+    self.require("spike_threshold", self.spike_threshold > 0, "> 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StableSpamConfig(OptimizerConfig):
+  """Stable-SPAM (spec §3, :func:`jqlm.optim.stable_spam`), official
+  defaults: γ1 0.7, γ2 0.9, γ3 0.999, ΔT 1000, torch-style eps 1e-8, lr
+  8e-4 (130M). ``total_steps_scale`` sets its ``total_T`` to the run's
+  steps (as the official scripts do); False leaves it unset."""
+
+  kind: ClassVar[OptimizerKind] = OptimizerKind.STABLE_SPAM
+  lr: float = 8e-4
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  gamma1: float = 0.7
+  gamma2: float = 0.9
+  gamma3: float = 0.999
+  reset_interval: int = 1000
   total_steps_scale: bool = True
-  rank: int = 16
-  update_proj_gap: int = 50
-  galore_scale: float = 0.25
-  state_quant: int = 0
+  state: StateFormat = StateFormat.FLOAT
+
+  def _check(self):
+    super()._check()
+    self.positive("reset_interval")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GaLoreConfig(OptimizerConfig):
+  """GaLore (spec §4, :func:`jqlm.optim.galore`) on the block linears
+  (:data:`jqlm.models.BLOCK_LINEARS`), official defaults: gap 200, scale
+  0.25, HF-style Adam eps 1e-6, lr 0.01. ``rank`` has no universal
+  default: 128 is the official 60M rank (256 for 130M/350M, 1024 for
+  1B/7B); it must be below the smallest dimension of every block linear."""
+
+  kind: ClassVar[OptimizerKind] = OptimizerKind.GALORE
+  lr: float = 0.01
+  rank: int = 128
+  update_proj_gap: int = 200
+  scale: float = 0.25
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-6
+  state: StateFormat = StateFormat.FLOAT
+
+  def _check(self):
+    super()._check()
+    self.positive("rank", "update_proj_gap")
+    self.require("scale", self.scale > 0, "> 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QGaLoreConfig(GaLoreConfig):
+  """Q-GaLore (spec §5, :func:`jqlm.optim.q_galore`): GaLore with int4
+  projections in groups of ``proj_group_size``, the lazy layer-adaptive
+  refresh, 8-bit Adam states (β2 0.95, torch-style eps 1e-8) and int8
+  weights updated by stochastic rounding (``stochastic_round``; False
+  rounds to nearest), lr 0.015 (130M)."""
+
+  kind: ClassVar[OptimizerKind] = OptimizerKind.Q_GALORE
+  lr: float = 0.015
+  b2: float = 0.95
+  eps: float = 1e-8
+  state: StateFormat = StateFormat.INT8
   stochastic_round: bool = True
-  # run
+  proj_bits: int = 4
+  proj_group_size: int = 256
+  weight_bits: int = 8
+  weight_group_size: int = 256
+
+  def _check(self):
+    super()._check()
+    self.positive("proj_group_size", "weight_group_size")
+    for n in ("proj_bits", "weight_bits"):
+      self.require(n, 2 <= getattr(self, n) <= 8, "in [2, 8]")
+
+
+OPTIMIZERS: dict[OptimizerKind, type[OptimizerConfig]] = {
+  c.kind: c for c in (AdamWConfig, SpamConfig, StableSpamConfig,
+                      GaLoreConfig, QGaLoreConfig)}
+"""The config class of each optimizer kind."""
+
+
+def optimizer_config(kind: OptimizerKind | str, **fields) -> OptimizerConfig:
+  """The config of optimizer ``kind`` with ``fields`` (the rest default)."""
+  try:
+    kind = OptimizerKind(kind)
+  except ValueError:
+    raise ValueError(
+      f"optimizer={kind!r} is not one of {[k.value for k in OptimizerKind]}."
+      f" {_close(kind, [k.value for k in OptimizerKind])}") from None
+  cls = OPTIMIZERS[kind]
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(
+      f"optimizer {kind.value!r} has no field {unknown}; its fields: "
+      f"{sorted(known)}. {_close(unknown[0], known)}")
+  return cls(**fields)
+
+
+# ---------------------------------------------------------------------------
+# run
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig(_Section):
+  """How a run proceeds.
+
+  Attributes:
+    steps: updates.
+    eval_every, eval_batches: held-out loss every ``eval_every`` updates,
+      on ``eval_batches`` batches (each ``data.batch_size`` sequences).
+    log_every: metrics every this many updates.
+    ckpt_every, keep_checkpoints: checkpoint cadence and how many to keep.
+    seed: init, data order and every random draw of the train step.
+    workdir: the run's directory (config, metrics, checkpoints, cache).
+    nan_policy: ``skip`` or ``stop`` on a non-finite loss or gradient;
+      ``max_skip_streak`` consecutive skips stop the run.
+    mesh_data, mesh_fsdp, mesh_tensor: the device mesh (-1: the rest);
+      ``mesh_devices`` uses only the first N devices.
+    coordinator, num_processes, process_id: a multi-process run (or the
+      ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+      ``JAX_PROCESS_ID`` environment variables).
+  """
+
+  section: ClassVar[str] = "run"
   steps: int = 200
   eval_every: int = 50
   eval_batches: int = 4
@@ -123,97 +556,246 @@ class TrainConfig:
   mesh_fsdp: int = 1
   mesh_tensor: int = 1
   mesh_devices: int | None = None
-  # multi-host: set all three (or the JAX_COORDINATOR_ADDRESS,
-  # JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables)
   coordinator: str | None = None
   num_processes: int = 1
   process_id: int = 0
 
+  def _check(self):
+    self.positive("steps", "eval_every", "eval_batches", "log_every",
+                  "ckpt_every", "keep_checkpoints", "max_skip_streak",
+                  "mesh_fsdp", "mesh_tensor", "mesh_devices",
+                  "num_processes")
+    self.require("mesh_data", self.mesh_data == -1 or self.mesh_data >= 1,
+                 ">= 1 or -1 (the remaining devices)")
+    self.require("process_id", 0 <= self.process_id < self.num_processes,
+                 f"in [0, num_processes={self.num_processes})")
+    self.require("coordinator", self.num_processes == 1 or bool(
+      self.coordinator), "host:port when num_processes > 1")
+
+
+# ---------------------------------------------------------------------------
+# the whole config
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "run": RunConfig}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Everything a run needs, as four frozen sub-configs; saved as
+  ``config.json`` in the work dir.
+
+  Sub-configs may be given as dicts (``model={"preset": "llama_60m"}``)
+  and the optimizer as a kind name (``optimizer="galore"``: that kind's
+  defaults) or a dict with a ``kind`` key.
+
+  Examples:
+    >>> cfg = TrainConfig(optimizer=SpamConfig(lr=4e-4),
+    ...                   run=RunConfig(steps=100))
+    >>> cfg = cfg.replace(optimizer={"lr": 1e-3}, run={"workdir": "r"})
+    >>> cfg.optimizer.lr, cfg.run.steps
+    (0.001, 100)
+  """
+
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optimizer: OptimizerConfig = dataclasses.field(
+    default_factory=StableSpamConfig)
+  run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
   def __post_init__(self):
-    for f in dataclasses.fields(self):
-      v = getattr(self, f.name)
-      kind = _enum_of(f)
-      if kind is not None and not isinstance(v, kind):
-        try:
-          object.__setattr__(self, f.name, kind(v))
-        except ValueError:
-          raise ValueError(
-            f"{f.name}={v!r} is not one of "
-            f"{[m.value for m in kind]}.") from None
-    for name in ("steps", "seq_len", "batch_size", "grad_accum",
-                 "eval_every", "log_every", "ckpt_every", "keep_checkpoints",
-                 "vocab_size"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-    if self.batch_size % self.grad_accum:
-      raise ValueError(f"grad_accum={self.grad_accum} must divide "
-                       f"batch_size={self.batch_size}.")
-    if self.state_quant not in (0, 4, 8):
-      raise ValueError(f"state_quant must be 0 (float), 8 or 4, got "
-                       f"{self.state_quant}.")
-    for name in ("gamma1", "gamma2", "gamma3"):
-      g = getattr(self, name)
-      if g is not None and not 0.0 <= g < 1.0:
-        raise ValueError(f"{name}={g} must be in [0, 1) (an EMA "
-                         "coefficient).")
-    for name in ("reset_interval", "reset_warmup_steps", "update_proj_gap",
-                 "rank"):
+    for name, cls in _SECTIONS.items():
       v = getattr(self, name)
-      if v is not None and v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}.")
-    if self.spike_grace_steps is not None and self.spike_grace_steps < 0:
-      raise ValueError(f"spike_grace_steps must be >= 0, got "
-                       f"{self.spike_grace_steps}.")
-    if self.spike_threshold is not None and self.spike_threshold <= 0:
-      raise ValueError(f"spike_threshold must be > 0, got "
-                       f"{self.spike_threshold}.")
-    if self.warmup_steps < 0 or (self.steps > 1
-                                 and self.warmup_steps >= self.steps):
-      raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, "
-                       f"steps={self.steps}).")
+      if isinstance(v, dict):
+        object.__setattr__(self, name, _build(cls, v, name))
+      elif not isinstance(v, cls):
+        raise ValueError(f"{name} must be a {cls.__name__} (or a dict of "
+                         f"its fields), got {type(v).__name__}.")
+    opt = self.optimizer
+    if isinstance(opt, (str, OptimizerKind)):
+      object.__setattr__(self, "optimizer", optimizer_config(opt))
+    elif isinstance(opt, dict):
+      if "kind" not in opt:
+        raise ValueError("optimizer as a dict needs a 'kind' key, one of "
+                         f"{[k.value for k in OptimizerKind]}.")
+      rest = {k: v for k, v in opt.items() if k != "kind"}
+      object.__setattr__(self, "optimizer", optimizer_config(opt["kind"],
+                                                             **rest))
+    elif not isinstance(opt, OptimizerConfig):
+      raise ValueError(
+        f"optimizer must be an optimizer config ({', '.join(c.__name__ for c in OPTIMIZERS.values())}), "
+        f"a kind name or a dict, got {type(opt).__name__}.")
+    self._check()
+
+  def _check(self):
+    o, r = self.optimizer, self.run
+    if not (o.warmup_steps == 0 or r.steps == 1 or o.warmup_steps < r.steps):
+      raise ValueError(
+        f"optimizer.warmup_steps={o.warmup_steps} must be below "
+        f"run.steps={r.steps}. Shorten the warmup or run longer.")
+    if isinstance(o, GaLoreConfig):
+      llama = self.model.llama(max_seq_len=2)
+      dims = {"hidden_size": llama.hidden_size,
+              "intermediate_size": llama.intermediate_size,
+              "num_heads * head_dim": llama.num_heads * llama.head_dim,
+              "num_kv_heads * head_dim": llama.num_kv_heads * llama.head_dim}
+      name, small = min(dims.items(), key=lambda kv: kv[1])
+      if o.rank >= small:
+        raise ValueError(
+          f"optimizer.rank={o.rank} must be below the smallest dimension of "
+          f"every block linear; model {self.model.preset} has {name}="
+          f"{small}. Set optimizer.rank below {small} (the official ranks "
+          "are 128-1024 for LLaMA-60M-7B).")
+
+  # -- construction helpers --------------------------------------------------
 
   def replace(self, **changes) -> TrainConfig:
-    return dataclasses.replace(self, **changes)
+    """A copy with sub-configs replaced: a sub-config object replaces it,
+    a dict updates some of its fields (``run={"steps": 10}``), a kind name
+    switches the optimizer to that kind's defaults."""
+    out = {}
+    for name, v in changes.items():
+      if name not in ("model", "data", "optimizer", "run"):
+        raise ValueError(f"TrainConfig has no section {name!r}; sections: "
+                         "model, data, optimizer, run (set a field with "
+                         f"{name.split('.')[0]}={{...}} or "
+                         "apply_overrides(cfg, ['section.field=value'])).")
+      cur = getattr(self, name)
+      if name == "optimizer" and isinstance(v, (str, OptimizerKind)):
+        v = optimizer_config(v)
+      elif name == "optimizer" and isinstance(v, dict) and "kind" in v:
+        rest = {k: x for k, x in v.items() if k != "kind"}
+        if OptimizerKind(v["kind"]) is cur.kind:
+          _check_keys(name, cur, rest)
+          v = cur.replace(**rest)
+        else:
+          v = optimizer_config(v["kind"], **rest)
+      elif isinstance(v, dict):
+        _check_keys(name, cur, v)
+        v = cur.replace(**v)
+      out[name] = v
+    return dataclasses.replace(self, **out)
+
+  def to_dict(self) -> dict:
+    return {name: getattr(self, name).to_dict()
+            for name in ("model", "data", "optimizer", "run")}
 
   def to_json(self) -> str:
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    d = {k: v.value if isinstance(v, enum.Enum) else v for k, v in d.items()}
-    return json.dumps(d, indent=2, sort_keys=True)
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> TrainConfig:
+    """From :meth:`to_dict`'s nested form, or the flat form of jqlm <= 0.1
+    (converted, with a one-line notice)."""
+    if not set(d) <= {"model", "data", "optimizer", "run"}:
+      _log.warning("jqlm: converting a flat config of jqlm <= 0.1 to the "
+                   "nested form (model, data, optimizer, run).")
+      d = from_flat(d)
+    return cls(**d)
 
   @classmethod
   def from_json(cls, text: str) -> TrainConfig:
-    return cls(**json.loads(text))
+    return cls.from_dict(json.loads(text))
 
 
-def _hints():
-  return typing.get_type_hints(TrainConfig)
+def _check_keys(section: str, cur, changes: dict) -> None:
+  known = [f.name for f in dataclasses.fields(cur)]
+  for k in changes:
+    if k not in known:
+      what = (f"optimizer {cur.kind.value!r}" if section == "optimizer"
+              else section)
+      raise ValueError(
+        f"{what} has no field {k!r}. {_close(k, known)} Valid keys: "
+        f"{', '.join(f'{section}.{n}' for n in known)}.")
 
 
-def _enum_of(field) -> type[enum.Enum] | None:
-  t = _hints()[field.name]
-  return t if isinstance(t, type) and issubclass(t, enum.Enum) else None
+def _build(cls, d: dict, section: str):
+  _check_keys(section, cls(), d)
+  return cls(**d)
 
 
-def _coerce(name: str, text: str, hint) -> Any:
+# ---------------------------------------------------------------------------
+# the flat config.json of jqlm <= 0.1
+
+_FLAT_RENAMES = {
+  "model": {"model": "preset"},
+  "data": {"data": "source", "data_config": "source_config",
+           "data_max_bytes": "max_bytes"},
+  "optimizer": {"galore_scale": "scale"},
+}
+_FLAT_OPT_NONE_DEFAULT = ("reset_interval", "reset_warmup_steps",
+                          "spike_grace_steps", "spike_threshold", "gamma1",
+                          "gamma2", "gamma3")
+
+
+def from_flat(flat: dict) -> dict:
+  """The nested form of a flat ``config.json`` written by jqlm <= 0.1.
+
+  Optimizer fields that were ``None`` (= the optimizer's default) take the
+  new config's defaults, which are the same official values; fields that
+  do not belong to the run's optimizer kind are dropped; ``state_quant``
+  0 becomes ``state="float"`` (``8bit`` for Q-GaLore, which it meant
+  there), 8 ``8bit`` and 4 ``4bit``.
+  """
+  flat = dict(flat)
+  out: dict[str, dict] = {"model": {}, "data": {}, "run": {}}
+  for section in ("model", "data", "run"):
+    cls = _SECTIONS[section]
+    names = {f.name for f in dataclasses.fields(cls)}
+    renames = _FLAT_RENAMES.get(section, {})
+    for old, new in renames.items():
+      if old in flat:
+        out[section][new] = flat.pop(old)
+    for n in list(flat):
+      if n in names:
+        out[section][n] = flat.pop(n)
+  kind = OptimizerKind(flat.pop("optimizer", "stable_spam"))
+  cls = OPTIMIZERS[kind]
+  names = {f.name for f in dataclasses.fields(cls)}
+  opt: dict[str, Any] = {}
+  for old, new in _FLAT_RENAMES["optimizer"].items():
+    if old in flat:
+      flat[new] = flat.pop(old)
+  sq = flat.pop("state_quant", 0)
+  if "state" in names:
+    opt["state"] = {0: StateFormat.INT8 if kind is OptimizerKind.Q_GALORE
+                    else StateFormat.FLOAT, 8: StateFormat.INT8,
+                    4: StateFormat.INT4}[sq].value
+  for n, v in flat.items():
+    if n in names and not (n in _FLAT_OPT_NONE_DEFAULT and v is None):
+      opt[n] = v
+  if kind is OptimizerKind.Q_GALORE:
+    # jqlm <= 0.1 chose 256 unless rank * 64 was not a multiple of it
+    opt["proj_group_size"] = 256 if opt.get("rank", 16) * 64 % 256 == 0 \
+      else 64
+  out["optimizer"] = {"kind": kind.value, **opt}
+  return out
+
+
+# ---------------------------------------------------------------------------
+# --set overrides
+
+
+def _coerce(key: str, text: str, hint) -> Any:
   origin = typing.get_origin(hint)
   args = typing.get_args(hint)
   if origin in (typing.Union, types.UnionType):
     if text.lower() in ("none", "null") and type(None) in args:
       return None
     inner = [a for a in args if a is not type(None)]
-    return _coerce(name, text, inner[0])
+    return _coerce(key, text, inner[0])
   if hint is bool:
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
       return True
     if low in ("0", "false", "no", "off"):
       return False
-    raise ValueError(f"--set {name}={text!r}: expected a bool (true/false).")
+    raise ValueError(f"--set {key}={text!r}: expected a bool (true/false).")
   if isinstance(hint, type) and issubclass(hint, enum.Enum):
     try:
       return hint(text)
     except ValueError:
-      raise ValueError(f"--set {name}={text!r}: expected one of "
+      raise ValueError(f"--set {key}={text!r}: expected one of "
                        f"{[m.value for m in hint]}.") from None
   try:
     if hint is int:
@@ -221,38 +803,68 @@ def _coerce(name: str, text: str, hint) -> Any:
     if hint is float:
       return float(text)
   except ValueError:
-    raise ValueError(f"--set {name}={text!r}: expected "
+    raise ValueError(f"--set {key}={text!r}: expected "
                      f"{hint.__name__}.") from None
   return text
 
 
 def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
-  """``cfg`` with ``key=value`` overrides, each coerced to the field's type.
+  """``cfg`` with ``section.field=value`` overrides applied in order, each
+  value coerced to the field's type; ``optimizer=KIND`` switches the
+  optimizer to that kind's defaults (later ``optimizer.*`` items apply to
+  it). The result is validated once, after every item is applied (so
+  ``optimizer=galore optimizer.rank=32`` never builds the default rank).
 
   Raises:
-    ValueError: a malformed item, an unknown key (listing close matches) or
-      a value of the wrong type.
+    ValueError: a malformed item, an unknown section or key (listing the
+      section's valid keys), or a value of the wrong type or range.
   """
-  hints = _hints()
-  changes = {}
+  d = cfg.to_dict()
   for item in items:
     if "=" not in item:
-      raise ValueError(f"--set expects key=value, got {item!r}.")
-    key, value = item.split("=", 1)
-    key = key.strip()
-    if key not in hints:
-      close = difflib.get_close_matches(key, list(hints), n=3)
-      hint = f" Did you mean {', '.join(close)}?" if close else ""
-      raise ValueError(f"Unknown config key {key!r}.{hint}")
-    changes[key] = _coerce(key, value.strip(), hints[key])
-  return cfg.replace(**changes)
+      raise ValueError(f"--set expects section.field=value (e.g. "
+                       f"optimizer.lr=1e-3), got {item!r}.")
+    key, value = (s.strip() for s in item.split("=", 1))
+    if key == "optimizer":
+      d["optimizer"] = {"kind": optimizer_config(value).kind.value}
+      continue
+    section, _, name = key.partition(".")
+    if section not in ("model", "data", "optimizer", "run") or not name:
+      flat = _flat_home(key)
+      raise ValueError(
+        f"Unknown config key {key!r}: keys are section.field with section "
+        "model, data, optimizer or run"
+        + (f"; did you mean {flat}?" if flat else ".")
+        + " (optimizer=KIND switches the optimizer.)")
+    cls = (OPTIMIZERS[OptimizerKind(d["optimizer"]["kind"])]
+           if section == "optimizer" else _SECTIONS[section])
+    hints = typing.get_type_hints(cls)
+    _check_keys(section, cls(), {name: None})
+    d[section][name] = _coerce(key, value, hints[name])
+  return TrainConfig(**d)
+
+
+def _flat_home(name: str) -> str | None:
+  """Where a flat (jqlm <= 0.1) key lives now: ``lr`` -> ``optimizer.lr``."""
+  for section, renames in _FLAT_RENAMES.items():
+    if name in renames:
+      return f"{section}.{renames[name]}"
+  for section, cls in {**_SECTIONS, "optimizer": QGaLoreConfig}.items():
+    if name in {f.name for f in dataclasses.fields(cls)}:
+      return f"{section}.{name}"
+  for cls in OPTIMIZERS.values():
+    if name in {f.name for f in dataclasses.fields(cls)}:
+      return f"optimizer.{name}"
+  return None
 
 
 def load_config(spec: str | None) -> TrainConfig:
-  """A preset name of :data:`CONFIGS`, a ``.py`` file defining
+  """A preset name of :data:`jqlm.train.CONFIGS`, a ``.py`` file defining
   ``get_config()``, ``file.py:ARG`` (calls ``get_config("ARG")``, e.g.
-  ``experiments/configs/galore.py:130m``), a saved ``config.json``, or
-  ``None`` (the default)."""
+  ``experiments/configs/galore.py:130m``), a saved ``config.json`` (nested,
+  or flat from jqlm <= 0.1), or ``None`` (the default)."""
+  from jqlm.train.presets import CONFIGS  # noqa: PLC0415
+
   if spec is None:
     return TrainConfig()
   if spec in CONFIGS:
@@ -274,66 +886,6 @@ def load_config(spec: str | None) -> TrainConfig:
       raise ValueError(f"{path}: get_config() must return a TrainConfig, "
                        f"got {type(cfg).__name__}.")
     return cfg
-  close = difflib.get_close_matches(spec, list(CONFIGS), n=3)
   raise ValueError(f"Unknown config {spec!r}: not a preset ({sorted(CONFIGS)}"
-                   f"{'; close: ' + ', '.join(close) if close else ''}) nor "
-                   "an existing .py (optionally file.py:ARG) / .json file.")
-
-
-def pick(table: dict, arg: str | None, what: str):
-  """``table[arg]`` for a config file's ``get_config(arg)``; a clear error
-  naming the choices when ``arg`` is missing or unknown."""
-  if arg not in table:
-    raise ValueError(f"{what}: choose one of {sorted(table)} (as "
-                     f"file.py:{next(iter(table))}), got {arg!r}.")
-  return table[arg]
-
-
-def official_c4(*, steps: int, model: str, grad_accum: int = 1,
-                **changes) -> TrainConfig:
-  """The setting every official run shares (spec §1, §6), as a base for
-  ``experiments/configs``: LLaMA with the T5 tokenizer's 32000 tokens,
-  C4 ``en`` streamed from the hub, 512 sequences of 256 tokens per update,
-  pure bf16 (no float32 master weights), cosine to 0.1x, no weight decay,
-  no clipping, evaluated on about 10M tokens of C4 validation every 1000
-  updates.
-
-  Deviations (documented in ``experiments/README.md``): sequences are
-  packed from the token stream (the official code truncates and pads each
-  document to 256 tokens and masks the pads); the training text is read
-  once up to a byte budget of about 5 bytes per token of the run
-  (``data_max_bytes``) and tokenized into a cached array.
-
-  Args:
-    steps: updates.
-    model: a preset of :data:`jqlm.models.PRESETS`.
-    grad_accum: micro-batches per update (choose for the memory at hand;
-      the update is the same).
-    **changes: the run's own fields (optimizer, lr, warmup, ...).
-  """
-  base = dict(model=model, vocab_size=32000, data="allenai/c4",
-              data_config="en", tokenizer="t5-base", eval_split="validation",
-              data_max_bytes=5 * steps * 512 * 257, seq_len=256,
-              batch_size=512, grad_accum=grad_accum, dtype="bfloat16",
-              param_dtype="bfloat16", schedule="cosine", min_lr_ratio=0.1,
-              weight_decay=0.0, grad_clip=0.0, steps=steps,
-              eval_every=1000, eval_batches=77, log_every=50,
-              ckpt_every=1000, keep_checkpoints=2)
-  base.update(changes)
-  opt = base.get("optimizer", "run")
-  base.setdefault("workdir", f"runs/{model}_{getattr(opt, 'value', opt)}")
-  return TrainConfig(**base)
-
-
-def demo_config() -> TrainConfig:
-  """The README's run: a small LLaMA (4 layers, width 128) with Stable-SPAM
-  and INT4 QAT on the embedded corpus; a few minutes on 2 CPU cores."""
-  return TrainConfig(model="llama_tiny", hidden_size=128,
-                     intermediate_size=256, num_layers=4, num_heads=4,
-                     num_kv_heads=4, quant="int4", vocab_size=2048,
-                     seq_len=128, batch_size=16, steps=150, lr=3e-3,
-                     warmup_steps=15, eval_every=50, ckpt_every=50,
-                     workdir="runs/demo")
-
-
-CONFIGS = {"default": TrainConfig, "demo": demo_config}
+                   f"; {_close(spec, CONFIGS) or 'no close match'}) nor an "
+                   "existing .py (optionally file.py:ARG) / .json file.")

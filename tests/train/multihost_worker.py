@@ -12,9 +12,9 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 from jqlm import train  # noqa: E402
 
 port, pid, workdir, cfg_json = sys.argv[1:5]
-cfg = train.TrainConfig.from_json(cfg_json).replace(
+cfg = train.TrainConfig.from_json(cfg_json).replace(run=dict(
   workdir=workdir, coordinator=f"localhost:{port}", num_processes=2,
-  process_id=int(pid))
+  process_id=int(pid)))
 train.distributed_init(cfg)
 assert jax.process_count() == 2 and jax.device_count() == 8
 res = train.run(cfg, progress=False)

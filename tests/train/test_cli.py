@@ -7,12 +7,12 @@ from jqlm import cli
 
 def test_train_eval_generate_commands(tmp_path, capsys):
   work = str(tmp_path / "run")
-  rc = cli.main(["train", "--no-progress", "--set", f"workdir={work}",
-                 "--set", "steps=6", "--set", "data_max_bytes=100000",
-                 "--set", "vocab_size=300", "--set", "seq_len=16",
-                 "--set", "batch_size=8", "--set", "warmup_steps=1",
-                 "--set", "eval_every=6", "--set", "ckpt_every=3",
-                 "--set", "log_every=3", "--set", "optimizer=adamw"])
+  sets = [f"run.workdir={work}", "run.steps=6", "data.max_bytes=100000",
+          "model.vocab_size=300", "data.seq_len=16", "data.batch_size=8",
+          "optimizer=adamw", "optimizer.warmup_steps=1", "run.eval_every=6",
+          "run.ckpt_every=3", "run.log_every=3"]
+  rc = cli.main(["train", "--no-progress",
+                 *[x for kv in sets for x in ("--set", kv)]])
   cap = capsys.readouterr()
   assert rc == 0, cap.err
   assert "held-out loss" in cap.out
@@ -26,11 +26,13 @@ def test_train_eval_generate_commands(tmp_path, capsys):
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-  assert cli.main(["train", "--set", "stpes=3"]) == 2
+  assert cli.main(["train", "--set", "run.stpes=3"]) == 2
   err = capsys.readouterr().err
   assert "Did you mean steps" in err
-  assert cli.main(["train", "--set", "batch_size=4", "--set",
-                   f"workdir={tmp_path / 'w'}"]) == 2
+  assert cli.main(["train", "--set", "steps=3"]) == 2
+  assert "did you mean run.steps" in capsys.readouterr().err
+  assert cli.main(["train", "--set", "data.batch_size=4", "--set",
+                   f"run.workdir={tmp_path / 'w'}"]) == 2
   assert "divisible by the data-parallel" in capsys.readouterr().err
   assert cli.main(["eval", "--checkpoint", str(tmp_path)]) == 2
   assert "config.json" in capsys.readouterr().err

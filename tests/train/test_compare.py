@@ -26,7 +26,8 @@ def _config(spec):
 
 
 # (file:arg) -> the spec's values (an independent transcription of
-# ../shared/spec/optimizers.md §2.5, §3.3, §4.4, §5.5)
+# ../shared/spec/optimizers.md §2.5, §3.3, §4.4, §5.5); keys are fields of
+# the optimizer config, or of the section that ``_HOME`` names
 OFFICIAL = {
   "spam.py:130m": dict(model="llama_130m", lr=8e-4, steps=20_000,
                        warmup_steps=1_000, spike_threshold=5000.0,
@@ -46,7 +47,7 @@ OFFICIAL = {
                               reset_interval=1000),
   "galore.py:60m": dict(model="llama_60m", rank=128, steps=10_000,
                         warmup_steps=1_000, lr=0.01, update_proj_gap=200,
-                        galore_scale=0.25, grad_clip=0.0),
+                        scale=0.25, grad_clip=0.0),
   "galore.py:130m": dict(rank=256, steps=20_000, warmup_steps=2_000),
   "galore.py:350m": dict(rank=256, steps=60_000, warmup_steps=6_000),
   "galore.py:1b": dict(rank=1024, steps=100_000, warmup_steps=10_000),
@@ -64,23 +65,30 @@ OFFICIAL = {
 }
 
 
+_HOME = {"model": ("model", "preset"), "quant": ("model", "quant"),
+         "steps": ("run", "steps"), "optimizer": ("optimizer", "kind")}
+
+
 @pytest.mark.parametrize("spec", sorted(OFFICIAL))
 def test_official_configs_hold_the_spec_values(spec):
   cfg = _config(spec)
   for key, want in OFFICIAL[spec].items():
-    got = getattr(cfg, key)
+    section, name = _HOME.get(key, ("optimizer", key))
+    got = getattr(getattr(cfg, section), name)
     got = getattr(got, "value", got)
     assert got == want, (spec, key, got, want)
   # spec §1 and §6: common to every official run
-  assert (cfg.batch_size, cfg.seq_len, cfg.vocab_size) == (512, 256, 32000)
-  assert (cfg.data, cfg.data_config, cfg.tokenizer) == ("allenai/c4", "en",
-                                                        "t5-base")
-  assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "bfloat16")
-  assert cfg.min_lr_ratio == 0.1 and cfg.weight_decay == 0.0
-  assert cfg.schedule is train.ScheduleKind.COSINE
-  assert cfg.batch_size % cfg.grad_accum == 0
+  d, m, o = cfg.data, cfg.model, cfg.optimizer
+  assert (d.batch_size, d.seq_len, m.vocab_size) == (512, 256, 32000)
+  assert (d.source, d.source_config, d.tokenizer) == ("allenai/c4", "en",
+                                                      "t5-base")
+  assert (m.dtype, m.param_dtype) == ("bfloat16", "bfloat16")
+  assert o.min_lr_ratio == 0.1 and o.weight_decay == 0.0
+  assert o.schedule is train.ScheduleKind.COSINE
+  if o.kind is train.OptimizerKind.Q_GALORE:
+    assert o.state is train.StateFormat.INT8 and o.b2 == 0.95
   # the optimizer builds from it (no arrays are made)
-  assert train.build_optimizer(cfg, jax.random.key(0)) is not None
+  assert train.build_optimizer(o, cfg.run.steps) is not None
 
 
 def test_config_file_argument_errors():
@@ -99,37 +107,39 @@ def test_cpu_suites_are_the_paper_suites_scaled_down(paper, cpu):
   assert [a.name for a in big.arms] == [a.name for a in small.arms]
   assert (big.target, big.reference) == (small.target, small.reference)
   for arm in big.arms:
-    want = compare.scale_down(arm.config).replace(workdir="-")
-    assert small.arm(arm.name).config.replace(workdir="-") == want, arm.name
+    want = compare.scale_down(arm.config).replace(run={"workdir": "-"})
+    got = small.arm(arm.name).config.replace(run={"workdir": "-"})
+    assert got == want, arm.name
 
 
 def test_scale_down_and_rescale_steps():
   cfg = _config("stable_spam.py:int4")
   small = compare.scale_down(cfg, steps=1000, lr_factor=4.0)
-  assert small.steps == 1000 and small.warmup_steps == 100  # 2000 / 20K
-  assert small.lr == pytest.approx(1.6e-3)
+  o = small.optimizer
+  assert small.run.steps == 1000 and o.warmup_steps == 100  # 2000 / 20K
+  assert o.lr == pytest.approx(1.6e-3)
   # the optimizer's own step constants and non-step settings are kept
-  for key in ("reset_interval", "gamma1", "gamma2", "gamma3", "quant",
-              "optimizer", "total_steps_scale", "grad_clip"):
-    assert getattr(small, key) == getattr(cfg, key), key
-  assert small.data == "stdlib" and small.hidden_size == 128
-  g = compare.scale_down(_config("galore.py:130m"))
+  assert o == cfg.optimizer.replace(lr=o.lr, warmup_steps=100)
+  assert small.model.quant == cfg.model.quant == "int4"
+  assert small.data.source == "stdlib" and small.model.hidden_size == 128
+  g = compare.scale_down(_config("galore.py:130m")).optimizer
   assert g.rank == 40  # 256 * 128 / 768, to a multiple of 8
   assert g.update_proj_gap == 200
-  assert compare.rescale_steps(cfg, 10).warmup_steps == 1
+  assert compare.rescale_steps(cfg, 10).optimizer.warmup_steps == 1
   with pytest.raises(ValueError, match="steps must be >= 2"):
     compare.rescale_steps(cfg, 1)
 
 
 def test_suite_validation():
-  a = train.TrainConfig(steps=10, warmup_steps=1)
+  a = train.TrainConfig(optimizer=train.AdamWConfig(warmup_steps=1),
+                        run={"steps": 10})
   with pytest.raises(ValueError, match="repeat"):
     compare.Suite("s", "t", (compare.Arm("x", a), compare.Arm("x", a)))
   with pytest.raises(ValueError, match="target='y' is not an arm"):
     compare.Suite("s", "t", (compare.Arm("x", a),), target="y")
   with pytest.raises(ValueError, match="one token budget"):
     compare.Suite("s", "t", (compare.Arm("x", a),
-                             compare.Arm("y", a.replace(steps=20))))
+                             compare.Arm("y", a.replace(run={"steps": 20}))))
   with pytest.raises(ValueError, match="seeds must be distinct"):
     compare.Suite("s", "t", (compare.Arm("x", a),), seeds=(1, 1))
   with pytest.raises(ValueError, match="without spaces or slashes"):
@@ -154,23 +164,25 @@ def test_crossing_step_interpolates():
   assert compare.crossing_step(ev, 2.9) is None
 
 
-TINY = dict(model="llama_tiny", hidden_size=32, intermediate_size=64,
-            num_layers=1, num_heads=2, num_kv_heads=2, vocab_size=300,
-            data_max_bytes=60_000, seq_len=16, batch_size=8, steps=4,
-            warmup_steps=1, lr=3e-3, log_every=1, eval_every=2,
-            eval_batches=1, ckpt_every=4, rank=8, update_proj_gap=2)
+TINY = train.TrainConfig(
+  model=dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+             num_kv_heads=2, vocab_size=300),
+  data=dict(max_bytes=60_000, seq_len=16, batch_size=8),
+  optimizer=train.AdamWConfig(warmup_steps=1, lr=3e-3),
+  run=dict(steps=4, log_every=1, eval_every=2, eval_batches=1,
+           ckpt_every=4))
 
 
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("suite"))
-  base = train.TrainConfig(**TINY)
+  galore = TINY.optimizer.with_kind("galore", rank=8, update_proj_gap=2)
   suite = compare.Suite(
     name="tiny", title="tiny", seeds=(0, 1), target="adam",
     reference="adam",
-    arms=(compare.Arm("adam", base.replace(optimizer="adamw")),
+    arms=(compare.Arm("adam", TINY),
           # GaLore's state must checkpoint (it once held empty arrays)
-          compare.Arm("galore", base.replace(optimizer="galore"))))
+          compare.Arm("galore", TINY.replace(optimizer=galore))))
   return suite, out, compare.run_suite(suite, out, log=None)
 
 
@@ -213,7 +225,8 @@ def test_run_suite_saves_and_reuses(tiny_result):
   assert all(r.reused for r in again.records)
   assert again.table() == res.table()
   # a changed config is not reused
-  changed = dataclasses.replace(suite, seeds=(0,)).with_overrides(lr=1e-3)
+  changed = dataclasses.replace(suite, seeds=(0,)).with_overrides(
+    optimizer={"lr": 1e-3})
   fresh = compare.run_suite(changed, out, log=None)
   assert not any(r.reused for r in fresh.records)
   assert math.isfinite(fresh.summary()[0].eval_loss)

@@ -23,9 +23,11 @@ def _free_port() -> int:
 
 def test_two_process_run_equals_single_process(tmp_path):
   cfg = train.TrainConfig(
-    steps=4, log_every=1, eval_every=4, ckpt_every=4, data_max_bytes=100_000,
-    vocab_size=300, seq_len=16, batch_size=8, warmup_steps=1,
-    eval_batches=1, optimizer="adamw", workdir=str(tmp_path / "single"))
+    model=train.ModelConfig(vocab_size=300),
+    data=train.DataConfig(max_bytes=100_000, seq_len=16, batch_size=8),
+    optimizer=train.AdamWConfig(lr=3e-3, warmup_steps=1),
+    run=train.RunConfig(steps=4, log_every=1, eval_every=4, ckpt_every=4,
+                        eval_batches=1, workdir=str(tmp_path / "single")))
   single = [m["loss"] for m in train.run(cfg, progress=False).metrics]
   port = _free_port()
   env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get(

@@ -1,0 +1,262 @@
+"""The report of a comparison: per-arm numbers over seeds, the markdown
+table and the plots.
+
+:meth:`SuiteResult.table` reports, per arm, the final held-out loss (mean
+± sample std over seeds), perplexity, the difference to the ``reference``
+arm paired by seed, the step at which the arm first reaches the
+``target`` arm's final loss (linear interpolation between evaluations, per
+seed), the spikes clipped and the non-finite steps skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+
+from jqlm.train.compare.suites import Suite
+from jqlm.train.config import QGaLoreConfig
+
+
+@dataclasses.dataclass
+class RunRecord:
+  """One (arm, seed) run: its logged metrics and evaluations, wall time."""
+
+  arm: str
+  seed: int
+  metrics: list[dict]
+  evals: list[dict]
+  wall_s: float
+  reused: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmSummary:
+  """An arm's numbers over its seeds (means, sample std; NaN when one
+  seed). ``delta``: held-out loss minus the reference arm's, paired by
+  seed; ``steps_to_target``: mean over the seeds that reach the target
+  arm's final loss (``reached`` of ``n``)."""
+
+  name: str
+  n: int
+  eval_loss: float
+  eval_loss_std: float
+  ppl: float
+  train_loss: float
+  delta: float | None
+  delta_std: float | None
+  steps_to_target: float | None
+  steps_to_target_std: float | None
+  reached: int
+  spikes: float
+  skipped: float
+  max_grad_norm: float
+  wall_s: float
+
+
+def _mean_std(xs) -> tuple[float, float]:
+  a = np.asarray(xs, np.float64)
+  return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1
+                           else float("nan"))
+
+
+def crossing_step(evals: list[dict], level: float) -> float | None:
+  """The first step at which the held-out loss curve reaches ``level``,
+  linearly interpolated between evaluations (None if it never does)."""
+  prev_s, prev_l = 0.0, math.inf
+  for e in evals:
+    s, loss = float(e["step"]), float(e["eval_loss"])
+    if loss <= level:
+      if not math.isfinite(prev_l):
+        return s
+      return prev_s + (prev_l - level) / (prev_l - loss) * (s - prev_s)
+    prev_s, prev_l = s, loss
+  return None
+
+
+@dataclasses.dataclass
+class SuiteResult:
+  """All runs of a suite, with the summary table and plots."""
+
+  suite: Suite
+  records: list[RunRecord]
+
+  def runs(self, arm: str) -> list[RunRecord]:
+    return [r for r in self.records if r.arm == arm]
+
+  def final_loss(self, arm: str, seed: int) -> float:
+    for r in self.runs(arm):
+      if r.seed == seed:
+        return float(r.evals[-1]["eval_loss"])
+    raise KeyError((arm, seed))
+
+  def summary(self) -> list[ArmSummary]:
+    out = []
+    suite = self.suite
+    for arm in suite.arms:
+      runs = self.runs(arm.name)
+      finals = [r.evals[-1]["eval_loss"] for r in runs]
+      ev, ev_sd = _mean_std(finals)
+      tail = [np.mean([m["loss"] for m in r.metrics[-max(
+        1, len(r.metrics) // 10):]]) for r in runs]
+      delta = delta_sd = None
+      if suite.reference is not None:  # paired by seed
+        delta, delta_sd = _mean_std([
+          r.evals[-1]["eval_loss"] - self.final_loss(suite.reference, r.seed)
+          for r in runs])
+      hits, reached = [], 0
+      if suite.target is not None:
+        for r in runs:
+          s = crossing_step(r.evals, self.final_loss(suite.target, r.seed))
+          if s is not None:
+            hits.append(s)
+            reached += 1
+      st, st_sd = _mean_std(hits) if hits else (None, None)
+      out.append(ArmSummary(
+        name=arm.name, n=len(runs), eval_loss=ev, eval_loss_std=ev_sd,
+        ppl=float(np.mean([math.exp(x) for x in finals])),
+        train_loss=float(np.mean(tail)), delta=delta, delta_std=delta_sd,
+        steps_to_target=st,
+        steps_to_target_std=st_sd, reached=reached,
+        spikes=float(np.mean([sum(m.get("spikes", 0.0) for m in r.metrics)
+                              / max(len(r.metrics), 1) for r in runs])),
+        skipped=float(np.mean([r.metrics[-1].get("skipped_total", 0)
+                               if r.metrics else 0 for r in runs])),
+        max_grad_norm=float(np.mean([max(m["grad_norm"] for m in r.metrics)
+                                     for r in runs])),
+        wall_s=float(np.mean([r.wall_s for r in runs]))))
+    return out
+
+  def table(self) -> str:
+    """The markdown results table."""
+    suite = self.suite
+    steps = suite.arms[0].config.run.steps
+    rows = self.summary()
+    head = ["arm", "optimizer", "QAT", "lr", "held-out loss", "ppl"]
+    if suite.reference is not None:
+      head.append(f"Δ vs {suite.reference}")
+    if suite.target is not None:
+      head.append(f"steps to {suite.target}'s final loss")
+    head += ["spikes clipped / logged update", "max grad norm",
+             "skipped steps", "s / run"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for r in rows:
+      c = suite.arm(r.name).config
+      o = c.optimizer
+      opt = o.kind.value + ((" SR" if o.stochastic_round else " RNE")
+                            if isinstance(o, QGaLoreConfig) else "")
+      cells = [r.name, opt, c.model.quant, f"{o.lr:g}",
+               _pm(r.eval_loss, r.eval_loss_std), f"{r.ppl:.2f}"]
+      if suite.reference is not None:
+        cells.append(_pm(r.delta, r.delta_std, sign=True))
+      if suite.target is not None:
+        if r.steps_to_target is None:
+          cells.append(f"not reached (0/{r.n})")
+        else:
+          frac = r.steps_to_target / steps
+          cells.append(f"{r.steps_to_target:.0f} ({frac:.0%})"
+                       + ("" if r.reached == r.n else
+                          f", {r.reached}/{r.n} seeds"))
+      cells += [f"{r.spikes:.1f}", f"{r.max_grad_norm:.3g}",
+                f"{r.skipped:g}", f"{r.wall_s:.0f}"]
+      lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+  def plot(self, path: str) -> None:
+    """Train loss, held-out loss, gradient norm and spikes per logged
+    update: mean over seeds, shaded from the lowest to the highest seed."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    panels = ((axes[0, 0], "metrics", "loss", "train loss", False),
+              (axes[0, 1], "evals", "eval_loss", "held-out loss", False),
+              (axes[1, 0], "metrics", "grad_norm", "gradient norm", True),
+              (axes[1, 1], "metrics", "spikes",
+               "spikes clipped (logged update)", False))
+    for ax, source, key, label, log in panels:
+      for arm in self.suite.arms:
+        runs = self.runs(arm.name)
+        n = min(len(getattr(r, source)) for r in runs)
+        if n == 0:
+          continue
+        steps = [getattr(runs[0], source)[i]["step"] for i in range(n)]
+        ys = np.array([[getattr(r, source)[i].get(key, 0.0)
+                        for i in range(n)] for r in runs], np.float64)
+        line, = ax.plot(steps, ys.mean(0), label=arm.name)
+        if len(runs) > 1:
+          ax.fill_between(steps, ys.min(0), ys.max(0), alpha=0.2,
+                          color=line.get_color())
+      ax.set_xlabel("step")
+      ax.set_ylabel(label)
+      if log:
+        ax.set_yscale("log")
+      if key in ("loss", "eval_loss"):
+        _zoom_to_late_steps(ax)
+    axes[0, 1].legend(fontsize=8)
+    fig.suptitle(f"{self.suite.title} ({len(self.suite.seeds)} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+  def to_json(self) -> dict:
+    return {"suite": self.suite.name, "title": self.suite.title,
+            "seeds": list(self.suite.seeds),
+            "configs": {a.name: json.loads(a.config.to_json())
+                        for a in self.suite.arms},
+            "summary": [dataclasses.asdict(s) for s in self.summary()],
+            "runs": [dataclasses.asdict(r) for r in self.records]}
+
+  def save(self, out_dir: str, command: str | None = None) -> dict[str, str]:
+    """Writes ``results.md`` (table, command, settings), ``results.json``
+    and ``curves.png``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f) for k, f in (
+      ("md", "results.md"), ("json", "results.json"),
+      ("png", "curves.png"))}
+    c = self.suite.arms[0].config
+    m, d = c.model, c.data
+    md = [f"# {self.suite.title}", ""]
+    if command:
+      md += [f"`{command}`", ""]
+    md += [f"{len(self.suite.seeds)} seeds ({', '.join(map(str, self.suite.seeds))}); "
+           f"{c.run.steps} steps of {d.batch_size}x{d.seq_len} tokens on "
+           f"{d.source!r}; model {m.preset}"
+           + (f" (width {m.hidden_size}, {m.num_layers} layers)"
+              if m.hidden_size else "") + ". Held-out loss: mean ± sample "
+           "std over seeds.", "", self.table(), ""]
+    if self.suite.note:
+      md += [self.suite.note, ""]
+    md += ["![curves](curves.png)", ""]
+    with open(paths["md"], "w") as f:
+      f.write("\n".join(md))
+    with open(paths["json"], "w") as f:
+      json.dump(self.to_json(), f, indent=1)
+    self.plot(paths["png"])
+    return paths
+
+
+def _zoom_to_late_steps(ax, frac: float = 0.2) -> None:
+  """Y-limits that show the curves after the first ``frac`` of the steps,
+  where the arms differ (the first steps span most of the loss range)."""
+  lo, hi = math.inf, -math.inf
+  for line in ax.get_lines():
+    x, y = np.asarray(line.get_xdata(), float), np.asarray(
+      line.get_ydata(), float)
+    late = y[x >= frac * x.max()] if x.size else y
+    if late.size:
+      lo, hi = min(lo, late.min()), max(hi, late.max())
+  if math.isfinite(lo) and hi > lo:
+    pad = 0.05 * (hi - lo)
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def _pm(mean: float, sd: float, sign: bool = False) -> str:
+  m = f"{mean:+.4f}" if sign else f"{mean:.4f}"
+  return m if math.isnan(sd) else f"{m} ± {sd:.4f}"

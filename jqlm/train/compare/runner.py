@@ -1,0 +1,95 @@
+"""Running a comparison: every (arm, seed) trained with
+:func:`jqlm.train.run` on one shared tokenizer and token cache; finished
+runs are reused, so an interrupted comparison continues where it stopped.
+
+Example::
+
+  suite = compare.SUITES["spam"]().with_steps(100).with_seeds((0,))
+  result = compare.run_suite(suite, "runs/compare/spam")
+  print(result.table())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+from jqlm.train.compare.report import RunRecord, SuiteResult
+from jqlm.train.compare.suites import Suite
+from jqlm.train.config import TrainConfig
+
+
+def _finished(arm: str, cfg: TrainConfig) -> RunRecord | None:
+  """The record of a finished run in ``cfg.run.workdir`` with this exact
+  config, or None."""
+  try:
+    workdir = cfg.run.workdir
+    with open(os.path.join(workdir, "config.json")) as f:
+      same = TrainConfig.from_json(f.read()) == cfg
+    with open(os.path.join(workdir, "run.json")) as f:
+      info = json.load(f)
+    metrics, evals = _read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  except (OSError, ValueError, TypeError):
+    return None
+  if not (same and evals and evals[-1]["step"] == cfg.run.steps):
+    return None
+  return RunRecord(arm=arm, seed=cfg.run.seed, metrics=metrics, evals=evals,
+                   wall_s=float(info["wall_s"]), reused=True)
+
+
+def _read_metrics(path: str) -> tuple[list[dict], list[dict]]:
+  metrics, evals = [], []
+  with open(path) as f:
+    for line in f:
+      rec = json.loads(line)
+      (evals if "eval_loss" in rec else metrics).append(rec)
+  return metrics, evals
+
+
+def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
+              log: Callable[[str], None] | None = print) -> SuiteResult:
+  """Trains every arm of ``suite`` with every seed under ``out_dir``.
+
+  Runs go to ``out_dir/<arm>/seed<k>``; the tokenizer and token arrays are
+  built once in ``out_dir/cache``. With ``reuse``, a run whose directory
+  holds a finished run of the identical config is read back instead of
+  trained again (so an interrupted comparison continues where it
+  stopped).
+
+  Returns:
+    A :class:`SuiteResult`; also written as ``results.md``,
+    ``results.json`` and ``curves.png`` in ``out_dir`` by
+    :meth:`SuiteResult.save`.
+  """
+  from jqlm.train.loop import run  # noqa: PLC0415
+
+  os.makedirs(out_dir, exist_ok=True)
+  records = []
+  total = len(suite.arms) * len(suite.seeds)
+  for seed in suite.seeds:
+    for arm in suite.arms:
+      cfg = arm.config.replace(
+        run={"seed": seed,
+             "workdir": os.path.join(out_dir, arm.name, f"seed{seed}")},
+        data={"cache_dir": os.path.join(out_dir, "cache")})
+      rec = _finished(arm.name, cfg) if reuse else None
+      if rec is None:
+        # the suite owns this directory: a stale or changed run is replaced
+        shutil.rmtree(cfg.run.workdir, ignore_errors=True)
+        t0 = time.perf_counter()
+        res = run(cfg, progress=False)
+        wall = time.perf_counter() - t0
+        with open(os.path.join(cfg.run.workdir, "run.json"), "w") as f:
+          json.dump({"wall_s": wall, "skipped": res.skipped}, f)
+        rec = RunRecord(arm=arm.name, seed=seed, metrics=res.metrics,
+                        evals=res.evals, wall_s=wall)
+      records.append(rec)
+      if log is not None:
+        ev = rec.evals[-1]["eval_loss"] if rec.evals else float("nan")
+        log(f"[{len(records)}/{total}] {arm.name} seed {seed}: held-out "
+            f"loss {ev:.4f} ({'reused' if rec.reused else 'trained'}, "
+            f"{rec.wall_s:.0f} s)")
+  return SuiteResult(suite=suite, records=records)

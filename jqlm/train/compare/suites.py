@@ -1,0 +1,333 @@
+"""Comparison suites: :class:`Arm` s of full configs trained on the same
+data, seeds and token budget, and the built-in CPU-scale :data:`SUITES`.
+
+The built-in suites are the seed papers' comparisons scaled down to a 2-core
+CPU by :func:`scale_down`: the official hyper-parameters (spec §2.5, §3.3,
+§4.4, §5.5) on 1000 steps of a 2-layer width-128 LLaMA on the embedded
+corpus. ``experiments/suites/`` holds the same comparisons at the papers'
+scale (LLaMA-130M/350M on C4). Each arm is built from its own optimizer's
+config: no arm carries (or nulls out) another optimizer's fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+
+from jqlm.train.config import (
+  AdamWConfig,
+  GaLoreConfig,
+  QGaLoreConfig,
+  SpamConfig,
+  StableSpamConfig,
+  TrainConfig,
+)
+
+CPU_MODEL = dict(preset="llama_tiny", hidden_size=128, intermediate_size=256,
+                 num_layers=2, num_heads=4, num_kv_heads=4, vocab_size=2048,
+                 dtype="float32", param_dtype="float32", remat=False)
+"""The scaled-down model (``model`` fields): LLaMA with 2 layers of width
+128 (0.85M params, of which 0.33M in the attention and MLP linears),
+float32 (XLA:CPU has no fast bf16 matmul)."""
+
+CPU_DATA = dict(source="stdlib", source_config=None, max_bytes=6_000_000,
+                tokenizer=None, eval_split=None, seq_len=64, batch_size=16,
+                grad_accum=1)
+"""The scaled-down data (``data`` fields): 16 sequences of 64 tokens per
+update from the embedded corpus (6 MB of it: 1000 updates see each token
+about once)."""
+
+
+def rescale_steps(cfg: TrainConfig, steps: int) -> TrainConfig:
+  """``cfg`` run for ``steps`` updates, its LR warmup scaled by ``steps /
+  run.steps`` so that the schedule keeps its shape (Stable-SPAM's
+  ``total_T`` follows ``steps``).
+
+  The optimizers' own step constants are kept: SPAM and Stable-SPAM's
+  reset interval ΔT, SPAM's post-reset warmup N and grace period A, and
+  GaLore's projection gap. Their effect depends on Adam's β2 time scale
+  (1000 updates at 0.999), which does not shrink with the run: SPAM
+  compressed 20x (ΔT 25, N 8) resets its moments before they average over
+  enough steps, and its first full-size post-reset updates are several
+  times larger than in the official run.
+
+  Raises:
+    ValueError: ``steps`` < 2.
+  """
+  if steps < 2:
+    raise ValueError(f"steps must be >= 2 to rescale a run, got {steps}.")
+  warmup = int(round(cfg.optimizer.warmup_steps * steps / cfg.run.steps))
+  return cfg.replace(run={"steps": steps},
+                     optimizer={"warmup_steps": min(warmup, steps - 1)})
+
+
+def scale_down(cfg: TrainConfig, *, steps: int = 1000,
+               lr_factor: float = 4.0) -> TrainConfig:
+  """An official config shrunk to run on a 2-core CPU in about a minute
+  and a half, keeping what the comparison is about.
+
+  Kept: the optimizer, its non-step hyper-parameters (γ's, θ, GaLore
+  scale, state format, stochastic rounding), QAT policy, LR schedule
+  shape, weight decay and gradient clipping. Changed:
+
+  * model and data: :data:`CPU_MODEL`, :data:`CPU_DATA`;
+  * the run length: ``steps`` updates, the LR warmup in proportion
+    (:func:`rescale_steps`; the optimizers' ΔT, N, A and projection gap
+    keep their official values, so 1000 steps see one SPAM / Stable-SPAM
+    momentum reset at update 500 and five GaLore projection refreshes);
+  * GaLore's rank: in proportion to the width (multiple of 8, at least 8);
+  * the learning rate: times ``lr_factor``. The default 4 was chosen once,
+    before any comparison ran, as the best of 1, 4, 8 and 16 for AdamW at
+    lr 4e-4 on this model (held-out loss 4.97, 4.17, 4.25, 4.42 after 400
+    steps of a first draft of these settings); every arm of every suite
+    gets the same factor, so the arms' LRs keep the papers' ratios.
+  """
+  opt = cfg.optimizer
+  changes = {"lr": opt.lr * lr_factor}
+  if isinstance(opt, GaLoreConfig):
+    width = cfg.model.llama(max_seq_len=2).hidden_size
+    changes["rank"] = max(8, int(round(opt.rank * CPU_MODEL["hidden_size"]
+                                       / width / 8)) * 8)
+  # one replace: the official rank only fits the scaled-down model once
+  # the model is scaled down too
+  out = cfg.replace(model={**CPU_MODEL}, data={**CPU_DATA},
+                    optimizer=opt.replace(**changes),
+                    run={"eval_batches": 16, "keep_checkpoints": 1})
+  return _run_settings(rescale_steps(out, steps))
+
+
+def _run_settings(cfg: TrainConfig) -> TrainConfig:
+  """Logging and evaluation often enough for curves (about 80 logged
+  points, 40 evaluations), one checkpoint at the end. (:func:`scale_down`
+  evaluates on 16 batches: 16K held-out tokens, the same for every seed.)"""
+  steps = cfg.run.steps
+  return cfg.replace(run={"log_every": max(1, steps // 80),
+                          "eval_every": max(1, steps // 40),
+                          "ckpt_every": steps})
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One side of a comparison: a name (a directory name too) and the full
+  config it trains with (its ``seed`` and ``workdir`` are set per run)."""
+
+  name: str
+  config: TrainConfig
+
+  def __post_init__(self):
+    if not self.name or any(c in self.name for c in "/\\ "):
+      raise ValueError(f"Arm name {self.name!r} must be non-empty without "
+                       "spaces or slashes (it names a directory).")
+    if not isinstance(self.config, TrainConfig):
+      raise TypeError(f"Arm {self.name!r}: config must be a TrainConfig, "
+                      f"got {type(self.config).__name__}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  """A comparison: arms trained on the same data, seeds and token budget.
+
+  Attributes:
+    name: short name (the default output directory).
+    title: one line saying what is compared.
+    arms: the arms, in table order.
+    seeds: seeds run for every arm (init, data order and rounding keys).
+    target: the arm whose final held-out loss the others race to (steps to
+      reach it are reported), or None.
+    reference: the arm that loss differences are taken against, or None.
+    note: how the suite maps to the paper's setting.
+  """
+
+  name: str
+  title: str
+  arms: tuple[Arm, ...]
+  seeds: tuple[int, ...] = (0, 1, 2)
+  target: str | None = None
+  reference: str | None = None
+  note: str = ""
+
+  def __post_init__(self):
+    object.__setattr__(self, "arms", tuple(self.arms))
+    object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+    names = [a.name for a in self.arms]
+    if not names:
+      raise ValueError(f"Suite {self.name!r} has no arms.")
+    if len(set(names)) != len(names):
+      raise ValueError(f"Suite {self.name!r}: arm names repeat: {names}.")
+    if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"Suite {self.name!r}: seeds must be distinct and "
+                       f"non-empty, got {self.seeds}.")
+    for field in ("target", "reference"):
+      v = getattr(self, field)
+      if v is not None and v not in names:
+        raise ValueError(f"Suite {self.name!r}: {field}={v!r} is not an "
+                         f"arm ({names}).")
+    budgets = {a.name: (a.config.run.steps, a.config.data.batch_size,
+                        a.config.data.seq_len) for a in self.arms}
+    if len(set(budgets.values())) != 1:
+      raise ValueError(
+        f"Suite {self.name!r}: the arms must share steps, batch_size and "
+        f"seq_len (one token budget); got {budgets}.")
+
+  def arm(self, name: str) -> Arm:
+    for a in self.arms:
+      if a.name == name:
+        return a
+    raise KeyError(f"No arm {name!r} in suite {self.name!r}; arms: "
+                   f"{[a.name for a in self.arms]}.")
+
+  def with_steps(self, steps: int) -> Suite:
+    """Every arm run for ``steps`` updates (:func:`rescale_steps`),
+    logging and evaluation rescaled too."""
+    return dataclasses.replace(self, arms=tuple(
+      Arm(a.name, _run_settings(rescale_steps(a.config, steps)))
+      for a in self.arms))
+
+  def select(self, names: Sequence[str]) -> Suite:
+    """The suite restricted to the arms ``names`` (in the suite's order);
+    ``target`` / ``reference`` become None when left out.
+
+    Raises:
+      ValueError: a name that is not an arm.
+    """
+    have = [a.name for a in self.arms]
+    unknown = [n for n in names if n not in have]
+    if unknown:
+      raise ValueError(f"{unknown} not in suite {self.name!r} (arms: "
+                       f"{have}).")
+    keep = set(names)
+    return dataclasses.replace(
+      self, arms=tuple(a for a in self.arms if a.name in keep),
+      target=self.target if self.target in keep else None,
+      reference=self.reference if self.reference in keep else None)
+
+  def with_seeds(self, seeds: Sequence[int]) -> Suite:
+    return dataclasses.replace(self, seeds=tuple(seeds))
+
+  def with_overrides(self, **changes) -> Suite:
+    """Every arm's config with ``changes``, as
+    :meth:`jqlm.train.TrainConfig.replace` takes them (e.g.
+    ``model={"num_layers": 4}``)."""
+    return dataclasses.replace(self, arms=tuple(
+      Arm(a.name, a.config.replace(**changes)) for a in self.arms))
+
+
+# ---------------------------------------------------------------------------
+# the built-in, CPU-sized suites
+
+def _official(preset: str) -> TrainConfig:
+  """The paper-scale base of the CPU suites: ``preset`` with the T5 vocab
+  (its width sets the GaLore rank's scaling), 20K steps."""
+  return TrainConfig(model={"preset": preset, "vocab_size": 32000},
+                     optimizer=AdamWConfig(warmup_steps=2000),
+                     run={"steps": 20_000})
+
+
+def stable_spam_suite() -> Suite:
+  """Stable-SPAM's 4-bit setting (spec §3.3, arXiv 2502.17055), scaled
+  down: Adam in float and INT4 QAT, SPAM INT4, Stable-SPAM INT4 and FP4.
+
+  Every arm has the official INT4/FP4 run's settings (LLaMA-350M, lr 4e-4,
+  warmup 2000 of 20K steps, no clipping); Stable-SPAM adds γ 0.7/0.9/0.999,
+  ΔT 500, total_T = steps; SPAM its official θ 5000, ΔT 500, N 150. The
+  Adam arms use the same lr (the paper compares at one lr).
+  """
+  base = _official("llama_350m")
+  sched = dict(lr=4e-4, warmup_steps=2000, weight_decay=0.0)
+  adam = AdamWConfig(**sched)
+  spam = SpamConfig(**sched, reset_interval=500, reset_warmup_steps=150,
+                    spike_grace_steps=20, spike_threshold=5000.0)
+  stable = StableSpamConfig(**sched, gamma1=0.7, gamma2=0.9, gamma3=0.999,
+                            reset_interval=500)
+
+  def arm(name, opt, quant):
+    return Arm(name, scale_down(base.replace(optimizer=opt,
+                                             model={"quant": quant})))
+
+  return Suite(
+    name="stable_spam", title="Stable-SPAM's 4-bit setting, CPU scale",
+    arms=(arm("adam_bf16", adam, "none"), arm("adam_int4", adam, "int4"),
+          arm("spam_int4", spam, "int4"),
+          arm("stable_spam_int4", stable, "int4"),
+          arm("stable_spam_fp4", stable, "fp4")),
+    target="adam_int4", reference="adam_bf16",
+    note="Scaled down from the official INT4/FP4 LLaMA-350M runs (spec "
+    "§3.3) by `jqlm.train.compare.scale_down`. `adam_bf16` trains in "
+    "float32 here (no QAT); the name keeps the paper's label.")
+
+
+def spam_suite() -> Suite:
+  """SPAM vs Adam without quantization (spec §2.5, arXiv 2501.06842),
+  scaled down from the official LLaMA-130M run: lr 8e-4, warmup 1000 of
+  20K steps; SPAM θ 5000, ΔT 500, N 150. Adam uses the same lr."""
+  base = _official("llama_130m")
+  sched = dict(lr=8e-4, warmup_steps=1000)
+  arms = {
+    "adam": AdamWConfig(**sched),
+    "spam": SpamConfig(**sched, reset_interval=500, reset_warmup_steps=150,
+                       spike_grace_steps=20, spike_threshold=5000.0),
+  }
+  return Suite(name="spam", title="SPAM vs Adam, CPU scale",
+               arms=tuple(Arm(k, scale_down(base.replace(optimizer=v)))
+                          for k, v in arms.items()),
+               target="adam", reference="adam",
+               note="Scaled down from the official SPAM LLaMA-130M run "
+               "(spec §2.5) by `jqlm.train.compare.scale_down`.")
+
+
+def q_galore_suite() -> Suite:
+  """Q-GaLore vs GaLore vs Adam (spec §4.4, §5.5, arXiv 2407.08296,
+  2403.03507), with round-to-nearest or stochastic rounding of Q-GaLore's
+  int8 weights; scaled down from the official LLaMA-130M runs: GaLore lr
+  0.01, Q-GaLore lr 0.015, rank 256, scale 0.25, gap 200, warmup 2000 of
+  20K steps. Adam takes SPAM's 130M lr 8e-4 (the spec gives none for
+  GaLore's full-rank baseline)."""
+  base = _official("llama_130m")
+  low_rank = dict(rank=256, update_proj_gap=200, scale=0.25,
+                  warmup_steps=2000)
+  arms = {
+    "adam": AdamWConfig(lr=8e-4, warmup_steps=2000),
+    "galore": GaLoreConfig(lr=0.01, **low_rank),
+    "q_galore_sr": QGaLoreConfig(lr=0.015, stochastic_round=True,
+                                 **low_rank),
+    "q_galore_rne": QGaLoreConfig(lr=0.015, stochastic_round=False,
+                                  **low_rank),
+  }
+  return Suite(name="q_galore", title="Q-GaLore vs GaLore vs Adam, CPU "
+               "scale", arms=tuple(Arm(k, scale_down(base.replace(
+                 optimizer=v))) for k, v in arms.items()),
+               target="galore", reference="galore",
+               note="Scaled down from the official LLaMA-130M GaLore and "
+               "Q-GaLore runs (spec §4.4, §5.5) by "
+               "`jqlm.train.compare.scale_down`. `q_galore_rne` rounds the "
+               "int8 weight updates to nearest: small updates are lost.")
+
+
+SUITES: dict[str, Callable[[], Suite]] = {
+  "stable_spam": stable_spam_suite,
+  "spam": spam_suite,
+  "q_galore": q_galore_suite,
+}
+"""The built-in CPU-scale suites by name (``jqlm compare <name>``)."""
+
+
+def load_suite(spec: str) -> Suite:
+  """A built-in suite name, or a ``.py`` file whose ``get_suite()`` returns
+  a :class:`Suite` (``experiments/suites/`` holds the paper-scale ones)."""
+  if spec in SUITES:
+    return SUITES[spec]()
+  if spec.endswith(".py") and os.path.exists(spec):
+    mod_spec = importlib.util.spec_from_file_location("jqlm_user_suite",
+                                                      spec)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    suite = mod.get_suite()
+    if not isinstance(suite, Suite):
+      raise ValueError(f"{spec}: get_suite() must return a "
+                       f"jqlm.train.compare.Suite, got "
+                       f"{type(suite).__name__}.")
+    return suite
+  raise ValueError(f"Unknown suite {spec!r}: not one of {sorted(SUITES)} "
+                   "nor an existing .py file defining get_suite().")

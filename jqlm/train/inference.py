@@ -1,0 +1,80 @@
+"""Using a trained run: restore it, evaluate it, sample from it."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jqlm import models, optim
+from jqlm.train import state as jstate
+from jqlm.train.checkpoint import Checkpointer
+from jqlm.train.config import TrainConfig
+from jqlm.train.data import eval_rows
+from jqlm.train.loop import data_for, restore
+from jqlm.train.step import eval_loss
+
+
+def load_run(path: str):
+  """Restores a finished or interrupted run for evaluation or sampling.
+
+  Args:
+    path: the run's work dir (holding ``config.json``, nested or the flat
+      form of jqlm 0.1), or its ``checkpoints`` directory.
+
+  Returns:
+    ``(cfg, setup, state, tokenizer, eval_data)``.
+  """
+  path = os.path.abspath(path)
+  if not os.path.exists(os.path.join(path, "config.json")):
+    parent = os.path.dirname(path)
+    if os.path.exists(os.path.join(parent, "config.json")):
+      path = parent
+    else:
+      raise FileNotFoundError(f"No config.json in {path!r} or its parent: "
+                              "pass a jqlm train work dir.")
+  with open(os.path.join(path, "config.json")) as f:
+    cfg = TrainConfig.from_json(f.read())
+  cfg = cfg.replace(run={"workdir": path})
+  mesh = models.make_mesh(devices=jax.devices()[:1])
+  s = jstate.setup(cfg, mesh)
+  state, _, _ = restore(cfg, s, Checkpointer(os.path.join(path,
+                                                          "checkpoints")))
+  tok, _, eval_data = data_for(cfg)
+  return cfg, s, state, tok, eval_data
+
+
+def evaluate(path: str, batches: int | None = None) -> dict:
+  """Held-out loss and perplexity of a run's newest checkpoint."""
+  cfg, s, state, _, eval_data = load_run(path)
+  fn = jax.jit(functools.partial(eval_loss, graphdef=s.graphdef,
+                                 nnx_state=s.nnx_state))
+  losses = [float(fn(state.params, jnp.asarray(rows))) for rows in
+            eval_rows(cfg.data, eval_data, batches or cfg.run.eval_batches)]
+  loss = float(np.mean(losses))
+  return {"step": int(state.step), "eval_loss": loss,
+          "eval_ppl": math.exp(loss)}
+
+
+def sample(path: str, prompt: str, max_new_tokens: int = 64, *,
+           seed: int = 0, temperature: float = 0.8,
+           top_k: int | None = 40) -> str:
+  """Continues ``prompt`` with a run's newest checkpoint."""
+  _, s, state, tok, _ = load_run(path)
+  nnx_state = jax.tree.map(lambda x: x, s.nnx_state)
+  nnx.replace_by_pure_dict(nnx_state, optim.dequantize_params(state.params))
+  model = nnx.merge(s.graphdef, nnx_state)
+  ids = tok.encode(prompt).ids or [0]
+  room = model.cfg.max_seq_len - len(ids)
+  if room < 1:
+    raise ValueError(f"The prompt has {len(ids)} tokens; the model's "
+                     f"max_seq_len is {model.cfg.max_seq_len}.")
+  out = models.generate(model, jnp.asarray([ids], jnp.int32),
+                        min(max_new_tokens, room), key=jax.random.key(seed),
+                        temperature=temperature, top_k=top_k)
+  return tok.decode([int(t) for t in out[0]])
