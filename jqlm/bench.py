@@ -8,11 +8,20 @@ measured in the same run (never a timed test).
   against a bf16 cast round trip.
 * ``jqlm bench memory``: params + optimizer-state bytes of the official
   LLaMA configs per training recipe (``jax.eval_shape``, no allocation).
+* ``jqlm bench matmul``: low-bit matmuls through :mod:`jqlm.ops` at the
+  LLaMA-7B and LLaMA-3-8B linear shapes.
+
+Every shape comes from the model: :data:`jqlm.models.PRESETS` built under
+``nnx.eval_shape`` (:func:`param_structs`), and the block linears through
+:func:`jqlm.models.linear_shapes`. No shape table is copied here.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
+import inspect
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -21,8 +30,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
-from jqlm import ops, optim, quant
+from jqlm import models, ops, optim, quant
 
 
 def _median_time(fn: Callable, args: tuple, iters: int, warmup: int = 2):
@@ -48,31 +58,62 @@ def time_fn(fn: Callable, *args, iters: int = 10, warmup: int = 2) -> float:
   return _median_time(fn, args, iters, warmup)[0]
 
 
-def llama_param_shapes(
-  vocab: int = 32000, hidden: int = 768, intermediate: int = 2048,
-  layers: int = 12,
-) -> dict[str, tuple[int, ...]]:
-  """Flax-layout (in, out) shapes of the official LLaMA configs (spec §6);
-  the defaults are LLaMA-130M (134.1M params)."""
-  shapes = {"embed": (vocab, hidden), "final_norm": (hidden,),
-            "lm_head": (hidden, vocab)}
-  for i in range(layers):
-    for name in ("q", "k", "v", "o"):
-      shapes[f"layer{i}.attn.{name}"] = (hidden, hidden)
-    shapes[f"layer{i}.mlp.gate"] = (hidden, intermediate)
-    shapes[f"layer{i}.mlp.up"] = (hidden, intermediate)
-    shapes[f"layer{i}.mlp.down"] = (intermediate, hidden)
-    shapes[f"layer{i}.attn_norm"] = (hidden,)
-    shapes[f"layer{i}.mlp_norm"] = (hidden,)
-  return shapes
+def _config(cfg: models.LlamaConfig | str) -> models.LlamaConfig:
+  if isinstance(cfg, models.LlamaConfig):
+    return cfg
+  if cfg not in models.PRESETS:
+    raise ValueError(f"Unknown LLaMA preset {cfg!r}; the presets are "
+                     f"{sorted(models.PRESETS)}.")
+  return models.PRESETS[cfg]()
 
 
-def _make_tree(shapes, dtype, key):
-  keys = jax.random.split(key, len(shapes))
-  return {
-    name: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-    for k, (name, shape) in zip(keys, shapes.items(), strict=True)
-  }
+def param_structs(cfg: models.LlamaConfig | str, dtype=None):
+  """The params of ``Llama(cfg)`` as a pure dict of
+  ``jax.ShapeDtypeStruct`` (``nnx.eval_shape``: nothing is allocated), in
+  ``dtype`` (default the config's ``param_dtype``).
+
+  Args:
+    cfg: a :class:`jqlm.models.LlamaConfig` or a name in
+      :data:`jqlm.models.PRESETS` (``"llama_130m"``: 134.1M params, spec §6).
+    dtype: the params' dtype, or None.
+  """
+  cfg = _config(cfg)
+  model = nnx.eval_shape(lambda: models.Llama(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  if dtype is None:
+    return params
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), params)
+
+
+def scaled_config(cfg: models.LlamaConfig, scale: float
+                  ) -> models.LlamaConfig:
+  """``cfg`` with vocab, widths (and, below 1, layers) times ``scale``, for
+  quick runs; ``scale=1`` returns ``cfg``. Heads scale too, so the head
+  dim stays even and divides the width."""
+  if scale <= 0:
+    raise ValueError(f"scale must be > 0, got {scale}.")
+  if scale == 1:
+    return cfg
+  heads = max(1, round(cfg.num_heads * scale))
+  kv = heads if cfg.num_kv_heads == cfg.num_heads else math.gcd(
+    heads, max(1, round(cfg.num_kv_heads * scale)))
+  head_dim = max(2, 2 * round(cfg.hidden_size * scale / heads / 2))
+  return cfg.replace(
+    vocab_size=max(int(cfg.vocab_size * scale), 8),
+    hidden_size=heads * head_dim, num_heads=heads, num_kv_heads=kv,
+    head_dim=head_dim,
+    intermediate_size=max(int(cfg.intermediate_size * scale), 8),
+    num_layers=cfg.num_layers if scale >= 1 else max(
+      int(cfg.num_layers * scale), 1))
+
+
+def _random_tree(structs, dtype, key):
+  """N(0, 0.02) arrays in ``dtype`` with the shapes of ``structs``."""
+  leaves, treedef = jax.tree.flatten(structs)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([
+    (0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype)
+    for k, s in zip(keys, leaves, strict=True)])
 
 
 def _interleaved(cases: dict[str, tuple[Callable, tuple]], iters: int,
@@ -104,20 +145,18 @@ def bench_optim(
 
   Args:
     iters: timed iterations per round (median kept).
-    scale: shrink factor for the widths (1.0 = LLaMA-130M), for quick runs.
+    scale: shrink factor for the widths (1.0 = LLaMA-130M), for quick runs
+      (:func:`scaled_config`).
     dtype: params/gradient dtype of the optimizer rows (the SR rows always
       use bf16 params, as the official pure-bf16 runs do).
     rounds: round-robin repetitions (median time and median per-round
       ratio reported).
   """
-  shapes = llama_param_shapes(
-    vocab=max(int(32000 * scale), 8), hidden=max(int(768 * scale), 8),
-    intermediate=max(int(2048 * scale), 8),
-    layers=12 if scale >= 1 else max(int(12 * scale), 1))
+  shapes = param_structs(scaled_config(models.llama_130m(), scale))
   kp, kg, kg2 = jax.random.split(jax.random.key(0), 3)
-  params = _make_tree(shapes, dtype, kp)
-  grads = _make_tree(shapes, dtype, kg)
-  grads2 = _make_tree(shapes, dtype, kg2)
+  params = _random_tree(shapes, dtype, kp)
+  grads = _random_tree(shapes, dtype, kg)
+  grads2 = _random_tree(shapes, dtype, kg2)
   lr = 1e-3
 
   def opt_step(tx):
@@ -233,20 +272,33 @@ def bench_quant(rows: int = 4096, cols: int = 4096, iters: int = 10):
   return out
 
 
-# Official LLaMA configs (spec §6): (hidden, intermediate, layers), and the
-# GaLore / Q-GaLore ranks of the official scripts (spec §4.4, §5.5).
+# The official LLaMA configs (spec §6) by their short name: the preset
+# (shapes come from the model) and the GaLore / Q-GaLore rank of the
+# official scripts (spec §4.4, §5.5).
 LLAMA_CONFIGS = {
-  "60M": (512, 1376, 8, 128),
-  "130M": (768, 2048, 12, 256),
-  "350M": (1024, 2736, 24, 256),
-  "1B": (2048, 5461, 24, 1024),
-  "7B": (4096, 11008, 32, 1024),
+  "60M": ("llama_60m", 128),
+  "130M": ("llama_130m", 256),
+  "350M": ("llama_350m", 256),
+  "1B": ("llama_1b", 1024),
+  "7B": ("llama_7b", 1024),
 }
 
 
+def _q_galore(rank: int) -> optax.GradientTransformation:
+  """Real-mode Q-GaLore on the block linears. The stochastic-rounding key
+  belongs to the caller's ``apply_quantized_updates``, not to the state:
+  an older ``q_galore`` that still carries it (a ``key`` argument) is built
+  with ``stochastic_round=False``, so both versions hold the same state."""
+  kw = {}
+  if "key" in inspect.signature(optim.q_galore).parameters:
+    kw["stochastic_round"] = False
+  return optim.q_galore(1e-2, rank, mask=models.block_linear_mask, **kw)
+
+
 def memory_recipes(rank: int) -> dict[str, tuple[Callable, object]]:
-  """name -> (optimizer, params dtype or "int8") of the compared recipes."""
-  key = jax.random.key(0)
+  """name -> (optimizer, params dtype or "int8") of the compared recipes.
+  GaLore and Q-GaLore project the block linears
+  (:func:`jqlm.models.block_linear_mask`)."""
   return {
     "AdamW, f32 params and states": (optax.adamw(1e-3), jnp.float32),
     "pure bf16 (AdamW, bf16 states)": (optim.adamw(1e-3), jnp.bfloat16),
@@ -254,23 +306,30 @@ def memory_recipes(rank: int) -> dict[str, tuple[Callable, object]]:
                                         jnp.bfloat16),
     "AdamW 4-bit states, bf16 params": (optim.adamw(1e-3, state_quant=4),
                                         jnp.bfloat16),
-    "GaLore, bf16": (optim.galore(1e-2, rank), jnp.bfloat16),
-    "Q-GaLore (int8 W, int4 P, 8-bit)": (
-      optim.q_galore(1e-2, rank, key=key), "int8"),
+    "GaLore, bf16": (optim.galore(1e-2, rank, mask=models.block_linear_mask),
+                     jnp.bfloat16),
+    "Q-GaLore (int8 W, int4 P, 8-bit)": (_q_galore(rank), "int8"),
   }
 
 
 def bench_memory(configs=tuple(LLAMA_CONFIGS)):
-  """{recipe: {config: MemoryReport}} for the official LLaMA configs."""
+  """{recipe: {config: MemoryReport}} for the official LLaMA configs
+  (names of :data:`LLAMA_CONFIGS`); params from :func:`param_structs`, the
+  int8 ones (Q-GaLore) are the block linears."""
+  unknown = [c for c in configs if c not in LLAMA_CONFIGS]
+  if unknown:
+    raise ValueError(f"Unknown configs {unknown}; choose from "
+                     f"{list(LLAMA_CONFIGS)}.")
   out: dict[str, dict[str, optim.MemoryReport]] = {}
   for cname in configs:
-    hidden, inter, layers, rank = LLAMA_CONFIGS[cname]
-    shapes = llama_param_shapes(32000, hidden, inter, layers)
+    preset, rank = LLAMA_CONFIGS[cname]
     for rname, (tx, dtype) in memory_recipes(rank).items():
       pdt = jnp.bfloat16 if dtype == "int8" else dtype
-      params = {k: jax.ShapeDtypeStruct(v, pdt) for k, v in shapes.items()}
+      params = param_structs(preset, pdt)
       if dtype == "int8":
-        params = jax.eval_shape(optim.quantize_weights, params)
+        params = jax.eval_shape(
+          lambda p: optim.quantize_weights(p, models.block_linear_mask),
+          params)
       with jax.numpy_dtype_promotion("standard"):
         out.setdefault(rname, {})[cname] = optim.memory_report(tx, params)
   return out
@@ -289,14 +348,45 @@ def format_memory(reports, unit: str = "GiB") -> str:
   return "\n".join(lines)
 
 
-# K, N of the LLaMA-7B and LLaMA-3-8B linears (Flax layout (in, out))
-KERNEL_SHAPES = {
-  "7B qkvo 4096x4096": (4096, 4096),
-  "7B up 4096x11008": (4096, 11008),
-  "7B down 11008x4096": (11008, 4096),
-  "L3-8B up 4096x14336": (4096, 14336),
-  "L3-8B kv 4096x1024": (4096, 1024),
-}
+# The models whose linear shapes bench_matmul times, by a short tag.
+KERNEL_PRESETS = {"7B": "llama_7b", "L3-8B": "llama3_8b"}
+
+
+def _block_order(path: str) -> int:
+  """Position of the first :data:`jqlm.models.BLOCK_LINEARS` pattern that
+  matches ``path`` (q, k, v, o, gate, up, down)."""
+  return next(i for i, pat in enumerate(models.BLOCK_LINEARS)
+              if fnmatch.fnmatchcase(path, pat))
+
+
+@functools.cache
+def _kernel_shapes(presets: tuple[tuple[str, str], ...]):
+  out, seen = {}, set()
+  for tag, preset in presets:
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    layer0 = [(p, sh) for p, sh in
+              models.linear_shapes(_config(preset)).items()
+              if p.startswith("layers.0.")]  # every block has these shapes
+    for path, shape in sorted(layer0, key=lambda x: _block_order(x[0])):
+      by_shape.setdefault(shape, []).append(path.rsplit(".", 1)[-1])
+    for (k, n), names in by_shape.items():
+      if (k, n) not in seen:
+        seen.add((k, n))
+        out[f"{tag} {'/'.join(names)} {k}x{n}"] = (k, n)
+  return out
+
+
+def kernel_shapes(presets: dict[str, str] | None = None
+                  ) -> dict[str, tuple[int, int]]:
+  """``{"7B q/k/v/o 4096x4096": (K, N), ...}``: the distinct (K, N) of the
+  block linears (:func:`jqlm.models.linear_shapes`, Flax layout
+  ``(in, out)``) of each model of ``presets`` (tag -> name in
+  :data:`jqlm.models.PRESETS`; default :data:`KERNEL_PRESETS`), a shape
+  listed once, under the first model that has it."""
+  presets = KERNEL_PRESETS if presets is None else presets
+  return dict(_kernel_shapes(tuple(presets.items())))
+
+
 KERNEL_MS = (1, 4, 16, 64, 256, 1024, 4096)
 
 
@@ -385,8 +475,11 @@ def bench_matmul(ms=KERNEL_MS, shapes=None, iters: int = 20,
   channel; activations bf16. On CPU only the XLA rows run (the kernels
   need a GPU or TPU; ``interpret=True`` runs the Pallas kernels in the
   interpreter, which is for correctness, not speed).
+
+  ``shapes`` maps a row name to ``(K, N)``; default :func:`kernel_shapes`
+  (the LLaMA-7B and LLaMA-3-8B block linears).
   """
-  shapes = KERNEL_SHAPES if shapes is None else shapes
+  shapes = kernel_shapes() if shapes is None else shapes
   on_device = jax.default_backend() in ("gpu", "tpu") or interpret
   peaks = device_peaks()
   rows = []
