@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import inspect
 import math
 import statistics
 import time
@@ -285,14 +284,9 @@ LLAMA_CONFIGS = {
 
 
 def _q_galore(rank: int) -> optax.GradientTransformation:
-  """Real-mode Q-GaLore on the block linears. The stochastic-rounding key
-  belongs to the caller's ``apply_quantized_updates``, not to the state:
-  an older ``q_galore`` that still carries it (a ``key`` argument) is built
-  with ``stochastic_round=False``, so both versions hold the same state."""
-  kw = {}
-  if "key" in inspect.signature(optim.q_galore).parameters:
-    kw["stochastic_round"] = False
-  return optim.q_galore(1e-2, rank, mask=models.block_linear_mask, **kw)
+  """Real-mode Q-GaLore on the block linears (the stochastic-rounding key
+  belongs to the caller's ``apply_quantized_updates``, not to the state)."""
+  return optim.q_galore(1e-2, rank, mask=models.block_linear_mask)
 
 
 def memory_recipes(rank: int) -> dict[str, tuple[Callable, object]]:

@@ -14,39 +14,38 @@
   :func:`galore`, :func:`scale_by_galore`, :func:`q_galore`,
   :func:`scale_by_q_galore`, and the int8-weight helpers
   :func:`quantize_weights`, :func:`dequantize_params`,
-  :func:`apply_quantized_updates`, :func:`rounding_key`.
+  :func:`apply_quantized_updates` (the caller passes the rounding key).
 * Memory accounting without allocation: :func:`memory_report`.
 
 Default behaviour is the official code's (``../shared/spec/optimizers.md``);
 each docstring names its deviations.
 """
 
+from jqlm.optim._lr import (
+  PostUpdateDecayState,
+  scale_by_learning_rate_post_decay,
+)
 from jqlm.optim.adam import EpsStyle, ScaleByAdamState, adamw, scale_by_adam
 from jqlm.optim.diagnostics import SpikeDiagnostics, spike_diagnostics
 from jqlm.optim.galore import (
   GaLoreState,
   ProjectorState,
   ProjType,
-  default_mask,
   galore,
   projector_gaps,
   scale_by_galore,
 )
 from jqlm.optim.memory import MemoryReport, memory_report
 from jqlm.optim.qgalore import (
-  WeightRoundingState,
   apply_quantized_updates,
   dequantize_params,
   q_galore,
   quantize_weights,
-  rounding_key,
   scale_by_q_galore,
 )
 from jqlm.optim.qstate import QuantizedMoment, StateCode, StateQuant
 from jqlm.optim.spam import (
-  PostUpdateDecayState,
   SpamState,
-  scale_by_learning_rate_post_decay,
   scale_by_spam,
   spam,
   spam_second_moment,
@@ -86,17 +85,14 @@ __all__ = [
   "ScaleByAdamState",
   "StateCode",
   "StateQuant",
-  "WeightRoundingState",
   "adamw",
   "apply_quantized_updates",
-  "default_mask",
   "dequantize_params",
   "galore",
   "memory_report",
   "projector_gaps",
   "q_galore",
   "quantize_weights",
-  "rounding_key",
   "scale_by_adam",
   "scale_by_galore",
   "scale_by_q_galore",

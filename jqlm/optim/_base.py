@@ -49,6 +49,28 @@ def check_interval(name: str, value: Any, allow_none: bool = True) -> None:
         "Pass None to disable it." if allow_none else "")
 
 
+def check_int(name: str, value: Any, lo: int = 1,
+              hi: int | None = None) -> None:
+  """Raises ValueError unless ``value`` is a Python int in ``[lo, hi]``.
+
+  Ranks, bit widths, group and queue sizes set array shapes, so they cannot
+  be traced: under ``optax.inject_hyperparams`` they must be listed in
+  ``static_args`` (the message says so when it receives an array).
+  """
+  ok = (isinstance(value, int) and not isinstance(value, bool)
+        and value >= lo and (hi is None or value <= hi))
+  if ok:
+    return
+  expected = (f"an int in [{lo}, {hi}]" if hi is not None else
+              "a positive int" if lo == 1 else f"an int >= {lo}")
+  msg = f"`{name}` must be {expected}, got {value!r}."
+  if isinstance(value, jax.Array):
+    msg += (f" `{name}` sets array shapes, so it cannot be an array or a "
+            f"traced hyper-parameter: under optax.inject_hyperparams, list "
+            f"it in static_args, e.g. static_args=({name!r},).")
+  raise ValueError(msg)
+
+
 def compute_dtype(dtype) -> jnp.dtype:
   """float32, or float64 for float64 inputs (x64 parity runs)."""
   return jnp.dtype(jnp.float64 if jnp.dtype(dtype) == jnp.float64
@@ -91,6 +113,21 @@ def map_n(fn, tree, *rest, n: int):
   )
 
 
+def leaf_keys(key, n: int, what: str = "Stochastic rounding") -> list:
+  """``n`` independent sub-keys of ``key``, one per leaf of a pytree.
+
+  Raises:
+    ValueError: if ``key`` is None (randomness is never hidden or
+      defaulted; style.md §3.2). ``what`` names the caller.
+  """
+  if key is None:
+    raise ValueError(
+      f"{what} needs an explicit PRNG key: pass key=jax.random.key(seed) "
+      "and split it (or fold in the step) every step."
+    )
+  return list(jax.random.split(key, max(n, 1)))[:n]
+
+
 def _mesh_sharding(params):
   """A replicated NamedSharding on the mesh of the first sharded param."""
   for leaf in jax.tree.leaves(params):
@@ -104,21 +141,28 @@ def _mesh_sharding(params):
 
 
 def follow_params(state, params):
-  """Places the scalar leaves of a fresh ``state`` like ``params``.
+  """Places the leaves of a fresh ``state`` that have no mesh like
+  ``params``: replicated on the params' mesh.
 
   Called eagerly on mesh-sharded params, ``zeros_like`` moments already take
-  each param's sharding; this also replicates the scalar leaves (counts,
-  per-tensor statistics) on the same mesh, so ``jax.typeof(state)`` is the
-  same before and after a jitted update and the second step does not
-  recompile. A no-op under jit and for unsharded params. (Under
-  ``jax.jit(opt.init)``, give ``out_shardings`` instead.)
+  each param's sharding; this also replicates the leaves created without
+  one (counts, per-tensor statistics, block-quantized moments) on the same
+  mesh, so ``jax.typeof(state)`` and the shardings are the same before and
+  after a jitted update and the second step does not recompile. A no-op
+  under jit and for unsharded params. (Under ``jax.jit(opt.init)``, give
+  ``out_shardings`` instead.)
   """
   sharding = _mesh_sharding(params)
   if sharding is None:
     return state
-  return jax.tree.map(
-    lambda x: jax.device_put(x, sharding)
-    if isinstance(x, jax.Array) and x.ndim == 0 else x, state)
+
+  def place(x):
+    if (not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer)
+        or isinstance(x.sharding, jax.sharding.NamedSharding)):
+      return x
+    return jax.device_put(x, sharding)
+
+  return jax.tree.map(place, state)
 
 
 def _to_bits(x: jax.Array) -> jax.Array:

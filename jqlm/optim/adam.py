@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from jqlm.optim import _base, qstate
-from jqlm.optim.spam import scale_by_learning_rate_post_decay
+from jqlm.optim._lr import scale_by_learning_rate_post_decay
 
 
 class EpsStyle(enum.Enum):

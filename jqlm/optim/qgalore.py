@@ -1,38 +1,66 @@
-r"""Q-GaLore (Zhang et al. 2024, `arXiv 2407.08296
-<https://arxiv.org/abs/2407.08296>`_; spec §5): GaLore (:mod:`jqlm.optim.galore`)
-with INT4 projections, the layer-adaptive lazy refresh, 8-bit Adam states and
-INT8 weights updated by stochastic rounding, with no float master copy.
+r"""Q-GaLore: GaLore with INT4 projections, a layer-adaptive lazy refresh,
+8-bit Adam states and INT8 weights updated by stochastic rounding.
 
-The projector machinery (quantized projections, per-layer gaps and cosine
-queues under ``lax.cond``) lives in :mod:`jqlm.optim.galore`; this module
-holds the Q-GaLore optimizer and the helpers a train step needs for int8
-weight params: :func:`quantize_weights`, :func:`dequantize_params`,
-:func:`apply_quantized_updates` and :func:`rounding_key`.
+Zhang et al. 2024, `arXiv 2407.08296 <https://arxiv.org/abs/2407.08296>`_;
+spec §5. On top of GaLore (:mod:`jqlm.optim.galore`, whose projector it
+shares) Q-GaLore adds
+
+* INT4 projections: :math:`P` is stored as a :class:`jqlm.quant.QArray`,
+  asymmetric min-max uint4 in groups of 256 of the torch-layout :math:`P`
+  (spec §5.2), dequantized on use, and packed two codes per byte
+  (:class:`jqlm.quant.PackedQArray`);
+* layer-adaptive lazy refresh: at each SVD the signed cosine similarity of
+  the new and previous top singular vectors enters a per-layer queue of
+  ``queue_size``; when the queue is full and its mean is
+  :math:`\geq` ``cos_threshold`` the layer's gap is multiplied by
+  ``gamma_proj`` (the queue is not cleared; spec §5.1). A layer refreshes
+  when ``(t - 1) % gap == 0`` with its own gap, under ``lax.cond``;
+* INT8 weights with no float master copy (spec §5.3): the projected kernels
+  live in the params as int8 :class:`jqlm.quant.QArray`
+  (:func:`quantize_weights`); the optimizer returns float updates and the
+  caller re-quantizes, :math:`W_q \leftarrow \mathrm{Q}(\mathrm{deq}(W_q) +
+  u)`, by stochastic rounding with a key it passes
+  (:func:`apply_quantized_updates`). Randomness comes from the caller, never
+  from the optimizer state (style.md §3.2);
+* 8-bit block-wise Adam states with :math:`\beta_2 = 0.95` (bitsandbytes
+  ``AdamW8bit``, torch-style epsilon; spec §5.4).
+
+Deviations from the official code, all numerical-precision only: the
+projections and the inner optimizer compute in float32 (the official code in
+the gradient dtype, bf16 in training), and the projection quantizer computes
+its scales in float32. SVD signs are those of XLA's SVD (spec §4.3).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jqlm import quant
-from jqlm.optim import qstate
-from jqlm.optim.adam import scale_by_adam
-from jqlm.optim.galore import (
+from jqlm.optim import _base, qstate
+from jqlm.optim._lr import scale_by_learning_rate_post_decay
+from jqlm.optim._projector import (
   ProjType,
-  _check_bits,
-  _galore,
-  _is_qarray,
-  _resolve_mask,
-  weight_spec,
+  check_bits,
+  galore_projector,
+  is_qarray,
+  resolve_mask,
 )
-from jqlm.optim.spam import scale_by_learning_rate_post_decay
-from jqlm.optim.stochastic import _leaf_keys
+from jqlm.optim.adam import scale_by_adam
+
+
+def weight_spec(bits: int = 8, group_size: int = 256) -> quant.QuantSpec:
+  """Q-GaLore's weight quantizer for a Flax kernel ``(in, out)`` (spec
+  §5.3): asymmetric min-max ``uint{bits}`` in flat groups of the torch
+  ``(out, in)`` weight (``axis=0``), scale floor 1e-5, round-to-nearest."""
+  return quant.QuantSpec(
+    format=quant.int_format(bits, signed=False), granularity="flat_group",
+    group_size=group_size, axis=0, eps=1e-5)
 
 
 def scale_by_q_galore(
@@ -54,74 +82,61 @@ def scale_by_q_galore(
   quantized projections (``proj_bits``; ``None`` keeps them in the param
   dtype) and the layer-adaptive lazy refresh. The inner default is
   Q-GaLore's 8-bit AdamW (:math:`\\beta_2 = 0.95`, torch-style epsilon).
-  Args as :func:`q_galore`.
+  Args as :func:`q_galore`; ``mask`` is required (``init`` raises
+  ValueError when it is ``None``).
   """
   if inner is None:
     inner = scale_by_adam(0.9, 0.95, 1e-8, eps_style="torch", state_quant=8)
-  return _galore(rank, update_proj_gap, scale, ProjType.STD, inner, mask,
-                 proj_bits=proj_bits, proj_group_size=proj_group_size,
-                 adaptive=True, cos_threshold=cos_threshold,
-                 gamma_proj=gamma_proj, queue_size=queue_size)
+  return galore_projector(
+    rank, update_proj_gap=update_proj_gap, scale=scale,
+    proj_type=ProjType.STD, inner=inner, mask=mask, proj_bits=proj_bits,
+    proj_group_size=proj_group_size, adaptive=True,
+    cos_threshold=cos_threshold, gamma_proj=gamma_proj,
+    queue_size=queue_size, who="Q-GaLore")
 
 
-class WeightRoundingState(NamedTuple):
-  """Carries the PRNG key of Q-GaLore's weight re-quantization.
-
-  Attributes:
-    key: the carry, split every update.
-    step_key: the key of the latest update's re-quantization; read it with
-      :func:`rounding_key`.
-  """
-
-  key: jax.Array
-  step_key: jax.Array
-
-
-def _weight_rounding(
-  key: jax.Array | None, sim_spec: quant.QuantSpec | None, mask
-) -> optax.GradientTransformation:
-  """Carries the SR key (split each update; none for round-to-nearest). In
-  simulation mode (``sim_spec``) it also turns the updates of the masked
-  float weights into ``fq(p + u) - p`` (spec §5.3)."""
+def _simulated_weight_quant(
+  spec: quant.QuantSpec, mask, stochastic: bool
+) -> optax.GradientTransformationExtraArgs:
+  r"""Simulation mode's last step (spec §5.3): the update of each masked
+  float weight becomes :math:`\mathrm{fq}(p + u) - p`, with ``fq`` the
+  weight fake-quantizer (stochastic rounding with the ``key`` passed to
+  ``update``, or round-to-nearest). Stateless."""
 
   def init_fn(params):
     del params
-    if key is None:
-      return optax.EmptyState()
-    return WeightRoundingState(key=key, step_key=key)
+    return optax.EmptyState()
 
-  def simulate(updates, params, step):
+  def update_fn(updates, state, params=None, *, key=None, **extra_args):
+    del extra_args
     if params is None:
       raise ValueError("q_galore(simulation=True) needs the params: call "
                        "update(grads, state, params).")
-    spec = sim_spec if step is None else sim_spec.replace(
-      rounding="stochastic")
-    m = _resolve_mask(mask, params)
+    if stochastic and key is None:
+      raise ValueError(
+        "q_galore(simulation=True, stochastic_round=True) rounds the "
+        "fake-quantized weights stochastically with a key the caller "
+        "passes: call update(grads, state, params, key=key) with a fresh "
+        "key each step (e.g. jax.random.fold_in(key, step)), or build it "
+        "with stochastic_round=False for round-to-nearest.")
+    rnd = spec.replace(rounding="stochastic") if stochastic else spec
+    m = resolve_mask(mask, params, "Q-GaLore")
     leaves, treedef = jax.tree.flatten(updates)
     ps, ms = treedef.flatten_up_to(params), treedef.flatten_up_to(m)
-    keys = _leaf_keys(step, len(leaves)) if step is not None \
-      else [None] * len(leaves)
+    keys = (_base.leaf_keys(key, len(leaves)) if stochastic
+            else [None] * len(leaves))
     out = []
     for u, p, on, k in zip(leaves, ps, ms, keys, strict=True):
       if not on:
         out.append(u)
         continue
       p32 = p.astype(jnp.float32)
-      fq = quant.quantize(p32 + u.astype(jnp.float32), spec, key=k)
+      fq = quant.quantize(p32 + u.astype(jnp.float32), rnd, key=k)
       out.append((fq.dequantize(p.dtype).astype(jnp.float32) - p32)
                  .astype(u.dtype))
-    return treedef.unflatten(out)
+    return treedef.unflatten(out), state
 
-  def update_fn(updates, state, params=None):
-    step = None
-    if key is not None:
-      carry, step = jax.random.split(state.key)
-      state = WeightRoundingState(key=carry, step_key=step)
-    if sim_spec is not None:
-      updates = simulate(updates, params, step)
-    return updates, state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _float_params(tx: optax.GradientTransformation):
@@ -146,7 +161,6 @@ def q_galore(
   weight_decay: float = 0.0,
   mask: Any = None,
   *,
-  key: jax.Array | None = None,
   update_proj_gap: int = 200,
   scale: float = 0.25,
   proj_bits: int | None = 4,
@@ -160,28 +174,36 @@ def q_galore(
   simulation: bool = False,
   state_quant: qstate.StateQuant | int | None = 8,
   inner: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Q-GaLore (spec §5): GaLore with INT4 projections, lazy layer-adaptive
   refresh, 8-bit Adam states and INT8 weights updated by stochastic rounding.
 
   **Real mode** (default): the projected kernels live in the params pytree
   as int8 :class:`jqlm.quant.QArray` (:func:`quantize_weights`, RTN at
   init). A train step differentiates the loss at
-  ``dequantize_params(params)``, calls ``update(grads, state, params)`` (float
-  updates) and then::
+  ``dequantize_params(params)``, calls ``update(grads, state, params)`` (it
+  returns float updates) and applies them with::
 
-      params = apply_quantized_updates(params, updates,
-                                       key=rounding_key(state))
+      params = apply_quantized_updates(params, updates, key=step_key)
 
-  which adds in float and re-quantizes with stochastic rounding and fresh
-  scales (spec §5.3); the key is carried in the state and split each update.
+  which adds in float and re-quantizes with fresh scales (spec §5.3): by
+  stochastic rounding when ``key`` is a PRNG key (split a fresh one each
+  step from the train state's key), by round-to-nearest when it is
+  ``None``. The caller chooses; ``stochastic_round`` plays no part in real
+  mode and the optimizer state holds no key.
 
   **Simulation mode** (``simulation=True``, the official ``--simulation``):
   the projected kernels stay float (bf16); the update of each one is
-  ``fq(p + u) - p`` with ``fq`` the 8-bit SR fake-quantizer, so
-  ``optax.apply_updates`` yields fake-quantized weights. (The official
-  simulation also fake-quantizes in the forward pass: that is the model's
-  QAT policy.)
+  ``fq(p + u) - p`` with ``fq`` the ``weight_bits`` fake-quantizer, so
+  ``optax.apply_updates`` yields fake-quantized weights. With
+  ``stochastic_round=True`` ``fq`` rounds stochastically with a key passed
+  to each update, ``update(grads, state, params, key=step_key)`` (the
+  returned transform is an ``optax.GradientTransformationExtraArgs``;
+  ``optax.chain``, ``MultiSteps``, ``inject_hyperparams``,
+  ``apply_if_finite`` and ``partition`` forward the key); an update without
+  it raises ValueError. With ``stochastic_round=False`` it rounds to
+  nearest and needs no key. (The official simulation also fake-quantizes
+  in the forward pass: that is the model's QAT policy.)
 
   Args:
     learning_rate: a float or an optax schedule (official: 0.015 for
@@ -189,40 +211,50 @@ def q_galore(
     rank: the subspace rank.
     b1, b2, eps: the inner torch-style Adam (official ``beta2`` 0.95).
     weight_decay: decoupled, after the update (spec §5.4).
-    mask: the projected params (see :func:`scale_by_galore`); they are also
-      the ones held in int8.
-    key: PRNG key for the stochastic rounding; required when
-      ``stochastic_round`` (``jax.random.key(seed)``).
+    mask: the projected kernels, also the ones held in int8 (required; see
+      :func:`jqlm.optim.scale_by_galore`): ``jqlm.models.block_linear_mask``
+      for jqlm's LLaMA. ``init`` raises ValueError when it is ``None``.
     update_proj_gap, scale: as GaLore (the gap is each layer's initial gap).
     proj_bits: bits of the stored projections (``None``: unquantized).
     proj_group_size: elements per projection quantization group.
     cos_threshold, gamma_proj, queue_size: the lazy refresh (spec §5.1).
-    weight_bits, weight_group_size: the weight quantizer (spec §5.3); give
-      the same to :func:`quantize_weights`.
-    stochastic_round: SR (official ``--stochastic_round``) or RTN weight
-      updates.
+    weight_bits, weight_group_size: the weight quantizer of simulation mode
+      (spec §5.3); in real mode give them to :func:`quantize_weights`.
+    stochastic_round: simulation mode only: SR (official
+      ``--stochastic_round``; ``update`` then needs ``key=``) or RTN
+      fake-quantization. In real mode pass a key or ``None`` to
+      :func:`apply_quantized_updates` instead.
     simulation: see above.
     state_quant: the inner Adam's states (default 8-bit, as bitsandbytes'
       ``AdamW8bit``; blocks of 256, not bnb 0.43's 2048).
     inner: replaces the inner Adam.
 
+  Under ``optax.inject_hyperparams`` list the ints that set shapes
+  (``rank``, ``proj_bits``, ``proj_group_size``, ``queue_size``,
+  ``weight_bits``, ``weight_group_size``, ``state_quant``) and a callable
+  ``mask`` in ``static_args``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jqlm import optim
+    >>> params = {"attn": {"q": jnp.ones((64, 64))}, "norm": jnp.ones(64)}
+    >>> mask = {"attn": {"q": True}, "norm": False}
+    >>> params = optim.quantize_weights(params, mask)  # q -> int8 QArray
+    >>> opt = optim.q_galore(1e-2, rank=8, mask=mask, proj_group_size=64)
+    >>> state = opt.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, optim.dequantize_params(params))
+    >>> updates, state = opt.update(grads, state, params)
+    >>> params = optim.apply_quantized_updates(params, updates,
+    ...                                        key=jax.random.key(0))
+
   References:
     Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
   """
-  _check_bits("weight_bits", weight_bits)
-  if not isinstance(weight_group_size, int) or weight_group_size < 1:
-    raise ValueError(
-      f"`weight_group_size` must be a positive int, got {weight_group_size!r}.")
-  if stochastic_round and key is None:
-    raise ValueError(
-      "q_galore with stochastic_round=True needs key=jax.random.key(seed): "
-      "the weight re-quantization draws its noise from a key carried in the "
-      "optimizer state.")
+  check_bits("weight_bits", weight_bits)
+  _base.check_int("weight_group_size", weight_group_size)
   if inner is None:
     inner = scale_by_adam(b1, b2, eps, eps_style="torch",
                           state_quant=state_quant)
-  sim_spec = weight_spec(weight_bits, weight_group_size) if simulation \
-    else None
   parts = [
     scale_by_q_galore(
       rank, update_proj_gap=update_proj_gap, scale=scale, inner=inner,
@@ -232,9 +264,9 @@ def q_galore(
     _float_params(scale_by_learning_rate_post_decay(learning_rate,
                                                     weight_decay)),
   ]
-  if stochastic_round or simulation:
-    parts.append(_weight_rounding(key if stochastic_round else None,
-                                  sim_spec, mask))
+  if simulation:
+    parts.append(_simulated_weight_quant(
+      weight_spec(weight_bits, weight_group_size), mask, stochastic_round))
   return optax.chain(*parts)
 
 
@@ -249,31 +281,39 @@ def quantize_weights(params, mask: Any = None, *, bits: int = 8,
 
   Args:
     params: a params pytree (arrays or ``jax.ShapeDtypeStruct``).
-    mask: as :func:`scale_by_galore` (default :func:`default_mask`).
+    mask: the kernels to quantize (required), as :func:`q_galore`'s:
+      ``jqlm.models.block_linear_mask`` for jqlm's LLaMA, a pytree of
+      bools, or a callable ``params -> pytree of bools``.
     bits, group_size: the weight quantizer (:func:`weight_spec`).
+
+  Raises:
+    ValueError: ``mask`` is None or selects a non-2-D param, or
+      ``group_size`` does not divide a selected kernel's size.
   """
-  _check_bits("bits", bits)
+  check_bits("bits", bits)
+  _base.check_int("group_size", group_size)
   spec = weight_spec(bits, group_size)
-  m = _resolve_mask(mask, params)
+  m = resolve_mask(mask, params, "quantize_weights", "to hold in int8")
 
   def conv(p, on):
-    if not on or _is_qarray(p):
+    if not on or is_qarray(p):
       return p
     if math.prod(p.shape) % group_size:
       raise ValueError(
         f"weight group_size={group_size} must divide the size of the kernel "
-        f"of shape {tuple(p.shape)}.")
+        f"of shape {tuple(p.shape)}. Use a divisor of "
+        f"{math.prod(p.shape)}.")
     return quant.quantize(p, spec)
 
-  return jax.tree.map(conv, params, m, is_leaf=_is_qarray)
+  return jax.tree.map(conv, params, m, is_leaf=is_qarray)
 
 
 def dequantize_params(params, dtype=jnp.float32):
   """Params with every :class:`jqlm.quant.QArray` dequantized to
   ``dtype`` (for the forward pass); other leaves unchanged."""
   return jax.tree.map(
-    lambda p: p.dequantize(dtype) if _is_qarray(p) else p, params,
-    is_leaf=_is_qarray)
+    lambda p: p.dequantize(dtype) if is_qarray(p) else p, params,
+    is_leaf=is_qarray)
 
 
 def apply_quantized_updates(params, updates, *, key: jax.Array | None):
@@ -285,16 +325,25 @@ def apply_quantized_updates(params, updates, *, key: jax.Array | None):
   u` inside the group's range) and round-to-nearest when ``key`` is
   ``None`` (spec §5.3). Float leaves are added as ``optax.apply_updates``
   does.
+
+  Args:
+    params: params with QArray leaves (:func:`quantize_weights`).
+    updates: float updates with the params' structure (QArray leaves
+      matched by arrays of their logical shape), e.g. from
+      :func:`q_galore`.
+    key: a PRNG key for stochastic rounding (one sub-key per QArray leaf is
+      split from it; pass a fresh one each step), or ``None`` for
+      round-to-nearest. Required keyword: the choice is explicit.
   """
-  leaves, treedef = jax.tree.flatten(params, is_leaf=_is_qarray)
+  leaves, treedef = jax.tree.flatten(params, is_leaf=is_qarray)
   ups = treedef.flatten_up_to(updates)
-  nq = sum(_is_qarray(p) for p in leaves)
-  keys = iter(_leaf_keys(key, nq) if key is not None else [None] * nq)
+  nq = sum(is_qarray(p) for p in leaves)
+  keys = iter(_base.leaf_keys(key, nq) if key is not None else [None] * nq)
   out = []
   for p, u in zip(leaves, ups, strict=True):
     if u is None:
       out.append(p)
-    elif _is_qarray(p):
+    elif is_qarray(p):
       w = p.dequantize(jnp.float32) + u.astype(jnp.float32)
       k = next(keys)
       rounding = "nearest" if k is None else "stochastic"
@@ -304,23 +353,12 @@ def apply_quantized_updates(params, updates, *, key: jax.Array | None):
       # jit signature) is unchanged from step to step.
       out.append(dataclasses.replace(q, spec=p.spec))
     else:
-      out.append((p.astype(jnp.result_type(p.dtype, jnp.float32))
-                  + u).astype(p.dtype))
+      cdt = _base.compute_dtype(p.dtype)
+      out.append((p.astype(cdt) + u.astype(cdt)).astype(p.dtype))
   return treedef.unflatten(out)
 
 
-def rounding_key(opt_state) -> jax.Array | None:
-  """The re-quantization key of the latest update of a :func:`q_galore`
-  state (``None`` if it rounds to nearest)."""
-  found = [s for s in jax.tree.leaves(
-    opt_state, is_leaf=lambda x: isinstance(x, WeightRoundingState))
-    if isinstance(s, WeightRoundingState)]
-  if not found:
-    return None
-  return found[0].step_key
-
-
 __all__ = [
-  "WeightRoundingState", "apply_quantized_updates", "dequantize_params",
-  "q_galore", "quantize_weights", "rounding_key", "scale_by_q_galore",
+  "apply_quantized_updates", "dequantize_params", "q_galore",
+  "quantize_weights", "scale_by_q_galore", "weight_spec",
 ]

@@ -166,9 +166,14 @@ def as_state_quant(value: Any) -> StateQuant | None:
     return value
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
     return StateQuant(bits=int(value))
+  hint = ""
+  if isinstance(value, jax.Array):
+    hint = (" It sets the state's layout, so it cannot be an array or a "
+            "traced hyper-parameter: under optax.inject_hyperparams, list "
+            "it in static_args, e.g. static_args=('state_quant',).")
   raise ValueError(
     f"state_quant must be None, 8, 4 or a jqlm.optim.StateQuant, got "
-    f"{value!r}.")
+    f"{value!r}.{hint}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

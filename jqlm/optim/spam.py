@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import optax
 
 from jqlm.optim import _base, qstate
+from jqlm.optim._lr import scale_by_learning_rate_post_decay
 
 
 class SpamState(NamedTuple):
@@ -312,63 +313,6 @@ def scale_by_spam(
     u, m, v, spikes = _base.map_n(leaf, updates, state.mu, state.nu, n=4)
     return u, SpamState(count=optax.safe_increment(state.count), mu=m, nu=v,
                         spike_count=spikes, warmup_factor=factor)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-class PostUpdateDecayState(NamedTuple):
-  """State of :func:`scale_by_learning_rate_post_decay`."""
-
-  count: jax.Array
-
-
-def scale_by_learning_rate_post_decay(
-  learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0
-) -> optax.GradientTransformation:
-  r"""Descent step then decoupled weight decay on the *updated* params.
-
-  .. math:: p' = p - \eta u, \qquad p'' = p' - \eta \lambda p'
-
-  i.e. the returned update is :math:`-\eta u - \eta \lambda (p - \eta u)`.
-  This is the order of SPAM's and GaLore-AdamW's official code (spec §2.2,
-  §4.2), which optax's ``add_decayed_weights`` (decay of the pre-update
-  params) cannot express. ``learning_rate`` may be an optax schedule,
-  evaluated at the update count (0 for the first update, as the official
-  ``LambdaLR`` is).
-  """
-  _base.check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
-
-  def init_fn(params):
-    return _base.follow_params(
-      PostUpdateDecayState(count=jnp.zeros((), jnp.int32)), params)
-
-  def update_fn(updates, state, params=None):
-    if callable(learning_rate):
-      # optax schedules mix Python floats with the int32 count, which strict
-      # dtype promotion rejects; evaluate them under standard promotion.
-      with jax.numpy_dtype_promotion("standard"):
-        lr = learning_rate(state.count)
-    else:
-      lr = learning_rate
-    decay = _base.concrete(weight_decay)
-    if (decay is None or decay > 0) and params is None:
-      raise ValueError(
-        "weight_decay needs the params: call update(grads, state, params)."
-      )
-
-    def leaf(u, p=None):
-      cdt = _base.compute_dtype(u.dtype)
-      step = -_base.hp(lr, cdt) * u.astype(cdt)
-      if p is not None and (decay is None or decay > 0):
-        new_p = p.astype(cdt) + step
-        step = step - _base.hp(lr, cdt) * _base.hp(weight_decay, cdt) * new_p
-      return step.astype(u.dtype)
-
-    if params is None or decay == 0:
-      out = jax.tree.map(leaf, updates)
-    else:
-      out = jax.tree.map(leaf, updates, params)
-    return out, PostUpdateDecayState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
 

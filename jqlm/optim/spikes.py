@@ -46,7 +46,7 @@ class ClipSpikesState(NamedTuple):
 
   Attributes:
     count: int32 updates done.
-    nu: EMA of the squared *clipped* gradients (float32, or float64).
+    nu: EMA of the squared *clipped* gradients (``state_dtype``).
     spike_count: per-leaf int32 elements clipped in the last update.
   """
 
@@ -61,6 +61,7 @@ def clip_spikes(
   b2: float = 0.999,
   grace_steps: int = 20,
   reset_interval: int | None = None,
+  state_dtype=None,
 ) -> optax.GradientTransformation:
   r"""Spike-aware clipping against a second-moment estimate (SPAM).
 
@@ -79,6 +80,9 @@ def clip_spikes(
     b2: decay of the second-moment EMA.
     grace_steps: clip-free updates at the start and after each reset.
     reset_interval: zero :math:`v` every this many updates; ``None`` never.
+    state_dtype: dtype of :math:`v`; default the params' dtype (bf16 in the
+      official pure-bf16 runs, as :func:`jqlm.optim.scale_by_spam`'s
+      moments). The arithmetic runs in float32 (float64 for float64).
   """
   _base.check("spike_threshold", spike_threshold, lambda v: v > 0, "> 0")
   _base.check_beta("b2", b2)
@@ -90,7 +94,7 @@ def clip_spikes(
     return _base.follow_params(ClipSpikesState(
       count=jnp.zeros((), jnp.int32),
       nu=jax.tree.map(
-        lambda p: jnp.zeros_like(p, _base.compute_dtype(p.dtype)), params),
+        lambda p: jnp.zeros_like(p, state_dtype or p.dtype), params),
       spike_count=_base.count_tree(params),
     ), params)
 
@@ -99,7 +103,7 @@ def clip_spikes(
     reset, on = spam_schedule(state.count, reset_interval, grace_steps)
 
     def leaf(g_in, v_in):
-      cdt = v_in.dtype
+      cdt = _base.compute_dtype(v_in.dtype)
       keep = jnp.where(reset, 0.0, 1.0).astype(cdt)
       threshold = jnp.where(
         on, _base.hp(spike_threshold, cdt) * keep, jnp.inf).astype(cdt)
@@ -109,7 +113,7 @@ def clip_spikes(
       # The clipped gradient from the new v, as in scale_by_spam (one reader
       # of the old, donated v).
       g, spikes = spike_clip_from_new(g_in, v, threshold, b, cdt)
-      return g.astype(g_in.dtype), v, spikes
+      return g.astype(g_in.dtype), v.astype(v_in.dtype), spikes
 
     g, v, spikes = _base.map_n(leaf, updates, state.nu, n=3)
     return g, ClipSpikesState(optax.safe_increment(state.count), v, spikes)

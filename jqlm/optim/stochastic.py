@@ -27,22 +27,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jqlm.optim import _base
 from jqlm.quant import stochastic_round
-from jqlm.quant.rounding import _check_noise
+from jqlm.quant.rounding import check_noise
 
 
 def _needs_sr(p) -> bool:
   dtype = jnp.dtype(p.dtype)
   return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
-
-
-def _leaf_keys(key, n: int):
-  if key is None:
-    raise ValueError(
-      "Stochastic rounding needs an explicit PRNG key: pass "
-      "key=jax.random.key(seed) and split it every step."
-    )
-  return list(jax.random.split(key, max(n, 1)))[:n]
 
 
 def apply_updates_stochastic(
@@ -71,7 +63,7 @@ def apply_updates_stochastic(
   """
   p_leaves, treedef = jax.tree.flatten(params)
   u_leaves = treedef.flatten_up_to(updates)
-  keys = _leaf_keys(key, len(p_leaves))
+  keys = _base.leaf_keys(key, len(p_leaves))
 
   def leaf(p, u, k):
     if u is None:
@@ -126,7 +118,7 @@ def stochastic_rounding(
       "stochastic_rounding needs an explicit PRNG key, e.g. "
       "stochastic_rounding(jax.random.key(0))."
     )
-  _check_noise(noise)
+  check_noise(noise)
 
   def init_fn(params):
     del params

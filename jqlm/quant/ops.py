@@ -280,7 +280,7 @@ def quantize(
     )
   stochastic = spec.rounding is Rounding.STOCHASTIC
   if stochastic:
-    rnd._require_key(key, "Stochastic rounding (rounding='stochastic')")
+    rnd.require_key(key, "Stochastic rounding (rounding='stochastic')")
   else:
     key = None
   group_layout(spec, x.shape)  # validate before tracing

@@ -22,7 +22,9 @@ FP4_E2M1_MAGNITUDES = np.array(
 _UINT_OF_WIDTH = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
 
 
-def _require_key(key, what: str):
+def require_key(key, what: str) -> None:
+  """Raises ValueError if ``key`` is None: stochastic rounding never draws
+  hidden randomness (style.md §3.2). ``what`` names the caller."""
   if key is None:
     raise ValueError(
       f"{what} needs an explicit PRNG key: pass key=jax.random.key(seed) "
@@ -58,7 +60,7 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   deterministic in ``key`` and statistically adequate for stochastic
   rounding (tested unbiased), but not a general-purpose PRNG.
   """
-  _require_key(key, "hash_bits")
+  require_key(key, "hash_bits")
   size = int(np.prod(shape, dtype=np.int64))
   if size >= 2**32:
     raise ValueError(
@@ -82,7 +84,11 @@ def _uniform(key, shape, noise: str) -> jax.Array:
   return bits.astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
-def _check_noise(noise: str) -> None:
+def check_noise(noise: str) -> None:
+  """Raises ValueError unless ``noise`` is ``"jax"`` or ``"hash"``, the
+  random-bit sources of :func:`stochastic_round` (used by every caller that
+  forwards a ``noise=`` argument, e.g. :func:`jqlm.optim.stochastic_rounding`,
+  to fail at construction rather than at trace time)."""
   if noise not in ("jax", "hash"):
     raise ValueError(
       f"noise must be 'jax' (jax.random with the key's PRNG) or 'hash' (fast "
@@ -125,9 +131,9 @@ def stochastic_round(
   Returns:
     An array of ``dtype`` with ``x``'s shape.
   """
-  _require_key(key, "stochastic_round")
+  require_key(key, "stochastic_round")
   _check_float_input(x, "stochastic_round")
-  _check_noise(noise)
+  check_noise(noise)
   dtype = jnp.dtype(dtype)
   x32 = jnp.asarray(x).astype(jnp.float32)
   if dtype == jnp.float32:

@@ -1,11 +1,22 @@
 """jqlm optimizers inside the optax ecosystem (one table, optax-style).
 
+Every jqlm optimizer of :data:`CASES` (AdamW float / 8-bit / 4-bit states,
+SPAM, Stable-SPAM, the composable spike pieces, GaLore, Q-GaLore and its
+simulation mode) is checked against the same list: minimising a parabola,
+bf16 dtype preservation, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
+``optax.apply_if_finite``, ``optax.partition`` and params sharded over 8
+devices (style.md §3.13, as optax's ``contrib/_common_test.py``).
+
 optax's own wrappers and schedules mix Python floats with int32 counts,
 which strict dtype promotion rejects, so this module runs under standard
 promotion; jqlm's transforms are checked under strict promotion elsewhere.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +26,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jqlm import optim
+from jqlm import optim, quant
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
 
@@ -26,24 +37,92 @@ def standard_promotion():
     yield
 
 
+def kernels_2d(params):
+  """The GaLore / Q-GaLore mask of this table: every 2-D param."""
+  return jax.tree.map(lambda a: len(a.shape) == 2, params)
+
+
+# 8-bit and 4-bit states for the tiny tensors of this table: "w" (48
+# elements) and Q-GaLore's low-rank (8, 2) moments are quantized, "b" (5)
+# keeps float32 states (bitsandbytes' min_8bit_size rule, scaled down).
+Q8 = optim.StateQuant(bits=8, block_size=16, min_size=16)
+Q4 = optim.StateQuant(bits=4, block_size=16, min_size=16)
+
+
 def _pieces(learning_rate=1e-2):
+  """SPAM's pieces around optax's Adam."""
   return optax.chain(
     optim.clip_spikes(50.0, grace_steps=1, reset_interval=5),
     optim.reset_momentum(optax.scale_by_adam(), 5, warmup_steps=2),
-    optim.ada_gn(),
     optax.scale_by_learning_rate(learning_rate),
   )
 
 
-OPTIMIZERS = {
-  "spam": functools.partial(optim.spam, reset_interval=5, warmup_steps=2,
-                            grace_steps=1, spike_threshold=50.0),
-  "stable_spam": functools.partial(optim.stable_spam, reset_interval=5,
-                                   total_steps=40),
-  "spam_wd": functools.partial(optim.spam, weight_decay=0.01,
-                               reset_interval=5, warmup_steps=2),
-  "pieces": _pieces,
+def _stable_pieces(learning_rate=1e-2):
+  """Stable-SPAM's pieces around jqlm's Adam."""
+  return optax.chain(
+    optim.ada_gn(),
+    optim.ada_clip(),
+    optim.reset_momentum(optim.scale_by_adam(), 5),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One optimizer of the table.
+
+  Attributes:
+    factory: ``learning_rate -> GradientTransformation`` (keyword
+      ``learning_rate`` for ``optax.inject_hyperparams``).
+    static_args: the factory's arguments that set array shapes (or are
+      callables that are not schedules), for ``inject_hyperparams``.
+    needs_key: ``update`` takes ``key=`` (Q-GaLore simulation with SR).
+    owns_state: every state leaf is jqlm's, placed like the params by an
+      eager ``init`` on sharded params; else the state is built with
+      ``jax.jit(init, out_shardings=...)``.
+    small_f32: tensors below ``StateQuant.min_size`` keep float32 moments.
+  """
+
+  factory: Callable[..., optax.GradientTransformation]
+  static_args: tuple[str, ...] = ()
+  needs_key: bool = False
+  owns_state: bool = True
+  small_f32: bool = False
+
+
+_GALORE = dict(rank=2, mask=kernels_2d, update_proj_gap=2)
+_Q_GALORE = dict(_GALORE, proj_group_size=4, state_quant=Q8)
+_Q_GALORE_STATIC = ("rank", "mask", "proj_bits", "proj_group_size",
+                    "queue_size", "weight_bits", "weight_group_size")
+
+CASES = {
+  "adamw": Case(functools.partial(optim.adamw, weight_decay=0.01)),
+  "adamw_8bit": Case(functools.partial(optim.adamw, state_quant=Q8),
+                     small_f32=True),
+  "adamw_4bit": Case(functools.partial(optim.adamw, state_quant=Q4),
+                     small_f32=True),
+  "spam": Case(functools.partial(optim.spam, reset_interval=5,
+                                 warmup_steps=2, grace_steps=1,
+                                 spike_threshold=50.0)),
+  "spam_wd": Case(functools.partial(optim.spam, weight_decay=0.01,
+                                    reset_interval=5, warmup_steps=2)),
+  "stable_spam": Case(functools.partial(optim.stable_spam, reset_interval=5,
+                                        total_steps=40)),
+  # optax.scale_by_adam creates its count without a sharding
+  "pieces": Case(_pieces, owns_state=False),
+  "stable_pieces": Case(_stable_pieces),
+  "galore": Case(functools.partial(optim.galore, weight_decay=0.01,
+                                   **_GALORE), static_args=("rank", "mask")),
+  "q_galore": Case(functools.partial(optim.q_galore, **_Q_GALORE),
+                   static_args=_Q_GALORE_STATIC, small_f32=True),
+  "q_galore_sim": Case(
+    functools.partial(optim.q_galore, simulation=True, weight_group_size=16,
+                      **_Q_GALORE),
+    static_args=_Q_GALORE_STATIC, needs_key=True, small_f32=True),
 }
+NAMES = list(CASES)
+KEY = jax.random.key(0)
 
 
 def _params(dtype=jnp.float32):
@@ -54,37 +133,99 @@ def _params(dtype=jnp.float32):
   }
 
 
+# The minimiser: a +-0.5 checkerboard kernel (every Q-GaLore weight group
+# spans both signs: an all-positive group clamps its zero point, the
+# official quantizer's quirk, spec §5.2) and a bias of 0.5.
+TARGET = {"w": 0.5 * (-1.0) ** (np.arange(8)[:, None] + np.arange(6)),
+          "b": np.full((5,), 0.5)}
+
+
 def _loss(p):
-  return sum(jnp.sum((x.astype(jnp.float32) - 0.5) ** 2)
-             for x in jax.tree.leaves(p))
+  return sum(jnp.sum((x.astype(jnp.float32) - jnp.asarray(t, jnp.float32))
+                     ** 2)
+             for x, t in zip(jax.tree.leaves(p), jax.tree.leaves(TARGET),
+                             strict=True))
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def _grads(p, scale=1.0):
+  """A full-rank gradient (the parabola's is rank 2, GaLore's rank)."""
+  g = jax.grad(_loss)(p)
+  noise = jnp.sin(jnp.arange(48.0)).reshape(8, 6)
+  return {"w": (scale * (g["w"].astype(jnp.float32) + noise)).astype(
+    p["w"].dtype), "b": (scale * g["b"]).astype(p["b"].dtype)}
+
+
+def _update(case: Case, opt, g, state, p, step: int = 0):
+  """``opt.update``, with a fresh ``key=`` per step where the case takes
+  one."""
+  extra = {"key": jax.random.fold_in(KEY, step)} if case.needs_key else {}
+  return opt.update(g, state, p, **extra)
+
+
+def _jit_update(case: Case, opt):
+  """One compiled ``update`` per test (eager calls would re-trace the
+  wrappers' ``lax.cond`` branches every step)."""
+  return jax.jit(functools.partial(_update, case, opt))
+
+
+def _assert_close(a, b, rtol=1e-5, atol=1e-7):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+    np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol,
+    atol=atol), a, b)
+
+
+def _is_quantized(x) -> bool:
+  return isinstance(x, (optim.QuantizedMoment, quant.QArray,
+                        quant.PackedQArray))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_minimises_a_parabola(name):
-  opt = OPTIMIZERS[name](5e-2)
+  case = CASES[name]
+  opt = case.factory(5e-2)
   p = _params()
   state = opt.init(p)
 
   @jax.jit
-  def step(p, state):
-    g = jax.grad(_loss)(p)
-    u, state = opt.update(g, state, p)
-    return optax.apply_updates(p, u), state
+  def run(p, state):
+    def body(carry, i):
+      p, state = carry
+      u, state = _update(case, opt, jax.grad(_loss)(p), state, p, i)
+      return (optax.apply_updates(p, u), state), None
+    return jax.lax.scan(body, (p, state), jnp.arange(300))[0]
 
   loss0 = float(_loss(p))
-  for _ in range(150):
-    p, state = step(p, state)
+  p, _ = run(p, state)
   assert float(_loss(p)) < 0.1 * loss0
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def _assert_state_follows_bf16_params(case: Case, state):
+  """The pure-bf16 policy (spec §1): float state tensors of bf16 params are
+  bf16. Allowed in float32: scalars (per-tensor statistics), quantization
+  metadata (block absmax, group scales), Q-GaLore's cosine queue and top
+  singular vector, and, with ``state_quant``, the moments of tensors below
+  ``min_size`` (bitsandbytes keeps those in 32 bits)."""
+  flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_quantized)
+  for path, leaf in flat[0]:
+    name = jax.tree_util.keystr(path)
+    if (_is_quantized(leaf) or not jnp.issubdtype(leaf.dtype, jnp.floating)
+        or leaf.ndim == 0 or name.endswith((".queue", ".past"))):
+      continue
+    if case.small_f32 and leaf.size < Q8.min_size:
+      assert leaf.dtype == jnp.float32, name
+      continue
+    assert leaf.dtype == jnp.bfloat16, f"{name}: {leaf.dtype}"
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dtype_preserved_and_no_recompile(name, dtype):
-  opt = OPTIMIZERS[name](1e-2)
+  case = CASES[name]
+  opt = case.factory(1e-2)
   p = _params(dtype)
   state = opt.init(p)
-  update = jax.jit(opt.update)
-  g = jax.tree.map(jnp.ones_like, p)
+  update = _jit_update(case, opt)
+  g = _grads(p)
   u, state2 = update(g, state, p)
   u, state3 = update(g, state2, p)
   assert update._cache_size() == 1, "recompiled on the second call"
@@ -93,6 +234,8 @@ def test_dtype_preserved_and_no_recompile(name, dtype):
   # State leaves keep dtype and shape across updates (MultiSteps needs it).
   assert jax.tree.map(lambda a: (a.dtype, a.shape), state) == jax.tree.map(
     lambda a: (a.dtype, a.shape), state3)
+  if dtype == jnp.bfloat16:
+    _assert_state_follows_bf16_params(case, state3)
 
 
 def test_state_dtype_option():
@@ -103,73 +246,169 @@ def test_state_dtype_option():
   assert s[0].mu["w"].dtype == jnp.bfloat16  # official pure-bf16 default
 
 
-@pytest.mark.parametrize("factory", [optim.spam, optim.stable_spam])
-def test_inject_hyperparams_changes_lr_without_recompile(factory):
-  opt = optax.inject_hyperparams(factory)(learning_rate=1e-2,
-                                          reset_interval=5)
+@pytest.mark.parametrize("name", NAMES)
+def test_inject_hyperparams_changes_lr_without_recompile(name):
+  """Injected lr 1e-2, 1e-2, then 2e-2 (set in the state) equals the plain
+  optimizer on a piecewise-constant schedule, with one compilation."""
+  case = CASES[name]
+  opt = optax.inject_hyperparams(case.factory, static_args=case.static_args)(
+    learning_rate=1e-2)
   p = _params()
-  g = jax.tree.map(jnp.ones_like, p)
+  g = _grads(p)
   state = opt.init(p)
-  update = jax.jit(opt.update)
-  _, state = update(g, state, p)  # the fresh state may be weakly typed
-  u2, state = update(g, state, p)
+  update = _jit_update(case, opt)
+  us = []
+  for step in range(3):
+    if step == 2:
+      lr = state.hyperparams["learning_rate"]
+      state.hyperparams["learning_rate"] = jnp.full_like(lr, 2e-2)
+    u, state = update(g, state, p, step)
+    us.append(u)
+  assert update._cache_size() <= 2  # the fresh state may be weakly typed
   compiled = update._cache_size()
-  lr = state.hyperparams["learning_rate"]
-  state.hyperparams["learning_rate"] = jnp.full_like(lr, 2e-2)
-  u3, state = update(g, state, p)
+  update(g, state, p, 3)
   assert update._cache_size() == compiled, "recompiled for a new lr"
-  # For a constant gradient the bias-corrected Adam ratio is the same at
-  # steps 2 and 3, so the update doubles with the learning rate.
-  np.testing.assert_allclose(np.asarray(u3["w"]), 2 * np.asarray(u2["w"]),
-                             rtol=1e-4)
+  plain = case.factory(optax.piecewise_constant_schedule(1e-2, {2: 2.0}))
+  ps = plain.init(p)
+  plain_update = _jit_update(case, plain)
+  for step in range(3):
+    u, ps = plain_update(g, ps, p, step)
+  _assert_close(us[2], u, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["spam", "stable_spam"])
+@pytest.mark.parametrize("name", ["galore", "q_galore"])
+def test_inject_hyperparams_asks_for_static_args(name):
+  """Ranks and callable masks cannot be injected (they set shapes; a
+  callable is taken for a schedule): the error names ``static_args``."""
+  case = CASES[name]
+  p = _params()
+  opt = optax.inject_hyperparams(case.factory)(learning_rate=1e-2)
+  with pytest.raises(ValueError, match="static_args"):
+    opt.init(p)
+  static = tuple(a for a in case.static_args if a != "mask")
+  opt = optax.inject_hyperparams(case.factory, static_args=static)(
+    learning_rate=1e-2)
+  with pytest.raises(ValueError, match="'mask' in static_args"):
+    opt.init(p)
+
+
+def test_inject_hyperparams_asks_for_static_state_quant():
+  """``state_quant=8`` (an int) is injected as an array unless static."""
+  p = _params()
+  opt = optax.inject_hyperparams(optim.adamw)(learning_rate=1e-2,
+                                              state_quant=8)
+  with pytest.raises(ValueError, match=r"static_args=\('state_quant',\)"):
+    opt.init(p)
+  opt = optax.inject_hyperparams(optim.adamw, static_args="state_quant")(
+    learning_rate=1e-2, state_quant=8)
+  opt.update(_grads(p), opt.init(p), p)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_multisteps(name):
-  inner = OPTIMIZERS[name](1e-2)
+  case = CASES[name]
+  inner = case.factory(1e-2)
   opt = optax.MultiSteps(inner, every_k_schedule=3)
   p = _params()
   state = opt.init(p)
-  gs = [jax.tree.map(lambda a, i=i: a * (i + 1.0), p) for i in range(3)]
+  update = _jit_update(case, opt)
+  gs = [_grads(p, scale=i + 1.0) for i in range(3)]
   for i, g in enumerate(gs):
-    u, state = opt.update(g, state, p)
+    u, state = update(g, state, p, 7)
     if i < 2:
       assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u))
-  mean = jax.tree.map(lambda *a: sum(a) / 3, *gs)
-  expect, _ = inner.update(mean, inner.init(p), p)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                            rtol=1e-5, atol=1e-7), u, expect)
+  mean = gs[0]  # MultiSteps' running mean, op for op
+  for n, g in enumerate(gs[1:], start=1):
+    mean = jax.tree.map(lambda a, b, n=n: a + (b - a) / (n + 1), mean, g)
+  expect, _ = _jit_update(case, inner)(mean, inner.init(p), p, 7)
+  _assert_close(u, expect)
   assert int(state.mini_step) == 0
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", NAMES)
 def test_apply_if_finite_skips_nan_steps(name):
-  opt = optax.apply_if_finite(OPTIMIZERS[name](1e-2), max_consecutive_errors=3)
+  case = CASES[name]
+  opt = optax.apply_if_finite(case.factory(1e-2), max_consecutive_errors=3)
   p = _params()
   state = opt.init(p)
-  g = jax.tree.map(jnp.ones_like, p)
-  _, state = opt.update(g, state, p)
+  update = _jit_update(case, opt)
+  g = _grads(p)
+  _, state = update(g, state, p, 0)
   bad = jax.tree.map(lambda a: a.at[0].set(jnp.nan), g)
-  u, state2 = opt.update(bad, state, p)
+  u, state2 = update(bad, state, p, 1)
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u))
   assert int(state2.notfinite_count) == 1
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
                state.inner_state, state2.inner_state)
+  u, state3 = update(g, state2, p, 2)  # and it recovers
+  assert int(state3.notfinite_count) == 0
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
 
 
-def test_partition_and_masked():
+@pytest.mark.parametrize("name", NAMES)
+def test_partition(name):
+  """Under ``optax.partition`` the optimizer sees only its params (the
+  others are ``MaskedNode``) and updates them as it would alone."""
+  case = CASES[name]
   p = _params()
-  labels = {"w": "spam", "b": "adam"}
-  opt = optax.partition({"spam": optim.spam(1e-2), "adam": optax.adam(1e-2)},
-                        labels)
+  opt = optax.partition({"jqlm": case.factory(1e-2), "sgd": optax.sgd(1e-2)},
+                        {"w": "jqlm", "b": "sgd"})
   state = opt.init(p)
-  g = jax.tree.map(jnp.ones_like, p)
-  u, state = opt.update(g, state, p)
-  solo, _ = optim.spam(1e-2).update({"w": g["w"]},
-                                    optim.spam(1e-2).init({"w": p["w"]}),
-                                    {"w": p["w"]})
-  np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(solo["w"]))
+  update = _jit_update(case, opt)
+  g = _grads(p)
+  for step in range(2):
+    u, state = update(g, state, p, step)
+  solo = case.factory(1e-2)
+  ws, wg = {"w": p["w"]}, {"w": g["w"]}
+  s = solo.init(ws)
+  solo_update = _jit_update(case, solo)
+  for step in range(2):
+    u_solo, s = solo_update(wg, s, ws, step)
+  _assert_close(u["w"], u_solo["w"])
+  np.testing.assert_allclose(np.asarray(u["b"]), -1e-2 * np.asarray(g["b"]),
+                             rtol=1e-6)
+
+
+def test_q_galore_int8_params_in_wrappers():
+  """Real mode: int8 QArray kernels (:func:`jqlm.optim.quantize_weights`),
+  q_galore inside inject_hyperparams, MultiSteps and apply_if_finite, its
+  float updates applied by ``apply_quantized_updates`` with the caller's
+  key. The wrappers see the dequantized params (MultiSteps accumulates
+  param-shaped gradients; q_galore itself reads only shapes and float
+  values). The kernel stays int8, a NaN step is skipped, the loss falls,
+  one compilation."""
+  case = CASES["q_galore"]
+  params = optim.quantize_weights(_params(), kernels_2d, group_size=16)
+  opt = optax.apply_if_finite(optax.MultiSteps(
+    optax.inject_hyperparams(case.factory, static_args=case.static_args)(
+      learning_rate=5e-2), every_k_schedule=2), max_consecutive_errors=3)
+  state = opt.init(optim.dequantize_params(params))
+
+  @jax.jit
+  def step(params, state, key, poison):
+    fp = optim.dequantize_params(params)
+    loss, g = jax.value_and_grad(_loss)(fp)
+    g = jax.tree.map(lambda a: a + poison, g)
+    u, state = opt.update(g, state, fp)
+    return optim.apply_quantized_updates(params, u, key=key), state, loss
+
+  losses = []
+  for i in range(60):
+    poison = jnp.float32(jnp.nan if i == 7 else 0.0)
+    params, state, loss = step(params, state, jax.random.fold_in(KEY, i),
+                               poison)
+    losses.append(float(loss))
+    if i == 7:
+      assert int(state.notfinite_count) == 1
+  assert step._cache_size() == 1
+  assert isinstance(params["w"], quant.QArray)
+  assert params["w"].codes.dtype == jnp.uint8
+  assert np.isfinite(losses).all() and losses[-1] < 0.75 * losses[0]
+
+
+def test_masked():
+  p = _params()
+  g = _grads(p)
   masked = optax.masked(optim.stable_spam(1e-2), {"w": True, "b": False})
   u, _ = masked.update(g, masked.init(p), p)
   np.testing.assert_array_equal(np.asarray(u["b"]), np.asarray(g["b"]))
@@ -213,44 +452,60 @@ def test_diagnostics_through_wrappers():
   assert 0.01 < factors[4] < 1.0 and factors[5] == 1.0
 
 
-# "pieces" chains optax.scale_by_adam, whose scalar count optax creates
-# without a sharding; jqlm's own states replicate theirs on the params' mesh.
-@pytest.mark.parametrize("name", ["spam", "stable_spam", "spam_wd"])
-def test_sharded_state_follows_params(name):
+def _mesh():
   assert jax.device_count() >= 8
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+  return Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sharded_state_follows_params(name):
+  """Params sharded over 8 devices: the state is placed like the params
+  (moments of a param's shape take its sharding, the rest is on the same
+  mesh), the jitted update runs on the mesh without recompiling and gives
+  the unsharded numbers. Float states keep their shardings through a plain
+  ``jax.jit``; block-quantized moments (codes per block, no param layout)
+  are kept where ``init`` put them by the step's ``out_shardings``, as a
+  sharded train step does (nanodo)."""
+  case = CASES[name]
+  mesh = _mesh()
   shardings = {"w": NamedSharding(mesh, P("data", "model")),
                "b": NamedSharding(mesh, P())}
-  p = jax.device_put(
-    {"w": jnp.ones((8, 6), jnp.float32), "b": jnp.ones((5,), jnp.float32)},
-    shardings)
-  opt = OPTIMIZERS[name](1e-2)
-  state = opt.init(p)  # eagerly, on the sharded params
+  p = jax.device_put(_params(), shardings)
+  opt = case.factory(1e-2)
+  if case.owns_state:
+    state = opt.init(p)  # eagerly, on the sharded params
+  else:  # nanodo-style: eval_shape, shardings, jit(init, out_shardings)
+    shapes = jax.eval_shape(opt.init, p)
+    out = jax.tree.map(lambda s: shardings["w"] if s.shape == (8, 6)
+                       else NamedSharding(mesh, P()), shapes)
+    state = jax.jit(opt.init, out_shardings=out)(p)
   for leaf in jax.tree.leaves(state):
+    assert isinstance(leaf.sharding, NamedSharding)
+    assert leaf.sharding.mesh == mesh
     if leaf.shape == (8, 6):
       assert leaf.sharding == shardings["w"]
-    else:
-      assert leaf.sharding.is_fully_replicated and leaf.sharding.mesh == mesh
   type_before = jax.tree.map(jax.typeof, state)
 
-  @jax.jit
-  def step(p, state):
-    g = jax.grad(_loss)(p)
-    u, state = opt.update(g, state, p)
+  def step(p, state, i):
+    u, state = _update(case, opt, _grads(p), state, p, i)
     return optax.apply_updates(p, u), state
 
-  p2, state2 = step(p, state)
-  p3, state3 = step(p2, state2)
-  assert step._cache_size() == 1
+  quantized = any(isinstance(x, optim.QuantizedMoment) for x in
+                  jax.tree.leaves(state, is_leaf=_is_quantized))
+  out = (shardings, jax.tree.map(lambda a: a.sharding, state)) \
+    if quantized else None
+  sharded = jax.jit(step, out_shardings=out)
+  p2, state2 = sharded(p, state, 0)
+  p3, state3 = sharded(p2, state2, 1)
+  assert sharded._cache_size() == 1, "recompiled: the state moved"
   assert jax.tree.map(jax.typeof, state3) == type_before
-  for leaf in jax.tree.leaves(state3):
-    if leaf.shape == (8, 6):
-      assert leaf.sharding.is_equivalent_to(shardings["w"], 2)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state3),
+                  strict=True):
+    assert b.sharding.is_equivalent_to(a.sharding, a.ndim)
   assert p3["w"].sharding.is_equivalent_to(shardings["w"], 2)
   # Same numbers as the unsharded run.
-  q = jax.device_get(p)
-  unsharded = jax.jit(step.__wrapped__)
-  q2, qs = unsharded(q, opt.init(q))
-  q3, _ = unsharded(q2, qs)
-  np.testing.assert_allclose(np.asarray(p3["w"]), np.asarray(q3["w"]),
-                             rtol=1e-6)
+  q = jax.device_get(_params())
+  unsharded = jax.jit(step)
+  q2, qs = unsharded(q, opt.init(q), 0)
+  q3, _ = unsharded(q2, qs, 1)
+  _assert_close(p3, q3, rtol=1e-6, atol=1e-7)

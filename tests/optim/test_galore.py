@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jqlm import optim, quant
+from jqlm import models, optim, quant
 from tests.optim.reference_galore import (
   NumpyGaLoreAdamW,
   NumpyLazyProjector,
@@ -41,6 +41,12 @@ def _grads(steps, seed=1, dtype=np.float64):
   return out
 
 
+def kernels_2d(params):
+  """The mask of these tests: every 2-D param (QArray leaves included)."""
+  return jax.tree.map(lambda a: len(a.shape) == 2, params,
+                      is_leaf=lambda x: isinstance(x, quant.QArray))
+
+
 def _flat(tree):
   return {jax.tree_util.keystr(k): v for k, v in
           jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -73,7 +79,7 @@ def test_galore_matches_numpy_transcription(wd, share_svd):
     params = _params()
     grads = _grads(steps)
     opt = optim.galore(lr, RANK, weight_decay=wd, update_proj_gap=gap,
-                       scale=0.25)
+                       scale=0.25, mask=kernels_2d)
     state = opt.init(params)
     step = jax.jit(opt.update)
     ref_params = {k: np.array(v).T.copy() if v.ndim == 2 else
@@ -110,7 +116,7 @@ def test_galore_matches_numpy_transcription(wd, share_svd):
 
 def test_galore_sides_and_state_shapes():
   params = _params(dtype=np.float32)
-  state = optim.galore(1e-2, RANK).init(params)
+  state = optim.galore(1e-2, RANK, mask=kernels_2d).init(params)
   inner = state[0].inner
   mu = inner.mu["layer0"]
   assert mu["attn"]["q"].shape == (RANK, 12)      # tie: in-dim reduced
@@ -125,7 +131,8 @@ def test_stable_spam_and_spam_run_inside_galore():
   grads = _grads(4, dtype=np.float32)
   for inner in (optim.scale_by_spam(), optim.scale_by_stable_spam(),
                 optim.scale_by_adam(state_quant=8)):
-    opt = optax.chain(optim.scale_by_galore(RANK, inner=inner),
+    opt = optax.chain(optim.scale_by_galore(RANK, inner=inner,
+                                            mask=kernels_2d),
                       optax.scale(-1e-2))
     state = opt.init(params)
     for g in grads:
@@ -143,7 +150,7 @@ def test_optax_adam_inside_galore_equals_torch_style_inner():
   outs = []
   for inner in (optax.scale_by_adam(eps=1e-8),
                 optim.scale_by_adam(eps=1e-8, eps_style="torch")):
-    opt = optim.scale_by_galore(RANK, inner=inner)
+    opt = optim.scale_by_galore(RANK, inner=inner, mask=kernels_2d)
     state = opt.init(params)
     with jax.numpy_dtype_promotion("standard"):
       for g in grads:
@@ -162,7 +169,9 @@ def test_qgalore_projection_quantizer_matches_spec_on_torch_layout():
   params = {"attn": {"up": jnp.zeros((64, 128)), "down": jnp.zeros((128, 64))}}
   g = {"attn": {"up": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32),
                 "down": jnp.asarray(rng.normal(size=(128, 64)), jnp.float32)}}
-  mk = lambda bits: optim.scale_by_q_galore(8, proj_bits=bits)  # noqa: E731
+  def mk(bits):
+    return optim.scale_by_q_galore(8, proj_bits=bits, mask=kernels_2d)
+
   s_f = mk(None).init(params)
   s_q = mk(4).init(params)
   _, s_f = mk(None).update(g, s_f)
@@ -232,7 +241,7 @@ def test_int8_weights_stochastic_update_is_unbiased():
   rng = np.random.default_rng(0)
   params = {"attn": {"q": jnp.asarray(rng.normal(size=(16, 32)) * 0.02,
                                       jnp.float32)}}
-  qp = optim.quantize_weights(params)
+  qp = optim.quantize_weights(params, kernels_2d)
   w0 = qp["attn"]["q"].dequantize()
   u = {"attn": {"q": jnp.asarray(rng.normal(size=(16, 32)) * 1e-4,
                                  jnp.float32)}}
@@ -260,58 +269,70 @@ def test_int8_weights_stochastic_update_is_unbiased():
                                 np.asarray(want))
 
 
-def test_qgalore_trains_int8_weights_end_to_end():
-  """A tiny regression with int8 projected weights: the loss falls, the
-  kernel stays an int8 QArray, and the key advances each update."""
+def _no_keys_in(state) -> bool:
+  return not any(jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+                 for a in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_qgalore_trains_int8_weights_end_to_end(stochastic):
+  """A tiny regression with int8 projected weights: the loss falls and the
+  kernel stays an int8 QArray. The rounding key is the caller's (split from
+  the step's key); the optimizer state holds none. ``key=None`` rounds to
+  nearest."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
   w_true = jnp.asarray(rng.normal(size=(32, 32)) * 0.3, jnp.float32)
   y = x @ w_true
-  params = optim.quantize_weights(
-    {"mlp": {"w": jnp.zeros((32, 32))}, "bias": jnp.zeros((32,))})
-  opt = optim.q_galore(0.05, 8, key=jax.random.key(0), update_proj_gap=10,
-                       mask=lambda p: {"mlp": {"w": True}, "bias": False})
+  float_params = {"mlp": {"w": jnp.zeros((32, 32))}, "bias": jnp.zeros((32,))}
+  mask = {"mlp": {"w": True}, "bias": False}
+  params = optim.quantize_weights(float_params, mask)
+  opt = optim.q_galore(0.05, 8, update_proj_gap=10, mask=mask)
   state = opt.init(params)
+  assert _no_keys_in(state)
 
   def loss(fp):
     return jnp.mean((x @ fp["mlp"]["w"] + fp["bias"][None, :] - y) ** 2)
 
   @jax.jit
-  def train_step(params, state):
+  def train_step(params, state, key):
     fp = optim.dequantize_params(params)
     value, g = jax.value_and_grad(loss)(fp)
     u, state = opt.update(g, state, params)
-    params = optim.apply_quantized_updates(params, u,
-                                           key=optim.rounding_key(state))
+    params = optim.apply_quantized_updates(params, u, key=key)
     return params, state, value
 
-  keys = []
-  for _ in range(60):
-    params, state, last = train_step(params, state)
-    keys.append(np.asarray(jax.random.key_data(optim.rounding_key(state))))
+  base = jax.random.key(0)
+  for i in range(60):
+    key = jax.random.fold_in(base, i) if stochastic else None
+    params, state, last = train_step(params, state, key)
   l0 = float(loss(optim.dequantize_params(optim.quantize_weights(
-    {"mlp": {"w": jnp.zeros((32, 32))}, "bias": jnp.zeros((32,))}))))
+    float_params, mask))))
   assert float(last) < 0.5 * l0
   assert isinstance(params["mlp"]["w"], quant.QArray)
   assert params["mlp"]["w"].codes.dtype == jnp.uint8
-  assert len({k.tobytes() for k in keys}) == len(keys)
+  assert train_step._cache_size() == 1
 
 
 def test_qgalore_simulation_mode_yields_fake_quantized_weights():
   """Simulation mode (weight_bits=4 here, to make the grid visible): the
   updated float kernel has at most 16 distinct values per torch-layout group
-  of 256 and is within one quantization step of p + u."""
+  of 256 and is within one quantization step of p + u. The SR key is an
+  extra argument of ``update``; the state holds none."""
   rng = np.random.default_rng(0)
   params = {"attn": {"q": jnp.asarray(rng.normal(size=(16, 32)) * 0.02,
                                       jnp.float32)}}
   g = {"attn": {"q": jnp.asarray(rng.normal(size=(16, 32)), jnp.float32)}}
-  opt = optim.q_galore(1e-2, 4, key=jax.random.key(0), simulation=True,
-                       weight_bits=4, proj_group_size=64)
+  opt = optim.q_galore(1e-2, 4, simulation=True, weight_bits=4,
+                       proj_group_size=64, mask=kernels_2d)
+  assert isinstance(opt, optax.GradientTransformationExtraArgs)
   state = opt.init(params)
-  u, state = jax.jit(opt.update)(g, state, params)
+  assert _no_keys_in(state)
+  update = jax.jit(opt.update)
+  u, state2 = update(g, state, params, key=jax.random.key(0))
   new = np.asarray(optax.apply_updates(params, u)["attn"]["q"])
-  # the unrounded update: same optimizer without simulation
-  opt_f = optim.q_galore(1e-2, 4, stochastic_round=False, proj_group_size=64)
+  # the unrounded update: the same optimizer without simulation
+  opt_f = optim.q_galore(1e-2, 4, proj_group_size=64, mask=kernels_2d)
   u_f, _ = opt_f.update(g, opt_f.init(params), params)
   exact = np.asarray(params["attn"]["q"] + u_f["attn"]["q"])
   groups_new = new.T.reshape(-1, 256)
@@ -320,45 +341,117 @@ def test_qgalore_simulation_mode_yields_fake_quantized_weights():
   for gn, ge, s_ in zip(groups_new, groups_exact, step, strict=True):
     assert len(np.unique(gn)) <= 16
     assert np.max(np.abs(gn - ge)) <= s_ * (1 + 1e-5)
+  # Same key, same rounding; another key, another one.
+  u_same, _ = update(g, state, params, key=jax.random.key(0))
+  u_other, _ = update(g, state, params, key=jax.random.key(1))
+  np.testing.assert_array_equal(np.asarray(u_same["attn"]["q"]),
+                                np.asarray(u["attn"]["q"]))
+  assert not np.array_equal(np.asarray(u_other["attn"]["q"]),
+                            np.asarray(u["attn"]["q"]))
+
+
+def test_qgalore_simulation_key_is_required_for_stochastic_rounding():
+  params = {"attn": {"q": jnp.zeros((16, 32))}}
+  g = {"attn": {"q": jnp.ones((16, 32))}}
+  opt = optim.q_galore(1e-2, 4, simulation=True, proj_group_size=64,
+                       weight_group_size=64, mask=kernels_2d)
+  state = opt.init(params)
+  with pytest.raises(ValueError, match=r"update\(grads, state, params, key="):
+    opt.update(g, state, params)
+  # round-to-nearest needs no key, and equals RTN fake-quantization
+  rtn = optim.q_galore(1e-2, 4, simulation=True, stochastic_round=False,
+                       proj_group_size=64, weight_group_size=64,
+                       mask=kernels_2d)
+  u, _ = rtn.update(g, rtn.init(params), params)
+  plain = optim.q_galore(1e-2, 4, proj_group_size=64, mask=kernels_2d)
+  u_f, _ = plain.update(g, plain.init(params), params)
+  want = quant.fake_quant(params["attn"]["q"] + u_f["attn"]["q"],
+                          optim.qgalore.weight_spec(8, 64))
+  np.testing.assert_allclose(
+    np.asarray(params["attn"]["q"] + u["attn"]["q"]), np.asarray(want),
+    atol=1e-7)
+
+
+def test_mask_is_required_and_block_linear_mask_selects_the_kernels():
+  """No default mask: each entry point refuses ``mask=None`` with a message
+  naming ``jqlm.models.block_linear_mask``, which selects the q, k, v, o,
+  gate, up and down kernels of jqlm's LLaMA (spec §1)."""
+  rng = np.random.default_rng(0)
+
+  def w(*shape):
+    return jnp.asarray(rng.normal(size=shape) * 0.02, jnp.float32)
+
+  layer = {"attn": {n: {"kernel": w(16, 16)} for n in "qkvo"},
+           "mlp": {"gate": {"kernel": w(16, 32)}, "up": {"kernel": w(16, 32)},
+                   "down": {"kernel": w(32, 16)}},
+           "attn_norm": {"scale": jnp.ones(16)}}
+  params = {"embed": {"embedding": w(32, 16)}, "layers": {"0": layer},
+            "final_norm": {"scale": jnp.ones(16)},
+            "lm_head": {"kernel": w(16, 32)}}
+  for call in (lambda: optim.galore(1e-2, 4).init(params),
+               lambda: optim.scale_by_galore(4).init(params),
+               lambda: optim.q_galore(1e-2, 4).init(params),
+               lambda: optim.scale_by_q_galore(4).init(params),
+               lambda: optim.quantize_weights(params)):
+    with pytest.raises(ValueError, match="mask=None") as e:
+      call()
+    assert "jqlm.models.block_linear_mask" in str(e.value)
+  state = optim.galore(1e-2, 4, mask=models.block_linear_mask).init(params)
+  projected = {jax.tree_util.keystr(k) for k, v in
+               jax.tree_util.tree_flatten_with_path(
+                 state[0].projector, is_leaf=lambda x: isinstance(
+                   x, optim.ProjectorState))[0]
+               if isinstance(v, optim.ProjectorState)}
+  assert projected == {
+    f"['layers']['0']['{blk}']['{n}']['kernel']"
+    for blk, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+    for n in names}
+  qp = optim.quantize_weights(params, models.block_linear_mask, group_size=64)
+  is_q = {jax.tree_util.keystr(k) for k, v in
+          jax.tree_util.tree_flatten_with_path(
+            qp, is_leaf=lambda x: isinstance(x, quant.QArray))[0]
+          if isinstance(v, quant.QArray)}
+  assert is_q == projected
 
 
 @pytest.mark.parametrize("call, match", [
   (lambda: optim.galore(1e-2, 0), "rank"),
   (lambda: optim.galore(1e-2, 4, proj_type="full"), "proj_type"),
-  (lambda: optim.q_galore(1e-2, 4, key=jax.random.key(0), proj_bits=9),
-   "proj_bits"),
-  (lambda: optim.q_galore(1e-2, 4, key=jax.random.key(0), weight_bits=1),
-   "weight_bits"),
-  (lambda: optim.q_galore(1e-2, 4), "key"),
+  (lambda: optim.q_galore(1e-2, 4, proj_bits=9), "proj_bits"),
+  (lambda: optim.q_galore(1e-2, 4, weight_bits=1), "weight_bits"),
   (lambda: optim.galore(1e-2, 4, update_proj_gap=0), "update_proj_gap"),
-  (lambda: optim.q_galore(1e-2, 4, key=jax.random.key(0), queue_size=0),
-   "queue_size"),
+  (lambda: optim.q_galore(1e-2, 4, queue_size=0), "queue_size"),
+  (lambda: optim.galore(1e-2, jnp.asarray(4)), "static_args"),
 ])
 def test_bad_configs_raise_at_construction(call, match):
   with pytest.raises(ValueError, match=match):
     call()
 
 
+def test_q_galore_takes_no_key():
+  with pytest.raises(TypeError, match="key"):
+    optim.q_galore(1e-2, 4, key=jax.random.key(0))
+
+
 def test_shape_dependent_configs_raise_at_init():
   params = {"attn": {"q": jnp.zeros((12, 20))}}
   with pytest.raises(ValueError, match="smaller than the smallest"):
-    optim.galore(1e-2, 12).init(params)
+    optim.galore(1e-2, 12, mask=kernels_2d).init(params)
   with pytest.raises(ValueError, match="proj_group_size"):
-    optim.q_galore(1e-2, 4, key=jax.random.key(0),
-                   proj_group_size=7).init(params)
-  with pytest.raises(ValueError, match="found none"):
-    optim.galore(1e-2, 4).init({"dense": jnp.zeros((12, 20))})
+    optim.q_galore(1e-2, 4, proj_group_size=7, mask=kernels_2d).init(params)
+  with pytest.raises(ValueError, match="structure"):
+    optim.galore(1e-2, 4, mask={"dense": True}).init(params)
   with pytest.raises(ValueError, match="2-D"):
     optim.galore(1e-2, 4, mask={"attn": {"q": True}}).init(
       {"attn": {"q": jnp.zeros((4, 5, 6))}})
   with pytest.raises(ValueError, match="group_size"):
-    optim.quantize_weights({"attn": {"q": jnp.zeros((12, 20))}})
+    optim.quantize_weights(params, kernels_2d)
 
 
 def test_projector_refreshes_only_on_its_steps_under_jit():
   """One compiled update serves refresh and non-refresh steps (lax.cond)."""
   params = {"attn": {"q": jnp.zeros((12, 20))}}
-  opt = optim.galore(1e-2, 4, update_proj_gap=3)
+  opt = optim.galore(1e-2, 4, update_proj_gap=3, mask=kernels_2d)
   state = opt.init(params)
   step = jax.jit(opt.update)
   rng = np.random.default_rng(0)

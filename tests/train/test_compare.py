@@ -9,7 +9,6 @@ import math
 import os
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 

@@ -1,0 +1,80 @@
+r"""The descent step with decoupled weight decay on the updated params.
+
+Shared by every jqlm optimizer alias (:func:`jqlm.optim.adamw`,
+:func:`jqlm.optim.spam`, :func:`jqlm.optim.galore`,
+:func:`jqlm.optim.q_galore`): the official SPAM, GaLore-AdamW and
+bitsandbytes 8-bit code decay the params *after* the update (spec §2.2,
+§4.2, §5.4),
+
+.. math:: p' = p - \eta u, \qquad p'' = p' - \eta \lambda p',
+
+which optax's ``add_decayed_weights`` (decay of the pre-update params)
+cannot express.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jqlm.optim import _base
+
+
+class PostUpdateDecayState(NamedTuple):
+  """State of :func:`scale_by_learning_rate_post_decay`."""
+
+  count: jax.Array
+
+
+def scale_by_learning_rate_post_decay(
+  learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+  r"""Descent step then decoupled weight decay on the *updated* params.
+
+  .. math:: p' = p - \eta u, \qquad p'' = p' - \eta \lambda p'
+
+  i.e. the returned update is :math:`-\eta u - \eta \lambda (p - \eta u)`.
+  This is the order of SPAM's and GaLore-AdamW's official code (spec §2.2,
+  §4.2), which optax's ``add_decayed_weights`` (decay of the pre-update
+  params) cannot express. ``learning_rate`` may be an optax schedule,
+  evaluated at the update count (0 for the first update, as the official
+  ``LambdaLR`` is).
+  """
+  _base.check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+
+  def init_fn(params):
+    return _base.follow_params(
+      PostUpdateDecayState(count=jnp.zeros((), jnp.int32)), params)
+
+  def update_fn(updates, state, params=None):
+    if callable(learning_rate):
+      # optax schedules mix Python floats with the int32 count, which strict
+      # dtype promotion rejects; evaluate them under standard promotion.
+      with jax.numpy_dtype_promotion("standard"):
+        lr = learning_rate(state.count)
+    else:
+      lr = learning_rate
+    decay = _base.concrete(weight_decay)
+    if (decay is None or decay > 0) and params is None:
+      raise ValueError(
+        "weight_decay needs the params: call update(grads, state, params)."
+      )
+
+    def leaf(u, p=None):
+      cdt = _base.compute_dtype(u.dtype)
+      step = -_base.hp(lr, cdt) * u.astype(cdt)
+      if p is not None and (decay is None or decay > 0):
+        new_p = p.astype(cdt) + step
+        step = step - _base.hp(lr, cdt) * _base.hp(weight_decay, cdt) * new_p
+      return step.astype(u.dtype)
+
+    if params is None or decay == 0:
+      out = jax.tree.map(leaf, updates)
+    else:
+      out = jax.tree.map(leaf, updates, params)
+    return out, PostUpdateDecayState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
