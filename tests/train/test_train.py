@@ -1,6 +1,7 @@
 """jqlm.train: loss falls, sharded = single device, kill-and-resume is
 exact, checkpoint fallback, NaN policy, and the config/--set parsing."""
 
+import functools
 import json
 import os
 import shutil
@@ -418,11 +419,13 @@ def test_step_randomness_comes_from_the_state_rng(tmp_path):
   assert not keys
   tokens = jax.random.randint(jax.random.key(0), (8, 33), 0, 400)
 
+  fns = {sr: jax.jit(functools.partial(
+    train.train_step, graphdef=setup.graphdef, nnx_state=setup.nnx_state,
+    tx=setup.tx, grad_accum=1, grad_clip=0.0, stochastic_round=sr))
+    for sr in (True, False)}  # one compile each
+
   def step(st, sr=True):
-    return jax.jit(lambda s, t: train.train_step(
-      s, t, graphdef=setup.graphdef, nnx_state=setup.nnx_state,
-      tx=setup.tx, grad_accum=1, grad_clip=0.0, stochastic_round=sr))(
-        st, tokens)[0]
+    return fns[sr](st, tokens)[0]
 
   def codes(st):
     return np.asarray(st.params["layers"][0]["mlp"]["up"]["kernel"].codes)
