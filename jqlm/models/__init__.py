@@ -23,6 +23,7 @@ from jqlm.models.layers import (
   QuantRule,
   block_linear_mask,
   hadamard_w4a4,
+  is_quantized,
   module_path,
   stable_spam_fp4,
   stable_spam_int4,
@@ -51,7 +52,7 @@ from jqlm.models.quantize import quantize_model, weight_bytes
 from jqlm.models.sharding import LOGICAL_RULES, make_mesh, to_pspec
 
 __all__ = [
-  "BLOCK_LINEARS", "POLICIES", "block_linear_mask", "linear_shapes", "module_path",
+  "BLOCK_LINEARS", "POLICIES", "block_linear_mask", "is_quantized", "linear_shapes", "module_path",
   "LOGICAL_RULES", "PRESETS", "KVCache", "Llama", "LlamaConfig", "QLinear",
   "QuantPolicy", "QuantRule", "apply_rope", "decode_step", "generate",
   "hadamard_w4a4", "init_cache", "load_hf_llama", "llama2_7b", "llama3_8b", "llama_130m",

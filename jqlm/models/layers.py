@@ -46,6 +46,12 @@ Q-GaLore's int8 weights, the quantization-error report and the benchmarks'
 shapes all use it. Embeddings, the LM head and norms are not in it."""
 
 
+def is_quantized(x) -> bool:
+  """Whether a params leaf is a quantized weight (:class:`jqlm.quant.QArray`
+  or :class:`jqlm.quant.PackedQArray`), to be treated as one leaf."""
+  return isinstance(x, (quant.QArray, quant.PackedQArray))
+
+
 def module_path(param_path) -> str:
   """The dotted module path of a param's key path:
   ``("layers", 0, "attn", "q", "kernel")`` (or jax key entries) ->
@@ -84,12 +90,11 @@ def block_linear_mask(params, patterns: Sequence[str] = BLOCK_LINEARS):
     name = getattr(name, "key", getattr(name, "name", name))
     return name == "kernel" and matches(module_path(kp), patterns)
 
-  is_q = lambda x: isinstance(x, (quant.QArray, quant.PackedQArray))  # noqa: E731
-  mask = jax.tree_util.tree_map_with_path(pick, params, is_leaf=is_q)
+  mask = jax.tree_util.tree_map_with_path(pick, params, is_leaf=is_quantized)
   if not any(jax.tree.leaves(mask)):
     seen = sorted({module_path(kp) for kp, _ in
                    jax.tree_util.tree_flatten_with_path(
-                     params, is_leaf=is_q)[0]})
+                     params, is_leaf=is_quantized)[0]})
     raise ValueError(
       f"No linear kernel matches {list(patterns)}; the params' module paths "
       f"are {seen[:12]}{' ...' if len(seen) > 12 else ''}. Pass patterns "

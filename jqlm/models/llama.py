@@ -469,8 +469,9 @@ def linear_shapes(cfg: LlamaConfig,
                   ) -> dict[str, tuple[int, int]]:
   """The kernel shape ``(in, out)`` of every linear of ``Llama(cfg)`` whose
   module path matches ``patterns`` (default the block linears), keyed by
-  path (``"layers.0.attn.q"``), in the model's order. Computed by
-  ``nnx.eval_shape``: nothing is allocated."""
+  path (``"layers.0.attn.q"``), in the params pytree's order (layers by
+  index, names sorted). Computed by ``nnx.eval_shape``: nothing is
+  allocated."""
   model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   mask = block_linear_mask(params, patterns)

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jqlm.models.layers import is_quantized
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or None: replicated along that dim)
@@ -124,10 +126,6 @@ def fit_pspec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
   return PartitionSpec(*out)
 
 
-def _is_quantized(x) -> bool:
-  return hasattr(x, "codes") and hasattr(x, "dequantize")
-
-
 class ParamShardings:
   """The ``NamedSharding`` of every param of a pure params pytree, from the
   params' logical names, and of any pytree whose leaves follow the params
@@ -154,7 +152,7 @@ class ParamShardings:
     def one(kp, leaf):
       path = key_path(kp)
       spec = to_pspec(axes.get(path), rules)
-      if _is_quantized(leaf):
+      if is_quantized(leaf):
         shape = tuple(leaf.codes.shape)
         spec = fit_pspec(spec, shape, mesh)
         self.specs[path] = (spec, shape)
@@ -166,7 +164,7 @@ class ParamShardings:
       return NamedSharding(mesh, spec)
 
     self.params = jax.tree_util.tree_map_with_path(one, params,
-                                                   is_leaf=_is_quantized)
+                                                   is_leaf=is_quantized)
 
   def follow(self, tree):
     """Shardings for a pytree whose leaves follow the params (an optimizer

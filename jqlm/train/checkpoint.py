@@ -74,10 +74,13 @@ class Checkpointer:
       try:
         try:
           state, pos = self._restore(step, abstract_state)
-        except Exception:
+        except Exception as first:
           if legacy is None:
             raise
-          state, pos = self._restore(step, legacy[0])
+          try:
+            state, pos = self._restore(step, legacy[0])
+          except Exception:  # noqa: BLE001 - report the current layout's
+            raise first from None
           state = legacy[1](state)
         return state, pos, step
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint

@@ -661,18 +661,13 @@ class TrainConfig:
                          f"{name.split('.')[0]}={{...}} or "
                          "apply_overrides(cfg, ['section.field=value'])).")
       cur = getattr(self, name)
-      if name == "optimizer" and isinstance(v, (str, OptimizerKind)):
-        v = optimizer_config(v)
-      elif name == "optimizer" and isinstance(v, dict) and "kind" in v:
-        rest = {k: x for k, x in v.items() if k != "kind"}
-        if OptimizerKind(v["kind"]) is cur.kind:
-          _check_keys(name, cur, rest)
-          v = cur.replace(**rest)
-        else:
-          v = optimizer_config(v["kind"], **rest)
-      elif isinstance(v, dict):
-        _check_keys(name, cur, v)
-        v = cur.replace(**v)
+      opt = name == "optimizer"
+      if isinstance(v, dict) and (
+          not opt or OptimizerKind(v.get("kind", cur.kind)) is cur.kind):
+        fields = {k: x for k, x in v.items() if not (opt and k == "kind")}
+        _check_keys(name, type(cur), fields)
+        v = cur.replace(**fields)
+      # a kind name or a dict of another kind is built by __post_init__
       out[name] = v
     return dataclasses.replace(self, **out)
 
@@ -698,11 +693,13 @@ class TrainConfig:
     return cls.from_dict(json.loads(text))
 
 
-def _check_keys(section: str, cur, changes: dict) -> None:
-  known = [f.name for f in dataclasses.fields(cur)]
+def _check_keys(section: str, cls: type, changes: dict) -> None:
+  """A ValueError listing the section's valid keys for a key of
+  ``changes`` that is not a field of ``cls``."""
+  known = [f.name for f in dataclasses.fields(cls)]
   for k in changes:
     if k not in known:
-      what = (f"optimizer {cur.kind.value!r}" if section == "optimizer"
+      what = (f"optimizer {cls.kind.value!r}" if section == "optimizer"
               else section)
       raise ValueError(
         f"{what} has no field {k!r}. {_close(k, known)} Valid keys: "
@@ -710,7 +707,7 @@ def _check_keys(section: str, cur, changes: dict) -> None:
 
 
 def _build(cls, d: dict, section: str):
-  _check_keys(section, cls(), d)
+  _check_keys(section, cls, d)
   return cls(**d)
 
 
@@ -839,7 +836,7 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
     cls = (OPTIMIZERS[OptimizerKind(d["optimizer"]["kind"])]
            if section == "optimizer" else _SECTIONS[section])
     hints = typing.get_type_hints(cls)
-    _check_keys(section, cls(), {name: None})
+    _check_keys(section, cls, {name: None})
     d[section][name] = _coerce(key, value, hints[name])
   return TrainConfig(**d)
 

@@ -19,7 +19,7 @@ def quant_error(params, mcfg: models.LlamaConfig) -> float | None:
   kernel is already a QArray)."""
   if mcfg.quant is None:
     return None
-  is_q = lambda x: isinstance(x, (quant.QArray, quant.PackedQArray))  # noqa: E731
+  is_q = models.is_quantized
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)[0]
   mask = jax.tree.leaves(models.block_linear_mask(params))
   errs = []
