@@ -404,25 +404,33 @@ def test_fresh_run_into_a_used_workdir_is_refused(baseline):
     train.run(cfg, progress=False)
 
 
-def test_step_randomness_comes_from_the_state_rng(tmp_path):
+@pytest.fixture(scope="module")
+def qgalore(tmp_path_factory):
+  """A tiny Q-GaLore run's config, setup, initial state, a batch and its
+  jitted step with and without stochastic rounding (compiled once for the
+  tests below). No warmup: the first update is non-zero (at lr 0 nothing
+  is rounded)."""
+  cfg = _cfg(tmp_path_factory.mktemp("qg"), "run",
+             optimizer=_opt("q_galore", rank=8, lr=1e-2, warmup_steps=0),
+             run={"steps": 4, "ckpt_every": 2, "eval_every": 4})
+  setup = train.setup(cfg, models.make_mesh(devices=jax.devices()[:1]))
+  tokens = jax.random.randint(jax.random.key(0), (8, 33), 0, 400)
+  fns = {sr: jax.jit(functools.partial(
+    train.train_step, graphdef=setup.graphdef, nnx_state=setup.nnx_state,
+    tx=setup.tx, grad_accum=1, grad_clip=0.0, stochastic_round=sr))
+    for sr in (True, False)}
+  return cfg, train.init_state(setup), tokens, fns
+
+
+def test_step_randomness_comes_from_the_state_rng(qgalore):
   """Q-GaLore's stochastic re-quantization draws from TrainState.rng, split
   once per step: the optimizer state holds no key, the same rng gives the
   same int8 weights, another rng other ones, and round-to-nearest ignores
   it."""
-  # no warmup: the first update is non-zero (at lr 0 nothing is rounded)
-  cfg = _cfg(tmp_path, "rng", optimizer=_opt("q_galore", rank=8, lr=1e-2,
-                                             warmup_steps=0))
-  setup = train.setup(cfg, models.make_mesh(devices=jax.devices()[:1]))
-  state = train.init_state(setup)
+  _, state, tokens, fns = qgalore
   keys = [x for x in jax.tree.leaves(state.opt_state)
           if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)]
   assert not keys
-  tokens = jax.random.randint(jax.random.key(0), (8, 33), 0, 400)
-
-  fns = {sr: jax.jit(functools.partial(
-    train.train_step, graphdef=setup.graphdef, nnx_state=setup.nnx_state,
-    tx=setup.tx, grad_accum=1, grad_clip=0.0, stochastic_round=sr))
-    for sr in (True, False)}  # one compile each
 
   def step(st, sr=True):
     return fns[sr](st, tokens)[0]
@@ -449,18 +457,13 @@ class _WeightRoundingState(NamedTuple):
   step_key: jax.Array
 
 
-def test_a_run_saved_by_the_previous_version_resumes(tmp_path):
+def test_a_run_saved_by_the_previous_version_resumes(tmp_path, qgalore):
   """A Q-GaLore run of jqlm 0.1 (flat config.json, the rounding key in the
   optimizer state) restores: params, moments, projections and step are the
   saved ones; the stale key is dropped; training continues."""
-  cfg = _cfg(tmp_path, "old", optimizer=_opt("q_galore", rank=8, lr=1e-2),
-             run={"steps": 4, "ckpt_every": 2, "eval_every": 4})
-  setup = train.setup(cfg, models.make_mesh(devices=jax.devices()[:1]))
-  state = train.init_state(setup)
-  tokens = jax.random.randint(jax.random.key(0), (8, 33), 0, 400)
-  state, _ = jax.jit(lambda s, t: train.train_step(
-    s, t, graphdef=setup.graphdef, nnx_state=setup.nnx_state, tx=setup.tx,
-    grad_accum=1, grad_clip=0.0))(state, tokens)
+  cfg, state, tokens, fns = qgalore
+  cfg = cfg.replace(run={"workdir": str(tmp_path / "old")})
+  state, _ = fns[True](state, tokens)
   key = jax.random.key(11)
   old = state._replace(opt_state=tuple(state.opt_state) + (
     _WeightRoundingState(key, key),))
@@ -471,7 +474,7 @@ def test_a_run_saved_by_the_previous_version_resumes(tmp_path):
   ck.close()
   flat = {"model": "llama_tiny", "vocab_size": 400, "data": "stdlib",
           "data_max_bytes": 150_000, "seq_len": 32, "batch_size": 8,
-          "optimizer": "q_galore", "lr": 1e-2, "warmup_steps": 2,
+          "optimizer": "q_galore", "lr": 1e-2, "warmup_steps": 0,
           "rank": 8, "update_proj_gap": 200, "galore_scale": 0.25,
           "state_quant": 8, "stochastic_round": True, "steps": 4,
           "log_every": 1, "eval_every": 4, "ckpt_every": 2,
