@@ -54,6 +54,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
       f"time, xdeq = XLA dequantize-then-dot time / time, %roof = roofline "
       f"time / time); {device}, jax {jax.__version__}"))
     return 0
+  elif args.which == "memory" and args.step:
+    from jqlm.train import plan  # noqa: PLC0415
+
+    base, rows = plan.step_memory_table(args.preset, batch_size=args.batch,
+                                        seq_len=args.seq_len)
+    print(f"compiled peak of one train step (memory_analysis: arguments + "
+          f"temporaries + outputs - aliased), {args.preset}, float32, batch "
+          f"{args.batch} x {args.seq_len}, remat; {device}, jax "
+          f"{jax.__version__}")
+    print(plan.format_step_memory([base, *rows], base))
+    return 0
   elif args.which == "memory":
     reports = bench.bench_memory()
     print(f"params + optimizer state of the official LLaMA configs (spec "
@@ -200,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument(
     "--scale", type=float, default=1.0,
     help="width scale of the LLaMA-130M shapes (optim only; 1.0 = full)")
+  bench.add_argument(
+    "--step", action="store_true",
+    help="memory only: compile the train step from abstract inputs for "
+    "this backend and print its peak by part, against a minimal optax "
+    "AdamW step (jqlm.train.plan)")
+  bench.add_argument("--preset", default="llama_350m",
+                     help="memory --step: the model preset")
+  bench.add_argument("--batch", type=int, default=1,
+                     help="memory --step: sequences per step")
+  bench.add_argument("--seq-len", type=int, default=256,
+                     help="memory --step: tokens per sequence")
   bench.set_defaults(func=_cmd_bench)
   tr = sub.add_parser(
     "train", help="train a model (jqlm.train.run)",

@@ -121,8 +121,14 @@ def fit_pspec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
   out = []
   for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)),
                      strict=False):
-    ok = ax is not None and ax in mesh.shape and dim % mesh.shape[ax] == 0
-    out.append(ax if ok else None)
+    kept = []  # a tuple of axes keeps the prefix whose product divides
+    for a in (ax if isinstance(ax, tuple) else (ax,)):
+      size = int(np.prod([mesh.shape[k] for k in kept])) if kept else 1
+      if a is None or a not in mesh.shape or dim % (size * mesh.shape[a]):
+        break
+      kept.append(a)
+    out.append(None if not kept else kept[0] if len(kept) == 1
+               else tuple(kept))
   return PartitionSpec(*out)
 
 
@@ -166,17 +172,93 @@ class ParamShardings:
     self.params = jax.tree_util.tree_map_with_path(one, params,
                                                    is_leaf=is_quantized)
 
+  def _param_of(self, path: tuple):
+    """``(spec, shape)`` of the param a state leaf at ``path`` belongs to:
+    its path ends with the param's path, or does after dropping up to two
+    trailing field names (``...kernel.proj``, ``...kernel.proj.codes``)."""
+    for drop in range(3):
+      p = path[:len(path) - drop]
+      for n in range(len(p), 0, -1):
+        hit = self.specs.get(p[-n:])
+        if hit is not None:
+          return hit
+    return None
+
+  def _leaf_spec(self, shape, pspec: PartitionSpec, pshape) -> PartitionSpec:
+    """A state array's spec from its param's: each dim takes the mesh axis
+    of a param dim of the same size (the same position first), so moments
+    shaped like the param shard like it, and low-rank moments ``(r, n)`` /
+    ``(m, r)`` and projections ``(d, r)`` shard their full-size dim."""
+    entries = tuple(pspec) + (None,) * (len(pshape) - len(pspec))
+    free = [i for i, d in enumerate(pshape) if d > 1]
+    out = []
+    for i, d in enumerate(shape):
+      j = i if i in free and pshape[i] == d else next(
+        (k for k in free if pshape[k] == d), None)
+      if j is None or d <= 1:
+        out.append(None)
+        continue
+      free.remove(j)
+      out.append(entries[j])
+    # a mesh axis of a dim the state does not have (GaLore's reduced dim)
+    # moves to the state's largest matched dim, so the state still spreads
+    # over every device that holds a slice of the param
+    used = {a for e in out if e is not None
+            for a in (e if isinstance(e, tuple) else (e,))}
+    spare = [a for e in entries if e is not None
+             for a in (e if isinstance(e, tuple) else (e,)) if a not in used]
+    matched = [i for i, e in enumerate(out) if e is not None]
+    if spare and len(shape) == len(pshape) and matched:
+      i = max(matched, key=lambda k: shape[k])
+      have = out[i] if isinstance(out[i], tuple) else (out[i],)
+      out[i] = have + tuple(spare)
+    return fit_pspec(PartitionSpec(*out), shape, self.mesh)
+
+  def _moment_shardings(self, leaf, pspec, pshape):
+    """A block-quantized moment (``codes (blocks, width)``, ``absmax
+    (blocks,)``, blocks in row-major order of its logical shape): the
+    blocks shard over every mesh axis that shards the moment's logical
+    tensor (:meth:`_leaf_spec`). When its sharded dim is the first, each
+    device's blocks are exactly its rows' (no data moves in the update)."""
+    logical = self._leaf_spec(tuple(leaf.shape), pspec, pshape)
+    axes = []
+    for a in logical:
+      if a is not None:
+        axes.extend(a if isinstance(a, tuple) else (a,))
+    size = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
+    nb = int(leaf.codes.shape[0])
+    if not axes or nb % size:
+      return jax.tree.map(lambda _: self.replicated, leaf)
+    blocks = tuple(axes) if len(axes) > 1 else axes[0]
+    return jax.tree.map(
+      lambda x: NamedSharding(self.mesh, PartitionSpec(blocks)), leaf)
+
   def follow(self, tree):
     """Shardings for a pytree whose leaves follow the params (an optimizer
-    state): a leaf whose path ends with a param's path and has its shape
-    takes the param's sharding; others are replicated."""
+    state). A leaf belongs to the param whose path its path ends with
+    (after up to two trailing field names); it shards along the mesh axes
+    of that param's dims of the same size (:meth:`_leaf_spec`):
+
+    * moments shaped like the param shard like it;
+    * GaLore's low-rank moments and projections shard their full-size dim
+      (the rank dim is replicated);
+    * block-quantized moments (:class:`jqlm.optim.QuantizedMoment`) shard
+      their blocks over the same mesh axes;
+    * everything else (counts, scalars, unmatched leaves) is replicated.
+    """
+
+    def is_moment(x):
+      return hasattr(x, "codes") and hasattr(x, "absmax") and hasattr(
+        x, "signed")
 
     def one(kp, leaf):
-      path = key_path(kp)
-      for n in range(len(path), 0, -1):
-        hit = self.specs.get(path[-n:])
-        if hit is not None and hit[1] == tuple(leaf.shape):
-          return NamedSharding(self.mesh, hit[0])
-      return self.replicated
+      hit = self._param_of(key_path(kp))
+      if hit is None:
+        return jax.tree.map(lambda _: self.replicated, leaf)
+      pspec, pshape = hit
+      if is_moment(leaf):
+        return self._moment_shardings(leaf, pspec, pshape)
+      return NamedSharding(self.mesh, self._leaf_spec(tuple(leaf.shape),
+                                                      pspec, pshape))
 
-    return jax.tree_util.tree_map_with_path(one, tree)
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_moment)

@@ -128,7 +128,8 @@ def scale_by_adam(
         u = (m / bc1) / (jnp.sqrt(v / bc2) + eps_)
       return u.astype(g_in.dtype), qstate.store(m, m_in), qstate.store(v, v_in)
 
-    u, m, v = _base.map_n(leaf, updates, state.mu, state.nu, n=3)
+    u, m, v = _base.map_n(leaf, updates, state.mu, state.nu, n=3,
+                          elementwise=True)
     return u, ScaleByAdamState(count=t, mu=m, nu=v)
 
   return optax.GradientTransformation(init_fn, update_fn)

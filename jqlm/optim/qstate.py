@@ -230,17 +230,32 @@ def encode(x: jax.Array, signed: bool, quant: StateQuant) -> QuantizedMoment:
   absmax = jnp.max(jnp.abs(xb), axis=1)
   xn = xb / jnp.where(absmax > 0, absmax, 1.0)[:, None]
   table = code_table(quant.code, quant.bits, signed)
-  mids = jnp.asarray((table[:-1] + table[1:]) / 2, jnp.float32)
-  if quant.bits == 4:  # 15 midpoints: count them (vectorises on CPU)
-    idx = jnp.sum(xn[..., None] > mids[None, None, :], axis=-1,
-                  dtype=jnp.int32)
-  else:
-    idx = jnp.searchsorted(mids, xn, side="left", method="scan")
+  idx = _count_below(xn, (table[:-1] + table[1:]) / 2)
   codes = idx.astype(jnp.uint8)
   if quant.bits == 4:
     codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
   return QuantizedMoment(codes=codes, absmax=absmax, shape=shape,
                          signed=signed, quant=quant)
+
+
+def _count_below(x: jax.Array, mids: np.ndarray) -> jax.Array:
+  """``searchsorted(mids, x, side="left")`` (the number of midpoints
+  strictly below each element: its nearest code, a tie going to the lower
+  one) as an unrolled binary search on a ``uint8`` index: each of the
+  ``bits`` steps is elementwise, so XLA fuses the search into one pass with
+  no int32 or per-midpoint scratch (``jnp.searchsorted`` kept two int32
+  copies of the tensor alive)."""
+  n = len(mids) + 1  # codes
+  steps = max(int(n - 1).bit_length(), 1)
+  padded = np.full((2**steps,), np.inf, np.float32)
+  padded[: len(mids)] = mids
+  table = jnp.asarray(padded)
+  top = 1 << (steps - 1)  # the first step compares with one midpoint
+  idx = jnp.where(jnp.float32(padded[top - 1]) < x, top, 0).astype(jnp.int32)
+  for b in reversed(range(steps - 1)):
+    cand = idx + (1 << b)
+    idx = jnp.where(table[cand - 1] < x, cand, idx)
+  return idx
 
 
 def decode(q: QuantizedMoment) -> jax.Array:

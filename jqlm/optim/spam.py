@@ -310,7 +310,8 @@ def scale_by_spam(
       u = (f * step) * m / (jnp.sqrt(v) + _base.hp(eps, cdt))
       return (u.astype(g_in.dtype), qstate.store(m, m_in), v_out, n_spikes)
 
-    u, m, v, spikes = _base.map_n(leaf, updates, state.mu, state.nu, n=4)
+    u, m, v, spikes = _base.map_n(leaf, updates, state.mu, state.nu, n=4,
+                                  elementwise=True)
     return u, SpamState(count=optax.safe_increment(state.count), mu=m, nu=v,
                         spike_count=spikes, warmup_factor=factor)
 

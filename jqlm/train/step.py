@@ -19,7 +19,9 @@ by :func:`make_train_step`):
    re-quantization with the step's key when ``stochastic_round``, else
    round-to-nearest);
 4. if the loss or gradient norm is not finite, keeps params and optimizer
-   state unchanged and reports ``skipped = 1`` (the loop then counts it or
+   state unchanged (step 3 runs under ``lax.cond``, whose skipped branch
+   passes the donated buffers through: the guard costs no second copy of
+   the state) and reports ``skipped = 1`` (the loop then counts it or
    stops, per :class:`NanPolicy`).
 
 Randomness: ``TrainState.rng`` is split once per step into the next
@@ -33,7 +35,6 @@ which the loop calls on the steps it logs.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -114,33 +115,43 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, *, graphdef,
     loss, g = vg(diff_params, mb)
     return (loss_sum + loss, jax.tree.map(jnp.add, g_sum, g)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, diff_params)
-  (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                  micro)
-  inv = jnp.float32(1.0 / grad_accum)
-  loss = loss * inv
-  grads = jax.tree.map(lambda g: (g * inv.astype(g.dtype)), grads)
+  if grad_accum == 1:  # no accumulator: one gradient buffer per param
+    loss, grads = vg(diff_params, tokens_BxL)
+  else:
+    zeros = jax.tree.map(jnp.zeros_like, diff_params)
+    (loss, grads), _ = jax.lax.scan(
+      body, (jnp.zeros((), jnp.float32), zeros), micro)
+    inv = jnp.float32(1.0 / grad_accum)
+    loss = loss * inv
+    grads = jax.tree.map(lambda g: (g * inv.astype(g.dtype)), grads)
   gnorm = _global_norm(grads)
   if grad_clip > 0:
     coef = jnp.minimum(jnp.float32(grad_clip) / (gnorm + 1e-6), 1.0)
     grads = jax.tree.map(lambda g: g * coef.astype(g.dtype), grads)
   opt_key, round_key = jax.random.split(step_key)
-  updates, opt_state = optax.with_extra_args_support(tx).update(
-    grads, state.opt_state, state.params, key=opt_key)
-  if _has_qarray(state.params):
-    params = optim.apply_quantized_updates(
-      state.params, updates, key=round_key if stochastic_round else None)
-  else:
-    with jax.numpy_dtype_promotion("standard"):
-      params = optax.apply_updates(state.params, updates)
   ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-  keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(
-    ok, new, old))
+
+  def apply(operand):
+    params, opt_state, grads = operand
+    updates, opt_state = optax.with_extra_args_support(tx).update(
+      grads, opt_state, params, key=opt_key)
+    if _has_qarray(params):
+      params = optim.apply_quantized_updates(
+        params, updates, key=round_key if stochastic_round else None)
+    else:
+      with jax.numpy_dtype_promotion("standard"):
+        params = optax.apply_updates(params, updates)
+    return params, opt_state
+
+  # lax.cond, not jnp.where over the trees: the skipped branch passes the
+  # donated params and state through, so the old and the new state never
+  # coexist (the select kept both alive: +2.9 GB on LLaMA-350M).
+  params, opt_state = jax.lax.cond(
+    ok, apply, lambda operand: operand[:2],
+    (state.params, state.opt_state, grads))
   new_state = TrainState(
-    step=state.step + ok.astype(jnp.int32),
-    params=keep(params, state.params),
-    opt_state=keep(opt_state, state.opt_state),
-    rng=rng)
+    step=state.step + ok.astype(jnp.int32), params=params,
+    opt_state=opt_state, rng=rng)
   metrics = {"loss": loss, "grad_norm": gnorm,
              "skipped": (~ok).astype(jnp.float32)}
   return new_state, metrics

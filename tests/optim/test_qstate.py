@@ -59,6 +59,52 @@ def test_encode_decode_matches_numpy_block_quantizer(bits, code, signed):
   assert q.absmax.shape == (-(-x.size // sq.block_size),)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_chunked_update_is_bit_identical(monkeypatch, bits):
+  """Large quantized leaves are updated in chunks of whole blocks
+  (_base.map_blocks, to bound the update's scratch): moments, updates and
+  SPAM's spike counts equal the one-pass update bit for bit, whatever the
+  chunk size."""
+  from jqlm.optim import _base  # noqa: PLC0415
+  rng = np.random.default_rng(bits)
+  params = {"w": jnp.asarray(rng.normal(size=(48, 512)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)}
+  grads = [jax.tree.map(lambda p, k=k: jnp.asarray(
+    rng.standard_t(2, size=p.shape), jnp.float32), params) for k in range(3)]
+  for opt in (optim.adamw(1e-2, state_quant=bits),
+              optim.spam(1e-2, state_quant=bits, warmup_steps=0)):
+    def run(opt=opt):
+      state = opt.init(params)
+      outs = []
+      for g in grads:
+        u, state = jax.jit(opt.update)(g, state, params)
+        outs.append(u)
+      return outs, state
+
+    monkeypatch.setattr(_base, "CHUNK_ELEMENTS", 1 << 30)  # one pass
+    want = run()
+    monkeypatch.setattr(_base, "CHUNK_ELEMENTS", 2048)  # 8-12 chunks
+    assert _base._chunk_blocks(48 * 512 // 256, 256) == 8
+    got = run()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want),
+                    strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_code_search_matches_searchsorted():
+  """The encoder's unrolled binary search is searchsorted(side='left') on
+  the midpoints of every table, ties included."""
+  for bits in (8, 4):
+    for signed in (True, False):
+      table = qstate.code_table(qstate.StateCode.DYNAMIC, bits, signed)
+      mids = (table[:-1] + table[1:]) / 2
+      x = np.concatenate([mids, table, np.linspace(-1.2, 1.2, 1001,
+                                                   dtype=np.float32)])
+      got = qstate._count_below(jnp.asarray(x), mids)
+      np.testing.assert_array_equal(
+        np.asarray(got), np.searchsorted(mids, x, side="left"))
+
+
 def test_nan_poisons_only_its_block():
   x = jnp.ones((1024,)).at[3].set(jnp.nan)
   out = np.asarray(qstate.decode(qstate.encode(x, True, optim.StateQuant())))

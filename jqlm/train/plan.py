@@ -1,0 +1,245 @@
+r"""What a configured train step costs in memory, from its compiled buffers.
+
+:func:`step_memory` builds the run's model, optimizer and train step
+(:func:`jqlm.train.setup`), lowers the step from abstract inputs for the
+current backend and reads XLA's buffer assignment
+(``compiled.memory_analysis()``): nothing is allocated, so a 7B step is
+planned on a laptop. The peak is
+
+.. math:: \text{peak} = \text{arguments} + \text{temporaries} +
+          \text{outputs} - \text{aliased}
+
+(the state is donated, so its outputs alias its inputs). It is broken down
+into the params, the optimizer state and the batch (the arguments), the
+temporaries (gradients, activations, logits and the update's scratch) and
+the outputs that do not reuse an input, next to the params + state that
+:func:`jqlm.optim.memory_report` counts by ``eval_shape``.
+
+:func:`minimal_adamw_memory` compiles the baseline every ratio is read
+against: ``value_and_grad``, ``optax.adamw``'s update and
+``optax.apply_updates`` on the same model, params and opt state donated, no
+NaN guard, no clipping.
+
+XLA:CPU computes bf16 in float32 and its buffer sizes follow; compare
+float32 configs on CPU (a GPU or TPU backend plans bf16 as bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jqlm import models
+from jqlm.train import state as jstate
+from jqlm.train.config import QGaLoreConfig, TrainConfig
+from jqlm.train.step import loss_fn, train_step
+
+GB = 1e9
+
+
+def step_function(cfg: TrainConfig, s: jstate.Setup):
+  """The run's train step with its static arguments bound (what the loop
+  jits with the state donated)."""
+  opt = cfg.optimizer
+  return functools.partial(
+    train_step, graphdef=s.graphdef, nnx_state=s.nnx_state, tx=s.tx,
+    grad_accum=cfg.data.grad_accum, grad_clip=opt.grad_clip,
+    stochastic_round=isinstance(opt, QGaLoreConfig) and opt.stochastic_round)
+
+
+def _nbytes(tree) -> int:
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+  """The compiled memory of one train step, in bytes.
+
+  Attributes:
+    name: a label.
+    params, opt_state, batch: the step's arguments, by part.
+    temporaries: XLA's temporary buffers (gradients, activations, logits,
+      the update's scratch).
+    outputs: output bytes that alias no donated input.
+    peak: arguments + temporaries + outputs - aliased.
+    gradients: one float gradient per differentiable param (what a step
+      that materialises every gradient holds at once; part of
+      ``temporaries``).
+    reported: params + state as :func:`jqlm.optim.memory_report` counts
+      them (``eval_shape``).
+    compile_s: seconds to lower and compile.
+  """
+
+  name: str
+  params: int
+  opt_state: int
+  batch: int
+  temporaries: int
+  outputs: int
+  peak: int
+  gradients: int
+  reported: int
+  compile_s: float
+
+  def ratio(self, base: StepMemory) -> float:
+    return self.peak / base.peak
+
+
+def _analysis(jitted, args) -> tuple[Any, float]:
+  import time  # noqa: PLC0415
+
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  secs = time.perf_counter() - t0
+  return compiled.memory_analysis(), secs
+
+
+def _row(name, m, secs, *, params, opt_state, batch, gradients,
+         reported) -> StepMemory:
+  args = m.argument_size_in_bytes
+  out = m.output_size_in_bytes - m.alias_size_in_bytes
+  return StepMemory(
+    name=name, params=params, opt_state=opt_state, batch=batch,
+    temporaries=int(m.temp_size_in_bytes), outputs=int(out),
+    peak=int(args + m.temp_size_in_bytes + out), gradients=gradients,
+    reported=reported, compile_s=secs)
+
+
+def _single_mesh() -> Mesh:
+  return models.make_mesh(devices=jax.devices()[:1])
+
+
+def _batch(cfg: TrainConfig, mesh: Mesh) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(
+    (cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32,
+    sharding=NamedSharding(mesh, PartitionSpec("data")))
+
+
+def _float_grad_bytes(params) -> int:
+  """Bytes of one float32 (or param-dtype) gradient per param."""
+  total = 0
+  for leaf in jax.tree.leaves(params, is_leaf=models.is_quantized):
+    if models.is_quantized(leaf):
+      total += math.prod(leaf.shape) * 4
+    else:
+      total += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def step_memory(cfg: TrainConfig, *, mesh: Mesh | None = None,
+                name: str | None = None) -> StepMemory:
+  """Compiles ``cfg``'s train step from abstract inputs (nothing is
+  allocated) and returns its :class:`StepMemory`.
+
+  Args:
+    cfg: the run's config (its model, optimizer, batch and
+      ``run.layerwise_update``).
+    mesh: default one device of the current backend.
+    name: the row's label (default the optimizer kind).
+  """
+  mesh = _single_mesh() if mesh is None else mesh
+  s = jstate.setup(cfg, mesh)
+  target = s.restore_target()
+  batch = _batch(cfg, mesh)
+  jitted = jax.jit(step_function(cfg, s), donate_argnums=(0,))
+  m, secs = _analysis(jitted, (target, batch))
+  return _row(name or cfg.optimizer.kind.value, m, secs,
+              params=_nbytes(target.params),
+              opt_state=_nbytes(target.opt_state),
+              batch=_nbytes(batch), gradients=_float_grad_bytes(
+                target.params),
+              reported=_nbytes(target.params) + _nbytes(target.opt_state))
+
+
+def minimal_adamw_memory(cfg: TrainConfig, *,
+                         name: str = "minimal optax.adamw") -> StepMemory:
+  """The baseline: ``value_and_grad`` + ``optax.adamw`` +
+  ``optax.apply_updates`` on ``cfg``'s model (float params, no NaN guard,
+  no clipping), params and state donated, compiled from abstract
+  inputs."""
+  mesh = _single_mesh()
+  s = jstate.setup(cfg.replace(optimizer="adamw"), mesh)
+  tx = optax.adamw(1e-3)
+  params = s.abstract.params
+  with jax.numpy_dtype_promotion("standard"):
+    opt_state = jax.eval_shape(tx.init, params)
+  graphdef, nnx_state = s.graphdef, s.nnx_state
+
+  def step(params, opt_state, tokens_BxL):
+    loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, nnx_state,
+                                              tokens_BxL)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  batch = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1),
+                               jnp.int32)
+  with jax.numpy_dtype_promotion("standard"):  # optax's own promotions
+    m, secs = _analysis(jax.jit(step, donate_argnums=(0, 1)),
+                        (params, opt_state, batch))
+  return _row(name, m, secs, params=_nbytes(params),
+              opt_state=_nbytes(opt_state), batch=_nbytes(batch),
+              gradients=_nbytes(params),
+              reported=_nbytes(params) + _nbytes(opt_state))
+
+
+def format_step_memory(rows: list[StepMemory], base: StepMemory | None = None,
+                       unit: float = GB, unit_name: str = "GB") -> str:
+  """A markdown table of :class:`StepMemory` rows (ratios to ``base``)."""
+  head = ("| step | params | opt state | temporaries | non-aliased outputs "
+          f"| compiled peak ({unit_name}) | vs baseline "
+          f"| params+state reported | compile (s) |")
+  lines = [head, "|" + "---|" * 9]
+  for r in rows:
+    ratio = f"{r.ratio(base):.2f}x" if base is not None else "-"
+    lines.append(
+      f"| {r.name} | {r.params / unit:.3f} | {r.opt_state / unit:.3f} "
+      f"| {r.temporaries / unit:.3f} | {r.outputs / unit:.3f} "
+      f"| {r.peak / unit:.3f} | {ratio} | {r.reported / unit:.3f} "
+      f"| {r.compile_s:.1f} |")
+  return "\n".join(lines)
+
+
+STEP_CASES: dict[str, tuple[str, ...]] = {
+  "AdamW, float states": ("optimizer=adamw",),
+  "AdamW, 8-bit states": ("optimizer=adamw", "optimizer.state=8bit"),
+  "AdamW, 4-bit states": ("optimizer=adamw", "optimizer.state=4bit"),
+  "Q-GaLore (int8 W, int4 P, 8-bit states)": ("optimizer=q_galore",),
+}
+"""The rows of :func:`step_memory_table`: ``--set`` overrides per case."""
+
+
+def memory_config(preset: str, *, batch_size: int = 1, seq_len: int = 256,
+                  dtype: str = "float32", remat: bool = True,
+                  overrides: tuple[str, ...] = ()) -> TrainConfig:
+  """The config :func:`step_memory_table` plans: ``preset`` with the
+  official 32000-token vocabulary, one batch of ``batch_size`` x
+  ``seq_len``, ``dtype`` compute and params, remat on."""
+  from jqlm.train.config import apply_overrides  # noqa: PLC0415
+
+  base = TrainConfig(
+    model={"preset": preset, "vocab_size": 32000, "remat": remat,
+           "dtype": dtype, "param_dtype": dtype},
+    data={"seq_len": seq_len, "batch_size": batch_size},
+    run={"steps": 10000})
+  return apply_overrides(base, list(overrides))
+
+
+def step_memory_table(preset: str = "llama_350m", *,
+                      cases: dict[str, tuple[str, ...]] | None = None,
+                      **kw) -> tuple[StepMemory, list[StepMemory]]:
+  """``(baseline, rows)``: the minimal optax AdamW step and jqlm's train
+  step per case (``--set`` overrides), compiled in the same run from
+  abstract inputs. ``kw`` go to :func:`memory_config`."""
+  base_cfg = memory_config(preset, **kw)
+  base = minimal_adamw_memory(base_cfg)
+  rows = [step_memory(memory_config(preset, overrides=sets, **kw), name=name)
+          for name, sets in (STEP_CASES if cases is None else cases).items()]
+  return base, rows

@@ -1,0 +1,133 @@
+"""The train step's memory: compiled peaks against a minimal optax step
+(jqlm.train.plan), and optimizer state that shards like its params."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jqlm import cli, models, train
+from jqlm.train import plan
+
+
+def _fraction(tree, shardings) -> float:
+  """Per-device bytes / total bytes."""
+  total = per_device = 0
+  for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings),
+                  strict=True):
+    b = jnp.dtype(a.dtype).itemsize
+    total += math.prod(a.shape) * b
+    per_device += math.prod(s.shard_shape(a.shape)) * b
+  return per_device / total
+
+
+FSDP_CASES = {
+  "float": ("optimizer=adamw",),
+  "8bit": ("optimizer=adamw", "optimizer.state=8bit"),
+  "4bit": ("optimizer=adamw", "optimizer.state=4bit"),
+  "galore": ("optimizer=galore",),
+  "q_galore": ("optimizer=q_galore",),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FSDP_CASES))
+def test_state_shards_on_an_8way_fsdp_mesh(case):
+  """LLaMA-130M on 8 fsdp devices: each device holds about 1/8 of the
+  params and of the optimizer state (block-quantized codes, low-rank
+  moments and projections included); eval_shape, nothing allocated."""
+  mesh = models.make_mesh(data=1, fsdp=8)
+  cfg = plan.memory_config("llama_130m", overrides=FSDP_CASES[case])
+  s = train.setup(cfg, mesh)
+  assert _fraction(s.abstract.params, s.shardings.params) <= 0.135
+  assert _fraction(s.abstract.opt_state, s.shardings.opt_state) <= 0.135
+
+
+@pytest.mark.parametrize("case", ["8bit", "galore"])
+def test_sharded_step_equals_unsharded_without_gathering_state(case):
+  """Two tiny steps on 8 fsdp devices equal the single-device steps, and
+  the compiled update gathers no optimizer state (no all-gather of uint8
+  codes; a low-rank-shaped all-gather only as a matmul operand of the
+  projection, never of a stored moment). Tolerance: the sharded gradient sums in
+  another order (f32 noise, 1e-7 relative), which Adam's sign-like first
+  steps and the 8-bit codes amplify; params agree to 1% of the two
+  lr = 1e-3 steps (2e-5; measured 1.8e-6)."""
+  over = FSDP_CASES[case] + ("model.hidden_size=128",
+                             "model.intermediate_size=256",
+                             "optimizer.rank=16" if case == "galore" else
+                             "optimizer.lr=1e-3")
+  cfg = plan.memory_config("llama_tiny", batch_size=8, seq_len=16,
+                           overrides=over).replace(model={"vocab_size": 256})
+  tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
+  out = {}
+  for n in (1, 8):
+    mesh = models.make_mesh(data=1, fsdp=n, devices=jax.devices()[:n])
+    s = train.setup(cfg, mesh)
+    step = jax.jit(plan.step_function(cfg, s),
+                   in_shardings=(s.shardings, None),
+                   out_shardings=(s.shardings, None))
+    state = train.init_state(s)
+    if n == 8:
+      hlo = step.lower(state, tokens).compile().as_text()
+      gathers = [ln for ln in hlo.splitlines() if "all-gather(" in ln]
+      assert not [g for g in gathers if "u8[" in g.split("=")[1][:40]]
+      if case == "galore":
+        low = {tuple(x.shape) for x in jax.tree.leaves(
+          s.abstract.opt_state[0].inner.mu)} - {
+          tuple(x.shape) for x in jax.tree.leaves(s.abstract.params)}
+        for shape in low:
+          pat = "f32[" + ",".join(map(str, shape)) + "]"
+          # a low-rank tensor of this step (R = P^T G or the inner
+          # update) may be gathered as an operand of the projection's
+          # matmul; a stored moment (read elementwise only) never is
+          for g in gathers:
+            if pat in g.split("=")[1][:60]:
+              assert "dot_general" in g, g
+    for _ in range(2):
+      state, _ = step(state, tokens)
+    out[n] = state
+  for a, b in zip(jax.tree.leaves(out[1].params),
+                  jax.tree.leaves(out[8].params), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5,
+                               rtol=0)
+
+
+@pytest.fixture(scope="module")
+def peaks():
+  """LLaMA-60M, batch 1 x 256, float32, remat: the minimal optax step and
+  jqlm's AdamW steps, compiled once."""
+  cases = {k: plan.STEP_CASES[k] for k in list(plan.STEP_CASES)[:2]}
+  base, rows = plan.step_memory_table("llama_60m", cases=cases)
+  return base, {r.name: r for r in rows}
+
+
+def test_step_peak_is_at_its_footprint(peaks):
+  """The NaN guard costs no second copy of params and state (the old
+  jnp.where select cost 1.58x on LLaMA-350M), and 8-bit states cost at
+  most one float tree more than float states (the old whole-tree
+  dequantize cost 2.3x of the minimal step)."""
+  base, rows = peaks
+  f32 = rows["AdamW, float states"]
+  q8 = rows["AdamW, 8-bit states"]
+  # params + state + every gradient + the minimal step's activations
+  footprint = f32.params + f32.opt_state + f32.gradients
+  assert f32.peak <= footprint + base.temporaries
+  assert f32.peak <= 1.10 * base.peak
+  # 8-bit states: at most one float tree (the update) above float AdamW
+  # (the whole-tree dequantize cost 2.7 trees on LLaMA-350M). Not yet
+  # below it: issue 15 stays open for the per-layer update.
+  assert q8.peak <= f32.peak + f32.gradients
+  assert q8.params == f32.params and q8.opt_state < 0.3 * f32.opt_state
+  for r in (base, f32, q8):
+    assert r.peak == r.params + r.opt_state + r.batch + r.temporaries + (
+      r.outputs) or r.peak >= r.params + r.opt_state
+
+
+def test_bench_memory_step_cli(capsys):
+  assert cli.main(["bench", "memory", "--step", "--preset", "llama_tiny",
+                   "--seq-len", "32"]) == 0
+  out = capsys.readouterr().out
+  assert "minimal optax.adamw" in out and "1.00x" in out
+  for name in plan.STEP_CASES:
+    assert name in out
