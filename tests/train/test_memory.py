@@ -124,7 +124,11 @@ def test_step_peak_is_at_its_footprint(peaks):
       r.outputs) or r.peak >= r.params + r.opt_state
 
 
-def test_bench_memory_step_cli(capsys):
+def test_bench_memory_step_cli(capsys, monkeypatch):
+  # the float and 8-bit rows (Q-GaLore's default rank does not fit the
+  # tiny preset's width of 64)
+  monkeypatch.setattr(plan, "STEP_CASES", {
+    k: v for k, v in plan.STEP_CASES.items() if "AdamW" in k})
   assert cli.main(["bench", "memory", "--step", "--preset", "llama_tiny",
                    "--seq-len", "32"]) == 0
   out = capsys.readouterr().out
