@@ -233,7 +233,7 @@ class ParamShardings:
     return jax.tree.map(
       lambda x: NamedSharding(self.mesh, PartitionSpec(blocks)), leaf)
 
-  def follow(self, tree):
+  def follow(self, tree, *, is_blocked=lambda x: False):
     """Shardings for a pytree whose leaves follow the params (an optimizer
     state). A leaf belongs to the param whose path its path ends with
     (after up to two trailing field names); it shards along the mesh axes
@@ -242,23 +242,21 @@ class ParamShardings:
     * moments shaped like the param shard like it;
     * GaLore's low-rank moments and projections shard their full-size dim
       (the rank dim is replicated);
-    * block-quantized moments (:class:`jqlm.optim.QuantizedMoment`) shard
-      their blocks over the same mesh axes;
+    * block-quantized moments, the nodes ``is_blocked`` accepts (``codes
+      (blocks, width)``, ``absmax (blocks,)`` and a logical ``shape``; the
+      train state passes :class:`jqlm.optim.QuantizedMoment`, which models
+      do not import), shard their blocks over the same mesh axes;
     * everything else (counts, scalars, unmatched leaves) is replicated.
     """
-
-    def is_moment(x):
-      return hasattr(x, "codes") and hasattr(x, "absmax") and hasattr(
-        x, "signed")
 
     def one(kp, leaf):
       hit = self._param_of(key_path(kp))
       if hit is None:
         return jax.tree.map(lambda _: self.replicated, leaf)
       pspec, pshape = hit
-      if is_moment(leaf):
+      if is_blocked(leaf):
         return self._moment_shardings(leaf, pspec, pshape)
       return NamedSharding(self.mesh, self._leaf_spec(tuple(leaf.shape),
                                                       pspec, pshape))
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_moment)
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_blocked)

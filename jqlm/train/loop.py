@@ -24,15 +24,15 @@ from jqlm import data as jdata
 from jqlm import models
 from jqlm.train import state as jstate
 from jqlm.train.checkpoint import Checkpointer
-from jqlm.train.config import NanPolicy, QGaLoreConfig, TrainConfig
+from jqlm.train.config import NanPolicy, TrainConfig
 from jqlm.train.data import eval_rows, prepare_data
 from jqlm.train.metrics import MetricsLog, plot_curves, quant_error
 from jqlm.train.optimizer import lr_schedule
+from jqlm.train.plan import step_function
 from jqlm.train.step import (
   TrainState,
   eval_loss,
   step_diagnostics,
-  train_step,
 )
 
 
@@ -142,13 +142,8 @@ class _Compiled:
 
 def _compile(cfg: TrainConfig, s: jstate.Setup, mesh: Mesh) -> _Compiled:
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  opt = cfg.optimizer
   step = jax.jit(
-    functools.partial(
-      train_step, graphdef=s.graphdef, nnx_state=s.nnx_state, tx=s.tx,
-      grad_accum=cfg.data.grad_accum, grad_clip=opt.grad_clip,
-      stochastic_round=isinstance(opt, QGaLoreConfig)
-      and opt.stochastic_round),
+    step_function(cfg, s),
     in_shardings=(s.shardings, batch_sharding),
     out_shardings=(s.shardings, None), donate_argnums=(0,))
   ev = jax.jit(functools.partial(eval_loss, graphdef=s.graphdef,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from typing import Any
 
 import jax
@@ -94,8 +95,6 @@ class StepMemory:
 
 
 def _analysis(jitted, args) -> tuple[Any, float]:
-  import time  # noqa: PLC0415
-
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   secs = time.perf_counter() - t0

@@ -90,7 +90,9 @@ def setup(cfg: TrainConfig, mesh: Mesh) -> Setup:
   ps = shd.ParamShardings(abstract.params,
                           shd.param_axis_names(abstract_model), mesh)
   shardings = TrainState(step=ps.replicated, params=ps.params,
-                         opt_state=ps.follow(abstract.opt_state),
+                         opt_state=ps.follow(
+                           abstract.opt_state, is_blocked=lambda x: isinstance(
+                             x, optim.QuantizedMoment)),
                          rng=ps.replicated)
   return Setup(mcfg=mcfg, graphdef=graphdef, nnx_state=nnx_state, tx=tx,
                shardings=shardings, init=init, abstract=abstract)

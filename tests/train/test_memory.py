@@ -121,9 +121,6 @@ def test_step_peak_is_at_its_footprint(peaks):
   # update.
   assert q8.peak <= f32.peak + 1.5 * f32.gradients
   assert q8.params == f32.params and q8.opt_state < 0.3 * f32.opt_state
-  for r in (base, f32, q8):
-    assert r.peak == r.params + r.opt_state + r.batch + r.temporaries + (
-      r.outputs) or r.peak >= r.params + r.opt_state
 
 
 def test_bench_memory_step_cli(capsys, monkeypatch):
