@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return args.func(args)
   except (ValueError, FileNotFoundError) as e:
-    if args.command not in ("train", "eval", "generate", "compare"):
+    if args.command not in ("train", "eval", "generate", "compare", "bench"):
       raise
     print(f"jqlm {args.command}: error: {e}", file=sys.stderr)
     return 2

@@ -134,3 +134,10 @@ def test_bench_memory_step_cli(capsys, monkeypatch):
   assert "minimal optax.adamw" in out and "1.00x" in out
   for name in plan.STEP_CASES:
     assert name in out
+
+
+def test_bench_memory_step_bad_preset_is_one_line(capsys):
+  assert cli.main(["bench", "memory", "--step", "--preset", "llama_3b"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jqlm bench: error:") and "llama_350m" in err
+  assert "Traceback" not in err
