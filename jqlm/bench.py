@@ -71,12 +71,16 @@ def param_structs(cfg: models.LlamaConfig | str, dtype=None):
   ``jax.ShapeDtypeStruct`` (``nnx.eval_shape``: nothing is allocated), in
   ``dtype`` (default the config's ``param_dtype``).
 
+  The layers are unrolled (``params["layers"][i]``) whatever the preset's
+  ``scan_layers``: these are the params a whole-tree optax transform sees
+  (GaLore projects 2-D kernels).
+
   Args:
     cfg: a :class:`jqlm.models.LlamaConfig` or a name in
       :data:`jqlm.models.PRESETS` (``"llama_130m"``: 134.1M params, spec §6).
     dtype: the params' dtype, or None.
   """
-  cfg = _config(cfg)
+  cfg = _config(cfg).replace(scan_layers=False)
   model = nnx.eval_shape(lambda: models.Llama(cfg, rngs=nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   if dtype is None:

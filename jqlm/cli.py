@@ -57,13 +57,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
   elif args.which == "memory" and args.step:
     from jqlm.train import plan  # noqa: PLC0415
 
+    cases = plan.STEP_CASES
+    if args.case:
+      cases = {k: v for k, v in cases.items()
+               if any(c.lower() in k.lower() for c in args.case)}
+      if not cases:
+        raise ValueError(f"--case {args.case} matches none of "
+                         f"{list(plan.STEP_CASES)}.")
     base, rows = plan.step_memory_table(args.preset, batch_size=args.batch,
-                                        seq_len=args.seq_len)
+                                        seq_len=args.seq_len, cases=cases,
+                                        baseline=args.baseline)
     print(f"compiled peak of one train step (memory_analysis: arguments + "
           f"temporaries + outputs - aliased), {args.preset}, float32, batch "
           f"{args.batch} x {args.seq_len}, remat; {device}, jax "
           f"{jax.__version__}")
-    print(plan.format_step_memory([base, *rows], base))
+    print(plan.format_step_memory([r for r in (base, *rows) if r], base))
     return 0
   elif args.which == "memory":
     reports = bench.bench_memory()
@@ -222,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="memory --step: sequences per step")
   bench.add_argument("--seq-len", type=int, default=256,
                      help="memory --step: tokens per sequence")
+  bench.add_argument("--case", action="append", default=[],
+                     help="memory --step: only the cases whose name "
+                     "contains this (repeatable; e.g. 'layer-wise')")
+  bench.add_argument(
+    "--baseline", choices=("unrolled", "same", "none"), default="unrolled",
+    help="memory --step: the minimal optax AdamW step on the unrolled "
+    "model (default, the tightest), on the preset's own layer layout, or "
+    "none (LLaMA-7B's unrolled baseline compiles for minutes)")
   bench.set_defaults(func=_cmd_bench)
   tr = sub.add_parser(
     "train", help="train a model (jqlm.train.run)",

@@ -47,6 +47,8 @@ from jqlm.models.llama import (
   llama_350m,
   llama_tiny,
   param_count,
+  stack_layers,
+  unstack_layers,
 )
 from jqlm.models.quantize import quantize_model, weight_bytes
 from jqlm.models.sharding import LOGICAL_RULES, make_mesh, to_pspec
@@ -57,6 +59,6 @@ __all__ = [
   "QuantPolicy", "QuantRule", "apply_rope", "decode_step", "generate",
   "hadamard_w4a4", "init_cache", "load_hf_llama", "llama2_7b", "llama3_8b", "llama_130m",
   "llama_1b", "llama_350m", "llama_60m", "llama_7b", "llama_tiny",
-  "make_mesh", "param_count", "quantize_model", "sample_logits", "save_hf_llama", "stable_spam_fp4",
+  "make_mesh", "param_count", "quantize_model", "sample_logits", "save_hf_llama", "stable_spam_fp4", "stack_layers", "unstack_layers",
   "stable_spam_int4", "to_pspec", "w4a16", "w8a8", "weight_bytes",
 ]

@@ -30,6 +30,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -240,8 +241,8 @@ def load_hf_llama(path: str, *, dtype=jnp.float32, param_dtype=None,
   model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   state = nnx.state(model, nnx.Param)
   names = _hf_names(cfg)
-  for p, var in nnx.to_flat_state(state):
-    key = tuple(p)
+
+  def read(key, want):
     if key not in names:
       raise ValueError(f"No HF tensor is mapped to jqlm param {key}.")
     hf_name, transpose = names[key]
@@ -251,11 +252,20 @@ def load_hf_llama(path: str, *, dtype=jnp.float32, param_dtype=None,
     arr = np.asarray(tensors.pop(hf_name))
     if transpose:
       arr = arr.T
-    want = tuple(var.get_value().shape)
     if arr.shape != want:
       raise ValueError(f"{hf_name} has shape {arr.shape} (after transpose), "
                        f"config implies {want}.")
-    var.set_value(jnp.asarray(arr.astype(np.float32)).astype(param_dtype))
+    return jnp.asarray(arr.astype(np.float32)).astype(param_dtype)
+
+  for p, var in nnx.to_flat_state(state):
+    key = tuple(p)
+    want = tuple(var.get_value().shape)
+    if cfg.scan_layers and key[0] == "layers":  # stacked: layer by layer
+      value = jnp.stack([read(("layers", i, *key[1:]), want[1:])
+                         for i in range(cfg.num_layers)])
+    else:
+      value = read(key, want)
+    var.set_value(value)
   if tensors:
     raise ValueError(f"Unused tensors in the checkpoint: {sorted(tensors)}.")
   nnx.update(model, state)
@@ -284,14 +294,22 @@ def save_hf_llama(model: Llama, path: str, *, dtype=None,
   os.makedirs(path, exist_ok=True)
   names = _hf_names(cfg)
   tensors = {}
-  for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    hf_name, transpose = names[tuple(p)]
-    value = var.get_value()
+  def put(key, value):
+    hf_name, transpose = names[key]
     if isinstance(value, (quant.QArray, quant.PackedQArray)):
       value = value.dequantize()
     arr = np.asarray(jnp.asarray(value).astype(jnp.float32))
     arr = np.ascontiguousarray(arr.T if transpose else arr)
     tensors[hf_name] = arr.astype(np.dtype(dtype))
+
+  for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    key, value = tuple(p), var.get_value()
+    if cfg.scan_layers and key[0] == "layers":  # stacked: layer by layer
+      for i in range(cfg.num_layers):
+        put(("layers", i, *key[1:]),
+            jax.tree.map(lambda x, i=i: x[i], value))
+    else:
+      put(key, value)
   tname = {"float32": "float32", "bfloat16": "bfloat16",
            "float16": "float16"}[dtype.name]
   with open(os.path.join(path, "config.json"), "w") as f:

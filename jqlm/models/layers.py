@@ -71,7 +71,8 @@ def matches(path: str, patterns: Sequence[str] = BLOCK_LINEARS) -> bool:
   return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
-def block_linear_mask(params, patterns: Sequence[str] = BLOCK_LINEARS):
+def block_linear_mask(params, patterns: Sequence[str] = BLOCK_LINEARS, *,
+                      allow_empty: bool = False):
   """A pytree of bools with the structure of ``params`` (a pure dict of
   jqlm's LLaMA, arrays, ``ShapeDtypeStruct`` s or QArray leaves): True for
   the ``kernel`` of every linear whose module path matches ``patterns``
@@ -79,6 +80,10 @@ def block_linear_mask(params, patterns: Sequence[str] = BLOCK_LINEARS):
 
   Pass it as ``mask=`` to :func:`jqlm.optim.galore`,
   :func:`jqlm.optim.q_galore` and :func:`jqlm.optim.quantize_weights`.
+
+  ``allow_empty=True`` returns an all-False mask instead of raising (the
+  train step of a ``scan_layers`` model initialises its optimizer on the
+  embeddings, norms and head apart from the layers).
 
   Raises:
     ValueError: no param matches (the message lists the module paths).
@@ -91,7 +96,7 @@ def block_linear_mask(params, patterns: Sequence[str] = BLOCK_LINEARS):
     return name == "kernel" and matches(module_path(kp), patterns)
 
   mask = jax.tree_util.tree_map_with_path(pick, params, is_leaf=is_quantized)
-  if not any(jax.tree.leaves(mask)):
+  if not allow_empty and not any(jax.tree.leaves(mask)):
     seen = sorted({module_path(kp) for kp, _ in
                    jax.tree_util.tree_flatten_with_path(
                      params, is_leaf=is_quantized)[0]})

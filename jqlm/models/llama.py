@@ -70,6 +70,15 @@ class LlamaConfig:
     dtype: compute dtype; param_dtype: storage dtype of the params.
     remat: rematerialise each block in the backward pass.
     quant: a :class:`jqlm.models.QuantPolicy` for the linears, or None.
+    scan_layers: store the blocks as one stacked block (every param gets a
+      leading ``layers`` axis of size ``num_layers``) and run them with
+      ``lax.scan``, as MaxText's ``scan_layers`` does: the compiled program
+      holds one block, whatever the depth (LLaMA-7B's train step compiles
+      in seconds instead of minutes), and the train step can update the
+      layers one at a time (:mod:`jqlm.train.step`). The math, the init
+      and the HF layout are those of the unrolled model
+      (:func:`stack_layers` / :func:`unstack_layers` convert params). On by
+      default for the presets of 350M params and up.
   """
 
   vocab_size: int = 32000
@@ -89,6 +98,7 @@ class LlamaConfig:
   param_dtype: Any = jnp.float32
   remat: bool = False
   quant: QuantPolicy | None = None
+  scan_layers: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size",
@@ -135,7 +145,9 @@ class LlamaConfig:
     return embed + self.num_layers * block + d + head
 
 
-def _official(hidden, inter, heads, layers, **kw) -> LlamaConfig:
+def _official(hidden, inter, heads, layers, *, scan: bool = False,
+              **kw) -> LlamaConfig:
+  kw.setdefault("scan_layers", scan)
   return LlamaConfig(vocab_size=32000, hidden_size=hidden,
                      intermediate_size=inter, num_heads=heads,
                      num_layers=layers, **kw)
@@ -153,31 +165,31 @@ def llama_130m(**kw) -> LlamaConfig:
 
 def llama_350m(**kw) -> LlamaConfig:
   """Official LLaMA-350M (spec §6): 368.0M params."""
-  return _official(1024, 2736, 16, 24, **kw)
+  return _official(1024, 2736, 16, 24, scan=True, **kw)
 
 
 def llama_1b(**kw) -> LlamaConfig:
   """Official LLaMA-1B (spec §6): 1339.1M params."""
-  return _official(2048, 5461, 32, 24, **kw)
+  return _official(2048, 5461, 32, 24, scan=True, **kw)
 
 
 def llama_7b(**kw) -> LlamaConfig:
   """Official LLaMA-7B (spec §6): 6738.4M params, max length 2048."""
   kw.setdefault("max_seq_len", 2048)
-  return _official(4096, 11008, 32, 32, **kw)
+  return _official(4096, 11008, 32, 32, scan=True, **kw)
 
 
 def llama2_7b(**kw) -> LlamaConfig:
   """LLaMA-2-7B shapes (rms eps 1e-5, max length 4096)."""
   kw = {"max_seq_len": 4096, "norm_eps": 1e-5, **kw}
-  return _official(4096, 11008, 32, 32, **kw)
+  return _official(4096, 11008, 32, 32, scan=True, **kw)
 
 
 def llama3_8b(**kw) -> LlamaConfig:
   """LLaMA-3-8B shapes: vocab 128256, GQA with 8 kv heads, RoPE base
   500000, max length 8192."""
   kw = {"max_seq_len": 8192, "norm_eps": 1e-5, "rope_base": 500000.0,
-        "num_kv_heads": 8, **kw}
+        "num_kv_heads": 8, "scan_layers": True, **kw}
   return LlamaConfig(vocab_size=128256, hidden_size=4096,
                      intermediate_size=14336, num_heads=32, num_layers=32,
                      **kw)
@@ -239,9 +251,11 @@ class LayerCache(NamedTuple):
 
 
 class KVCache(NamedTuple):
-  """A KV cache: per-layer :class:`LayerCache` and the filled length."""
+  """A KV cache: per-layer :class:`LayerCache` and the filled length (for
+  a ``scan_layers`` model, one :class:`LayerCache` whose arrays have a
+  leading layer axis)."""
 
-  layers: tuple[LayerCache, ...]
+  layers: tuple[LayerCache, ...] | LayerCache
   length: jax.Array
 
 
@@ -265,6 +279,10 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None,
     layer = LayerCache(z, z)
   else:
     raise ValueError(f"KV cache dtype must be floating or int8, got {dtype}.")
+  if cfg.scan_layers:  # one stacked LayerCache, scanned with the blocks
+    stacked = jax.tree.map(
+      lambda x: jnp.zeros((cfg.num_layers,) + x.shape, x.dtype), layer)
+    return KVCache(stacked, jnp.zeros((), jnp.int32))
   return KVCache(tuple(layer for _ in range(cfg.num_layers)),
                  jnp.zeros((), jnp.int32))
 
@@ -425,14 +443,32 @@ class Llama(nnx.Module):
     self.embed = nnx.Param(
       init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
            cfg.param_dtype), axes=("vocab", "embed"))
-    self.layers = nnx.List([Block(cfg, path=f"layers.{i}", rngs=rngs)
-                            for i in range(cfg.num_layers)])
+    blocks = [Block(cfg, path=f"layers.{i}", rngs=rngs)
+              for i in range(cfg.num_layers)]
+    self.layers = _stack_blocks(blocks) if cfg.scan_layers else nnx.List(
+      blocks)
     self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps,
                               dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Param(
         init(rngs.params(), (cfg.hidden_size, cfg.vocab_size),
              cfg.param_dtype), axes=("embed", "vocab"))
+
+  def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
+    """The token embeddings ``(B, T, D)`` in the compute dtype."""
+    emb = kernel_value(self.embed, self.cfg.dtype)
+    return jnp.take(emb, tokens_BxT, axis=0)
+
+  def head(self, x_BxTxD: jax.Array) -> jax.Array:
+    """Final RMSNorm and LM head: float32 logits ``(B, T, V)``."""
+    cfg = self.cfg
+    x = self.final_norm(x_BxTxD)
+    if cfg.tie_embeddings:
+      head = kernel_value(self.embed, cfg.dtype).T
+    else:
+      head = kernel_value(self.lm_head, cfg.dtype)
+    return jnp.einsum("btd,dv->btv", x, head,
+                      preferred_element_type=jnp.float32)
 
   def __call__(self, tokens_BxT: jax.Array, *,
                positions: jax.Array | None = None,
@@ -444,24 +480,106 @@ class Llama(nnx.Module):
       base = jnp.zeros((), jnp.int32) if start is None else start
       positions = base + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32),
                                           (b, t))
-    emb = kernel_value(self.embed, cfg.dtype)
-    x = jnp.take(emb, tokens_BxT, axis=0)
-    new_layers = []
-    for i, block in enumerate(self.layers):
-      layer_cache = None if cache is None else cache.layers[i]
-      if cfg.remat and cache is None:
-        x, _ = nnx.remat(lambda blk, x_, p_: blk(x_, p_))(block, x, positions)
-      else:
-        x, layer_cache = block(x, positions, layer_cache, start)
-      new_layers.append(layer_cache)
-    x = self.final_norm(x)
-    head = emb.T if cfg.tie_embeddings else kernel_value(self.lm_head,
-                                                         cfg.dtype)
-    logits = jnp.einsum("btd,dv->btv", x, head,
-                        preferred_element_type=jnp.float32)
+    x = self.embed_tokens(tokens_BxT)
+    if cfg.scan_layers:
+      x, new_layers = scan_blocks(self.layers, x, positions,
+                                  None if cache is None else cache.layers,
+                                  start, remat=cfg.remat and cache is None)
+    else:
+      new_layers = []
+      for i, block in enumerate(self.layers):
+        layer_cache = None if cache is None else cache.layers[i]
+        if cfg.remat and cache is None:
+          x, _ = nnx.remat(lambda blk, x_, p_: blk(x_, p_))(block, x,
+                                                            positions)
+        else:
+          x, layer_cache = block(x, positions, layer_cache, start)
+        new_layers.append(layer_cache)
+      new_layers = tuple(new_layers)
+    logits = self.head(x)
     if cache is None:
       return logits
-    return logits, KVCache(tuple(new_layers), cache.length + t)
+    return logits, KVCache(new_layers, cache.length + t)
+
+
+# ---------------------------------------------------------------------------
+# Scanned layers
+
+
+def _linear_rules(block: Block) -> list:
+  return [(p, m.rule) for p, m in nnx.iter_modules(block)
+          if isinstance(m, QLinear)]
+
+
+def _stack_blocks(blocks: list[Block]) -> Block:
+  """One :class:`Block` whose params are the blocks' params stacked along a
+  new leading axis (logical name ``layers``). The blocks are built as the
+  unrolled model builds them (same keys, same order), so the scanned and
+  the unrolled model start from the same weights."""
+  template = blocks[0]
+  rules = [[r for _, r in _linear_rules(b)] for b in blocks]
+  for i, r in enumerate(rules):
+    if r != rules[0]:
+      raise ValueError(
+        f"scan_layers=True needs one quantization rule per linear for every "
+        f"layer, but layer {i}'s rules differ from layer 0's ({r} vs "
+        f"{rules[0]}): the scanned stack runs one block program for all "
+        "layers. Use scan_layers=False for per-layer policies.")
+  values = [nnx.state(b, nnx.Variable) for b in blocks]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *values)
+  nnx.update(template, stacked)
+  for _, v in nnx.iter_graph(template):
+    if isinstance(v, nnx.Variable):
+      axes = v.get_metadata().get("axes")
+      v.set_metadata("axes", ("layers",) + tuple(
+        axes if axes is not None else (None,) * (v.get_value().ndim - 1)))
+  return template
+
+
+def scan_blocks(stack: Block, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                cache: LayerCache | None = None, start=None, *,
+                remat: bool = False):
+  """Runs a stacked block (``scan_layers``) over ``x`` with ``lax.scan``:
+  layer ``i`` sees slice ``i`` of every param (and of the cache). Returns
+  ``(x, stacked cache or None)``. ``remat`` rematerialises each layer in
+  the backward pass (only the layer inputs are saved)."""
+  graphdef, state = nnx.split(stack)
+
+  def body(x, xs):
+    layer_state, layer_cache = xs
+    block = nnx.merge(graphdef, layer_state)
+    x, layer_cache = block(x, positions_BxT, layer_cache, start)
+    return x, layer_cache
+
+  if remat:
+    body = jax.checkpoint(body)
+  return jax.lax.scan(body, x_BxTxD, (state, cache))
+
+
+def stack_layers(params: dict) -> dict:
+  """Unrolled params (``params["layers"][i]``, a pure dict as
+  ``nnx.to_pure_dict`` gives) -> the ``scan_layers`` layout (one subtree
+  whose leaves have a leading layer axis). Other entries are unchanged;
+  quantized leaves stack leaf by leaf."""
+  layers = params["layers"]
+  keys = sorted(layers, key=int)
+  if [int(k) for k in keys] != list(range(len(keys))):
+    raise ValueError(f"stack_layers: layer keys must be 0..n-1, got {keys}.")
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                         *[layers[k] for k in keys])
+  return {**params, "layers": stacked}
+
+
+def unstack_layers(params: dict) -> dict:
+  """The inverse of :func:`stack_layers`: ``params["layers"][i]`` for every
+  layer ``i`` of a ``scan_layers`` params dict."""
+  stacked = params["layers"]
+  leaves = jax.tree.leaves(stacked)
+  if not leaves:
+    raise ValueError("unstack_layers: params['layers'] has no arrays.")
+  n = leaves[0].shape[0]
+  return {**params, "layers": {
+    i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}}
 
 
 def linear_shapes(cfg: LlamaConfig,
@@ -472,6 +590,7 @@ def linear_shapes(cfg: LlamaConfig,
   path (``"layers.0.attn.q"``), in the params pytree's order (layers by
   index, names sorted). Computed by ``nnx.eval_shape``: nothing is
   allocated."""
+  cfg = cfg.replace(scan_layers=False)  # per-layer shapes and paths
   model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   mask = block_linear_mask(params, patterns)
@@ -495,5 +614,5 @@ __all__ = [
   "MLP", "PRESETS", "RMSNorm", "apply_rope", "init_cache", "llama2_7b",
   "llama3_8b", "llama_130m", "llama_1b", "llama_350m", "llama_60m",
   "llama_7b", "llama_tiny", "linear_shapes", "param_count",
-  "rope_frequencies",
+  "rope_frequencies", "scan_blocks", "stack_layers", "unstack_layers",
 ]

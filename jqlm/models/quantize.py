@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -57,12 +58,16 @@ def quantize_model(model: nnx.Module, spec: quant.QuantSpec, *,
     if not matches(module.path, patterns):
       continue
     w = module.kernel.get_value()
-    if isinstance(w, (quant.QArray, quant.PackedQArray)):
-      w = w.dequantize()
-    q = quant.quantize(w, spec)
-    if pack and _packable(q):
-      q = q.pack()
-    module.kernel.set_value(q)
+
+    def one(w):
+      if isinstance(w, (quant.QArray, quant.PackedQArray)):
+        w = w.dequantize()
+      q = quant.quantize(w, spec)
+      return q.pack() if pack and _packable(q) else q
+
+    # a scan_layers stack holds every layer's kernel: (layers, in, out)
+    module.kernel.set_value(jax.vmap(one)(w) if len(w.shape) == 3
+                            else one(w))
     hits += 1
   if not hits:
     raise ValueError(f"quantize_model: no QLinear path matches {patterns!r}.")

@@ -32,6 +32,8 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
   ("head_dim", None),
   ("mlp", "tensor"),
   ("norm", None),
+  ("layers", None),  # the stacked axis of scan_layers: each device holds
+                     # every layer's slice of its shards
 )
 
 

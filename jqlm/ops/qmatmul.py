@@ -98,7 +98,7 @@ def split_taps(params):
   """``(diff, join)`` for differentiating through low-bit weights.
 
   ``diff`` is ``params`` with a zero float32 tap in place of every 2-D
-  QArray / PackedQArray (other low-bit leaves dequantized, float leaves
+  (or stacked 2-D) QArray / PackedQArray (other low-bit leaves dequantized, float leaves
   unchanged): a tree ``jax.grad`` accepts. ``join(diff)`` puts the weights
   back as :class:`TappedWeight` for the forward pass, so the gradient with
   respect to ``diff`` holds, at each weight, the full-rank gradient of the
@@ -108,7 +108,9 @@ def split_taps(params):
     grads = jax.grad(lambda d: loss(join(d), batch))(diff)
   """
   leaves, treedef = jax.tree.flatten(params, is_leaf=_is_low_bit)
-  tapped = [_is_low_bit(x) and len(x.shape) == 2 for x in leaves]
+  # 2-D weights, and stacks of them (a scanned layer stack: the taps are
+  # sliced with the weights, layer by layer)
+  tapped = [_is_low_bit(x) and len(x.shape) >= 2 for x in leaves]
   diff = treedef.unflatten([
     jnp.zeros(x.shape, jnp.float32) if t else
     (x.dequantize(jnp.float32) if _is_low_bit(x) else x)

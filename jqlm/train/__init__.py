@@ -50,20 +50,24 @@ from jqlm.train.optimizer import build_optimizer, lr_schedule
 from jqlm.train.presets import CONFIGS, demo_config, official_c4
 from jqlm.train.state import Setup, init_state, model_config, setup
 from jqlm.train.step import (
+  LayeredState,
   TrainState,
   eval_loss,
+  init_opt_state,
+  layerwise_train_step,
   step_diagnostics,
   train_step,
 )
 
 __all__ = [
   "CONFIGS", "OPTIMIZERS", "AdamWConfig", "CheckpointError", "Checkpointer",
-  "DataConfig", "GaLoreConfig", "ModelConfig", "NanPolicy",
+  "DataConfig", "GaLoreConfig", "LayeredState", "ModelConfig", "NanPolicy",
   "NonFiniteError", "OptimizerConfig", "OptimizerKind", "QGaLoreConfig",
   "RunConfig", "RunResult", "ScheduleKind", "Setup", "SpamConfig",
   "StableSpamConfig", "StateFormat", "TrainConfig", "TrainState",
   "apply_overrides", "build_optimizer", "demo_config", "distributed_init",
-  "eval_loss", "evaluate", "init_state", "load_config", "load_run",
+  "eval_loss", "evaluate", "init_opt_state", "init_state",
+  "layerwise_train_step", "load_config", "load_run",
   "lr_schedule", "model_config", "official_c4", "optimizer_config",
   "prepare_data", "run", "sample", "setup", "step_diagnostics",
   "train_step",

@@ -203,6 +203,9 @@ class ModelConfig(_Section):
     dtype, param_dtype: compute and storage dtypes (``float32``,
       ``bfloat16``, ``float16``).
     remat: rematerialise each block in the backward pass.
+    scan_layers: run the blocks as one scanned, stacked block
+      (:class:`jqlm.models.LlamaConfig`); ``None`` keeps the preset's
+      default (on for ``llama_350m`` and larger).
   """
 
   section: ClassVar[str] = "model"
@@ -217,6 +220,7 @@ class ModelConfig(_Section):
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool | None = None
 
   def _check(self):
     self.require("preset", self.preset in models.PRESETS,
@@ -252,6 +256,8 @@ class ModelConfig(_Section):
               max_seq_len=max(max_seq_len, base.max_seq_len),
               dtype=self.dtype, param_dtype=self.param_dtype,
               remat=self.remat, quant=models.POLICIES[self.quant]())
+    if self.scan_layers is not None:
+      kw["scan_layers"] = self.scan_layers
     return models.LlamaConfig(**kw)
 
 
@@ -539,6 +545,12 @@ class RunConfig(_Section):
     coordinator, num_processes, process_id: a multi-process run (or the
       ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
       ``JAX_PROCESS_ID`` environment variables).
+    layerwise_update: update each layer as soon as its gradient exists, in
+      a backward pass that runs layer by layer (GaLore's and Q-GaLore's
+      per-layer weight update; :func:`jqlm.train.layerwise_train_step`):
+      the full gradient never exists. Needs a scanned model
+      (``model.scan_layers``), no global-norm clipping and no gradient
+      accumulation.
   """
 
   section: ClassVar[str] = "run"
@@ -559,6 +571,7 @@ class RunConfig(_Section):
   coordinator: str | None = None
   num_processes: int = 1
   process_id: int = 0
+  layerwise_update: bool = False
 
   def _check(self):
     self.positive("steps", "eval_every", "eval_batches", "log_every",
@@ -633,6 +646,25 @@ class TrainConfig:
       raise ValueError(
         f"optimizer.warmup_steps={o.warmup_steps} must be below "
         f"run.steps={r.steps}. Shorten the warmup or run longer.")
+    if r.layerwise_update:
+      if not self.model.llama(max_seq_len=2).scan_layers:
+        raise ValueError(
+          "run.layerwise_update=true runs the backward pass layer by layer "
+          f"over a scanned layer stack, but model {self.model.preset} is "
+          "unrolled. Set model.scan_layers=true.")
+      if o.grad_clip > 0:
+        raise ValueError(
+          f"run.layerwise_update=true cannot clip the global gradient norm "
+          f"(optimizer.grad_clip={o.grad_clip}): each layer is updated "
+          "before the next layer's gradient exists, so the global norm is "
+          "known only after every update. Set optimizer.grad_clip=0 or "
+          "run.layerwise_update=false.")
+      if self.data.grad_accum > 1:
+        raise ValueError(
+          f"run.layerwise_update=true cannot accumulate gradients "
+          f"(data.grad_accum={self.data.grad_accum}): it updates each layer "
+          "from one backward pass and keeps no gradient. Set "
+          "data.grad_accum=1 or run.layerwise_update=false.")
     if isinstance(o, GaLoreConfig):
       llama = self.model.llama(max_seq_len=2)
       dims = {"hidden_size": llama.hidden_size,

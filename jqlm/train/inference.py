@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jqlm import models, optim
+from jqlm import models
 from jqlm.train import state as jstate
 from jqlm.train.checkpoint import Checkpointer
 from jqlm.train.config import TrainConfig
 from jqlm.train.data import eval_rows
 from jqlm.train.loop import data_for, restore
-from jqlm.train.step import eval_loss
+from jqlm.train.step import eval_loss, float_params
 
 
 def load_run(path: str):
@@ -67,7 +67,7 @@ def sample(path: str, prompt: str, max_new_tokens: int = 64, *,
   """Continues ``prompt`` with a run's newest checkpoint."""
   _, s, state, tok, _ = load_run(path)
   nnx_state = jax.tree.map(lambda x: x, s.nnx_state)
-  nnx.replace_by_pure_dict(nnx_state, optim.dequantize_params(state.params))
+  nnx.replace_by_pure_dict(nnx_state, float_params(state.params))
   model = nnx.merge(s.graphdef, nnx_state)
   ids = tok.encode(prompt).ids or [0]
   room = model.cfg.max_seq_len - len(ids)

@@ -3,6 +3,7 @@ loss curves."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -28,7 +29,10 @@ def quant_error(params, mcfg: models.LlamaConfig) -> float | None:
     if rule is None or rule.weight is None or is_q(w):
       continue
     w32 = jnp.asarray(w, jnp.float32)
-    e = quant.quantization_error(w32, quant.fake_quant(w32, rule.weight))
+    fq = functools.partial(quant.fake_quant, spec=rule.weight)
+    # a scan_layers stack (layers, in, out): each layer's kernel on its own
+    e = quant.quantization_error(
+      w32, jax.vmap(fq)(w32) if w32.ndim == 3 else fq(w32))
     errs.append(float(e.mse) / max(float(jnp.mean(w32 * w32)), 1e-30))
   return float(np.mean(errs)) if errs else None
 

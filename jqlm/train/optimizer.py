@@ -7,6 +7,7 @@ that the model defines (:func:`jqlm.models.block_linear_mask`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -22,6 +23,10 @@ from jqlm.train.config import (
   SpamConfig,
   StableSpamConfig,
 )
+
+# allow_empty: a scanned model's optimizer also runs on the params outside
+# the layer stack (embeddings, norms, head), which hold no block linear
+_BLOCK_LINEARS = functools.partial(models.block_linear_mask, allow_empty=True)
 
 
 def lr_schedule(opt: OptimizerConfig, steps: int) -> optax.Schedule:
@@ -57,7 +62,7 @@ def build_optimizer(opt: OptimizerConfig, steps: int
     case QGaLoreConfig():
       return optim.q_galore(
         lr, opt.rank, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-        weight_decay=opt.weight_decay, mask=models.block_linear_mask,
+        weight_decay=opt.weight_decay, mask=_BLOCK_LINEARS,
         update_proj_gap=opt.update_proj_gap, scale=opt.scale,
         proj_bits=opt.proj_bits, proj_group_size=opt.proj_group_size,
         weight_bits=opt.weight_bits,
@@ -66,7 +71,7 @@ def build_optimizer(opt: OptimizerConfig, steps: int
     case GaLoreConfig():
       return optim.galore(
         lr, opt.rank, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-        weight_decay=opt.weight_decay, mask=models.block_linear_mask,
+        weight_decay=opt.weight_decay, mask=_BLOCK_LINEARS,
         update_proj_gap=opt.update_proj_gap, scale=opt.scale,
         state_quant=opt.state.bits)
     case StableSpamConfig():

@@ -22,7 +22,7 @@ from jqlm import models, optim
 from jqlm.models import sharding as shd
 from jqlm.train.config import QGaLoreConfig, TrainConfig
 from jqlm.train.optimizer import build_optimizer
-from jqlm.train.step import TrainState
+from jqlm.train.step import TrainState, init_opt_state
 
 
 def model_config(cfg: TrainConfig) -> models.LlamaConfig:
@@ -78,11 +78,16 @@ def setup(cfg: TrainConfig, mesh: Mesh) -> Setup:
     model = models.Llama(mcfg, rngs=nnx.Rngs(params=k_model))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if isinstance(opt, QGaLoreConfig):
-      params = optim.quantize_weights(
-        params, models.block_linear_mask, bits=opt.weight_bits,
-        group_size=opt.weight_group_size)
-    with jax.numpy_dtype_promotion("standard"):
-      opt_state = tx.init(params)
+      def to_int8(p):
+        return optim.quantize_weights(
+          p, models.block_linear_mask, bits=opt.weight_bits,
+          group_size=opt.weight_group_size)
+      if mcfg.scan_layers:  # each layer's kernels, one layer at a time
+        params = {**params, "layers": jax.lax.map(
+          lambda p: to_int8({"layers": p})["layers"], params["layers"])}
+      else:
+        params = to_int8(params)
+    opt_state = init_opt_state(tx, params, layered=mcfg.scan_layers)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=opt_state, rng=k_run)
 
@@ -126,7 +131,8 @@ def legacy_target(cfg: TrainConfig, s: Setup):
   point; its params, moments, projections and step are restored exactly).
   """
   opt = cfg.optimizer
-  if not (isinstance(opt, QGaLoreConfig) and opt.stochastic_round):
+  if not (isinstance(opt, QGaLoreConfig) and opt.stochastic_round) or (
+      s.mcfg.scan_layers):  # jqlm 0.1 had no scanned layers
     return None
   target = s.restore_target()
   key = target.rng

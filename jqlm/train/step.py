@@ -68,9 +68,9 @@ def cross_entropy(logits_BxTxV, targets_BxT) -> jax.Array:
     logits_BxTxV.astype(jnp.float32), targets_BxT).mean()
 
 
-def loss_fn(float_params, graphdef, nnx_state, tokens_BxL):
+def loss_fn(params, graphdef, nnx_state, tokens_BxL):
   state = jax.tree.map(lambda x: x, nnx_state)
-  nnx.replace_by_pure_dict(state, float_params)
+  nnx.replace_by_pure_dict(state, params)
   model = nnx.merge(graphdef, state)
   return cross_entropy(model(tokens_BxL[:, :-1]), tokens_BxL[:, 1:])
 
@@ -84,6 +84,148 @@ def _global_norm(tree) -> jax.Array:
 def _has_qarray(params) -> bool:
   return any(isinstance(x, quant.QArray) for x in jax.tree.leaves(
     params, is_leaf=lambda x: isinstance(x, quant.QArray)))
+
+
+# ---------------------------------------------------------------------------
+# scanned layer stacks: the optimizer runs layer by layer
+
+
+class LayeredState(NamedTuple):
+  """The optimizer state of a ``scan_layers`` model.
+
+  The optimizer runs on each layer as on a model with that one layer: its
+  state for layer ``i`` is ``tx.init({"layers": params["layers"][i]})``
+  (slice ``i`` of every leaf), and the states of all layers are stacked
+  along a leading axis like the params. The embeddings, the final norm and
+  the head have their own state, ``tx.init(rest)``. Per-leaf optimizers
+  (every jqlm optimizer and optax's per-leaf transforms) compute exactly
+  what they compute on the whole tree; the update then holds one layer's
+  scratch at a time. Transforms that couple leaves (a global-norm clip
+  inside ``tx``) would see one layer at a time: clip in the train step
+  (``optimizer.grad_clip``) instead.
+
+  Attributes:
+    layers: the stacked per-layer states.
+    rest: the state of the params outside the stack.
+  """
+
+  layers: Any
+  rest: Any
+
+
+def split_layers(params) -> tuple[Any, dict]:
+  """``(params["layers"], the other entries)`` of a scanned model's
+  params."""
+  return params["layers"], {k: v for k, v in params.items() if k != "layers"}
+
+
+def is_stacked(params) -> bool:
+  """Whether ``params`` (a pure dict) are a ``scan_layers`` model's: its
+  ``layers`` entry is keyed by module names, not layer indices."""
+  layers = params.get("layers") if isinstance(params, dict) else None
+  return isinstance(layers, dict) and any(isinstance(k, str) for k in layers)
+
+
+def _map_layers(fn, *trees):
+  """``fn`` on each layer's slice of stacked ``trees`` (``lax.map``: one
+  layer at a time), outputs stacked."""
+  return jax.lax.map(lambda xs: fn(*xs), trees)
+
+
+def init_opt_state(tx: optax.GradientTransformation, params, *,
+                   layered: bool):
+  """``tx.init(params)``, or for a scanned model (``layered``) the
+  :class:`LayeredState`."""
+  with jax.numpy_dtype_promotion("standard"):
+    if not layered:
+      return tx.init(params)
+    layers, rest = split_layers(params)
+    return LayeredState(
+      layers=_map_layers(lambda p: tx.init({"layers": p}), layers),
+      rest=tx.init(rest))
+
+
+def _take(tree, i):
+  return jax.tree.map(
+    lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+
+
+def _put(tree, new, i):
+  return jax.tree.map(
+    lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y.astype(x.dtype), i,
+                                                     0), tree, new)
+
+
+def _update_apply(tx, params, grads, opt_state, *, key, round_key):
+  """``tx.update`` then the update applied (QArray weights re-quantized:
+  stochastically with ``round_key``, or to nearest when it is None)."""
+  updates, opt_state = optax.with_extra_args_support(tx).update(
+    grads, opt_state, params, key=key)
+  if _has_qarray(params):
+    params = optim.apply_quantized_updates(params, updates, key=round_key)
+  else:
+    with jax.numpy_dtype_promotion("standard"):
+      params = optax.apply_updates(params, updates)
+  return params, opt_state
+
+
+def _layer_keys(key, i):
+  return None if key is None else jax.random.fold_in(key, i)
+
+
+def _fence(tree, i):
+  """``tree``, materialised: a conditional is a fusion boundary (its
+  never-taken branch keeps XLA from removing it; ``i >= 0`` always)."""
+  return jax.lax.cond(i >= 0, lambda t: t,
+                      lambda t: jax.tree.map(jnp.zeros_like, t), tree)
+
+
+def _update_layer(tx, p_all, s_all, g_i, i, *, key, round_key):
+  """Layer ``i``'s update, written into the stacked params and state in
+  place (``dynamic_update_slice`` on the loop carry).
+
+  Layer ``i``'s old state is first copied out (:func:`_fence`, one layer's
+  bytes). Otherwise XLA fuses the read of the old state into the params'
+  update and, unable to order that read before the state's in-place
+  write, copies the whole stacked state every iteration (+2.4 GB for
+  float AdamW on LLaMA-350M)."""
+  p_i, s_i = _update_apply(
+    tx, {"layers": _take(p_all, i)}, {"layers": g_i},
+    _fence(_take(s_all, i), i), key=_layer_keys(key, i),
+    round_key=_layer_keys(round_key, i))
+  return _put(p_all, p_i["layers"], i), _put(s_all, s_i, i)
+
+
+def _num_layers(layers) -> int:
+  return jax.tree.leaves(layers)[0].shape[0]
+
+
+def _update_layered(tx, params, grads, opt_state: LayeredState, *, key,
+                    round_key):
+  """The update of a scanned model: a loop over the layers (each reads its
+  slice of params, gradients and state and writes its params and state
+  back in place), then the rest. Layer ``i`` draws its randomness from
+  ``fold_in(key, i)``, the rest from ``fold_in(key, num_layers)``."""
+  layers, rest = split_layers(params)
+  g_layers, g_rest = split_layers(grads)
+  n = _num_layers(layers)
+
+  def body(i, carry):
+    return _update_layer(tx, *carry, _take(g_layers, i), i, key=key,
+                         round_key=round_key)
+
+  layers, s_layers = jax.lax.fori_loop(0, n, body,
+                                       (layers, opt_state.layers))
+  # the rest's update after the loop, when the layers' gradients are dead
+  # (independent of the loop, XLA may schedule it first, with every
+  # gradient alive next to its scratch)
+  (layers, s_layers), (rest, g_rest, s_rest) = jax.lax.optimization_barrier(
+    ((layers, s_layers), (rest, g_rest, opt_state.rest)))
+  rest, s_rest = _update_apply(tx, rest, g_rest, s_rest,
+                               key=_layer_keys(key, n),
+                               round_key=_layer_keys(round_key, n))
+  return {**rest, "layers": layers}, LayeredState(layers=s_layers,
+                                                  rest=s_rest)
 
 
 def train_step(state: TrainState, tokens_BxL: jax.Array, *, graphdef,
@@ -131,17 +273,15 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, *, graphdef,
   opt_key, round_key = jax.random.split(step_key)
   ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
 
+  rkey = round_key if stochastic_round else None
+
   def apply(operand):
     params, opt_state, grads = operand
-    updates, opt_state = optax.with_extra_args_support(tx).update(
-      grads, opt_state, params, key=opt_key)
-    if _has_qarray(params):
-      params = optim.apply_quantized_updates(
-        params, updates, key=round_key if stochastic_round else None)
-    else:
-      with jax.numpy_dtype_promotion("standard"):
-        params = optax.apply_updates(params, updates)
-    return params, opt_state
+    if isinstance(opt_state, LayeredState):
+      return _update_layered(tx, params, grads, opt_state, key=opt_key,
+                             round_key=rkey)
+    return _update_apply(tx, params, grads, opt_state, key=opt_key,
+                         round_key=rkey)
 
   # lax.cond, not jnp.where over the trees: the skipped branch passes the
   # donated params and state through, so the old and the new state never
@@ -157,6 +297,140 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, *, graphdef,
   return new_state, metrics
 
 
+def _merged(graphdef, nnx_state, params):
+  """The model with ``params`` (a pure dict, possibly partial: entries it
+  lacks keep ``nnx_state``'s abstract values)."""
+  state = jax.tree.map(lambda x: x, nnx_state)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def _sum_squares(tree) -> jax.Array:
+  leaves = [jnp.sum(jnp.square(x.astype(jnp.float32)))
+            for x in jax.tree.leaves(tree)]
+  return sum(leaves[1:], leaves[0]) if leaves else jnp.zeros((), jnp.float32)
+
+
+def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
+                         graphdef, nnx_state,
+                         tx: optax.GradientTransformation,
+                         stochastic_round: bool = True
+                         ) -> tuple[TrainState, dict[str, jax.Array]]:
+  r"""One update of a ``scan_layers`` model in which each layer is updated
+  as soon as its gradient exists (``run.layerwise_update``): GaLore's and
+  Q-GaLore's per-layer weight update (Zhao et al. 2024, §4.2; Zhang et al.
+  2024), whose official code applies the optimizer to each weight from a
+  backward hook so that the full gradient never exists.
+
+  1. Forward: embeddings, then ``lax.scan`` over the layers keeping each
+     layer's input (the only activations saved: ``(L, B, T, D)``), then the
+     head and the loss; the head's VJP gives the head's and final norm's
+     gradients and :math:`\partial\ell / \partial x_L`.
+  2. Backward, layer by layer from the last (``fori_loop``): layer
+     :math:`i`'s forward is recomputed from its saved input, its VJP gives
+     its params' gradient and :math:`\partial\ell / \partial x_{i}`, and
+     the optimizer updates that layer's params and state in place (as
+     :func:`train_step` does for a scanned model, same keys). Only one
+     layer's gradient exists at a time.
+  3. The embedding's gradient, then the update of the params outside the
+     stack (embeddings, final norm, head).
+
+  The result equals :func:`train_step`'s on the same scanned model (same
+  params and state, up to float rounding of the backward pass; tested).
+
+  Non-finite values (a deviation from :func:`train_step`, which needs every
+  gradient first): a non-finite loss skips the whole step, as there
+  (nothing changes, ``skipped = 1``). With a finite loss, a layer (or the
+  rest) whose gradient is not finite keeps its params and state, the
+  others are updated, and ``skipped_layers`` counts the groups left
+  unchanged. Global-norm clipping and gradient accumulation need every
+  gradient first; :class:`jqlm.train.TrainConfig` rejects them with this
+  step. ``grad_norm`` is the global norm of all gradients, summed as they
+  come.
+  """
+  if not isinstance(state.opt_state, LayeredState):
+    raise ValueError(
+      "layerwise_train_step needs a scan_layers model and its LayeredState "
+      f"optimizer state, got {type(state.opt_state).__name__}. Build the "
+      "model with scan_layers=True (init_opt_state(..., layered=True)).")
+  rng, step_key = jax.random.split(state.rng)
+  opt_key, round_key = jax.random.split(step_key)
+  rkey = round_key if stochastic_round else None
+  inputs, targets = tokens_BxL[:, :-1], tokens_BxL[:, 1:]
+  b, t = inputs.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  layers, rest = split_layers(state.params)
+  n = _num_layers(layers)
+  block_gd, block_state = nnx.split(
+    nnx.merge(graphdef, nnx_state).layers)
+
+  def block(layer_params, x):
+    st = jax.tree.map(lambda v: v, block_state)
+    nnx.replace_by_pure_dict(st, layer_params)
+    return nnx.merge(block_gd, st)(x, positions)[0]
+
+  x0, embed_vjp = jax.vjp(
+    lambda r: _merged(graphdef, nnx_state, r).embed_tokens(inputs), rest)
+
+  def forward(x, layer_params):
+    return block(layer_params, x), x
+
+  x_last, inputs_L = jax.lax.scan(forward, x0, layers)
+  loss, head_vjp = jax.vjp(
+    lambda r, x: cross_entropy(_merged(graphdef, nnx_state, r).head(x),
+                               targets), rest, x_last)
+  ok = jnp.isfinite(loss)
+
+  def backward(operand):
+    layers, s_layers, s_rest, rest = operand
+    g_head, dx = head_vjp(jnp.ones((), loss.dtype))
+
+    def body(j, carry):
+      layers, s_layers, dx, sq, bad = carry
+      i = n - 1 - j
+      diff, join = ops.split_taps(_take(layers, i))
+      _, vjp = jax.vjp(lambda d, x: block(join(d), x), diff, inputs_L[i])
+      g_i, dx = vjp(dx)
+      sq_i = _sum_squares(g_i)
+      ok_i = jnp.isfinite(sq_i)
+      layers, s_layers = jax.lax.cond(
+        ok_i, lambda o: _update_layer(tx, *o, g_i, i, key=opt_key,
+                                      round_key=rkey),
+        lambda o: o, (layers, s_layers))
+      return (layers, s_layers, dx, sq + sq_i,
+              bad + (~ok_i).astype(jnp.int32))
+
+    layers, s_layers, dx, sq, bad = jax.lax.fori_loop(
+      0, n, body, (layers, s_layers, dx, jnp.zeros((), jnp.float32),
+                   jnp.zeros((), jnp.int32)))
+    (g_embed,) = embed_vjp(dx)
+    g_rest = jax.tree.map(jnp.add, g_head, g_embed)
+    sq_r = _sum_squares(g_rest)
+    ok_r = jnp.isfinite(sq_r)
+    rest, s_rest = jax.lax.cond(
+      ok_r, lambda o: _update_apply(tx, *o, key=_layer_keys(opt_key, n),
+                                    round_key=_layer_keys(rkey, n)),
+      lambda o: (o[0], o[2]), (rest, g_rest, s_rest))
+    return (layers, s_layers, s_rest, rest, jnp.sqrt(sq + sq_r),
+            bad + (~ok_r).astype(jnp.int32))
+
+  def skip(operand):
+    return (*operand, jnp.full((), jnp.nan, jnp.float32),
+            jnp.zeros((), jnp.int32))
+
+  layers, s_layers, s_rest, rest, gnorm, bad = jax.lax.cond(
+    ok, backward, skip,
+    (layers, state.opt_state.layers, state.opt_state.rest, rest))
+  new_state = TrainState(
+    step=state.step + ok.astype(jnp.int32),
+    params={**rest, "layers": layers},
+    opt_state=LayeredState(layers=s_layers, rest=s_rest), rng=rng)
+  metrics = {"loss": loss, "grad_norm": gnorm,
+             "skipped": (~ok).astype(jnp.float32),
+             "skipped_layers": bad.astype(jnp.float32)}
+  return new_state, metrics
+
+
 def step_diagnostics(state: TrainState) -> dict[str, jax.Array]:
   """The last update's ``spikes`` and ``warmup_factor`` (float32), from
   :func:`jqlm.optim.spike_diagnostics` of the optimizer state.
@@ -164,12 +438,30 @@ def step_diagnostics(state: TrainState) -> dict[str, jax.Array]:
   Separate from :func:`train_step` so that the loop pays for the count (a
   pass over SPAM's second moments) only on the steps it logs.
   """
-  diag = optim.spike_diagnostics(state.opt_state)
+  opt_state = state.opt_state
+  if isinstance(opt_state, LayeredState):
+    # per-layer states are stacked: sum their spikes; the warmup factor
+    # is the same in every group (one count), read from the rest's state
+    lay = optim.spike_diagnostics(opt_state.layers)
+    rest = optim.spike_diagnostics(opt_state.rest)
+    return {"spikes": (jnp.sum(lay.spike_count)
+                       + rest.spike_count).astype(jnp.float32),
+            "warmup_factor": rest.warmup_factor.astype(jnp.float32)}
+  diag = optim.spike_diagnostics(opt_state)
   return {"spikes": diag.spike_count.astype(jnp.float32),
           "warmup_factor": diag.warmup_factor.astype(jnp.float32)}
 
 
+def float_params(params):
+  """``params`` with QArray weights dequantized to float32 (a scanned
+  stack layer by layer, ``jax.vmap``)."""
+  if is_stacked(params):
+    layers, rest = split_layers(params)
+    return {**optim.dequantize_params(rest),
+            "layers": jax.vmap(optim.dequantize_params)(layers)}
+  return optim.dequantize_params(params)
+
+
 def eval_loss(params, tokens_BxL, *, graphdef, nnx_state) -> jax.Array:
   """Mean next-token cross-entropy of a batch at ``params``."""
-  return loss_fn(optim.dequantize_params(params), graphdef, nnx_state,
-                  tokens_BxL)
+  return loss_fn(float_params(params), graphdef, nnx_state, tokens_BxL)

@@ -1,0 +1,165 @@
+"""Scanned layer stacks in the train step, and the layer-wise update.
+
+* A ``scan_layers`` model trains like the unrolled one: its optimizer runs
+  layer by layer (:class:`jqlm.train.LayeredState`), which for per-leaf
+  optimizers is the same math.
+* :func:`jqlm.train.layerwise_train_step` (each layer updated as soon as
+  its gradient exists) gives the params and state of the ordinary step on
+  the same scanned model.
+
+Tolerances (float32): the layer-wise backward recomputes each layer from
+its saved input, as remat does, so gradients agree to float32 rounding
+(~1e-7 relative). After 3 Adam-family updates a rounding difference in a
+tiny gradient coordinate can move a param by up to ~lr x 1e-2; params are
+compared at atol 1e-5 (lr 1e-3) and losses at rtol 1e-6.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jqlm import models, train
+from jqlm.models import sharding as shd
+from jqlm.train import plan
+
+STEPS = 3
+
+
+def _cfg(kind, *, scan=True, layerwise=False, **opt):
+  return train.TrainConfig(
+    model={"preset": "llama_tiny", "vocab_size": 256, "num_layers": 3,
+           "scan_layers": scan},
+    data={"seq_len": 16, "batch_size": 2},
+    optimizer={"kind": kind, "warmup_steps": 0, "lr": 1e-3, **opt},
+    run={"steps": 10, "layerwise_update": layerwise})
+
+
+def _batches():
+  return [jax.random.randint(jax.random.key(i), (2, 17), 0, 256)
+          for i in range(STEPS)]
+
+
+def _train(cfg):
+  mesh = shd.make_mesh(devices=jax.devices()[:1])
+  s = train.setup(cfg, mesh)
+  state = train.init_state(s)
+  step = jax.jit(plan.step_function(cfg, s))
+  metrics = []
+  for b in _batches():
+    state, m = step(state, b)
+    metrics.append(jax.tree.map(float, m))
+  return state, metrics
+
+
+OPTS = {
+  "adamw": {},
+  "spam": {},
+  "galore": {"rank": 8, "update_proj_gap": 2},
+  "q_galore": {"rank": 8, "update_proj_gap": 2, "stochastic_round": False,
+               "state": "float"},
+}
+
+
+def _close(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x, np.float64),
+                               np.asarray(y, np.float64), atol=atol,
+                               rtol=0)
+
+
+@pytest.fixture(scope="module", params=sorted(OPTS))
+def trained(request):
+  kind = request.param
+  return kind, {
+    "scan": _train(_cfg(kind, **OPTS[kind])),
+    "layerwise": _train(_cfg(kind, layerwise=True, **OPTS[kind])),
+  }
+
+
+def test_layerwise_equals_the_ordinary_scanned_step(trained):
+  kind, runs = trained
+  (s_ref, m_ref), (s_lw, m_lw) = runs["scan"], runs["layerwise"]
+  np.testing.assert_allclose([m["loss"] for m in m_lw],
+                             [m["loss"] for m in m_ref], rtol=1e-6)
+  np.testing.assert_allclose([m["grad_norm"] for m in m_lw],
+                             [m["grad_norm"] for m in m_ref], rtol=1e-5)
+  assert all(m["skipped"] == 0 and m["skipped_layers"] == 0 for m in m_lw)
+  assert int(s_lw.step) == int(s_ref.step) == STEPS
+  assert isinstance(s_lw.opt_state, train.LayeredState)
+  assert jax.tree.structure(s_lw) == jax.tree.structure(s_ref)
+  _close(train.step.float_params(s_lw.params),
+         train.step.float_params(s_ref.params), 1e-5)
+  _close(s_lw.opt_state, s_ref.opt_state, 1e-5)
+
+
+def test_scanned_model_trains_like_the_unrolled_one():
+  """Per-leaf AdamW: the layered optimizer is the whole-tree optimizer."""
+  s_scan, m_scan = _train(_cfg("adamw"))
+  s_unr, m_unr = _train(_cfg("adamw", scan=False))
+  np.testing.assert_allclose([m["loss"] for m in m_scan],
+                             [m["loss"] for m in m_unr], rtol=1e-6)
+  _close(s_scan.params, models.stack_layers(s_unr.params), 1e-5)
+  # the layered state is the unrolled state, stacked
+  def adam(state):
+    return next(n for n in jax.tree.leaves(
+      state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(n, "mu"))
+
+  mu_scan = adam(s_scan.opt_state.layers).mu["layers"]
+  mu_unr = models.stack_layers(adam(s_unr.opt_state).mu)["layers"]
+  _close(mu_scan, mu_unr, 1e-6)
+
+
+def test_layerwise_skips_a_non_finite_loss():
+  cfg = _cfg("adamw", layerwise=True)
+  mesh = shd.make_mesh(devices=jax.devices()[:1])
+  s = train.setup(cfg, mesh)
+  state = train.init_state(s)
+  bad = state._replace(params={**state.params, "embed": jnp.full_like(
+    state.params["embed"], jnp.nan)})
+  new, m = jax.jit(plan.step_function(cfg, s))(bad, _batches()[0])
+  assert float(m["skipped"]) == 1.0 and int(new.step) == 0
+  for a, b in zip(jax.tree.leaves(new.params["layers"]),
+                  jax.tree.leaves(state.params["layers"]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(new.opt_state),
+                  jax.tree.leaves(state.opt_state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("change, match", [
+  ({"model": {"scan_layers": False}}, "model.scan_layers=true"),
+  ({"optimizer": {"grad_clip": 1.0}}, "cannot clip the global gradient"),
+  ({"data": {"grad_accum": 2}}, "cannot accumulate gradients"),
+])
+def test_layerwise_config_errors(change, match):
+  with pytest.raises(ValueError, match=match):
+    _cfg("adamw", layerwise=True).replace(**change)
+
+
+def test_layered_state_needs_a_scanned_model():
+  cfg = _cfg("adamw", scan=False)
+  mesh = shd.make_mesh(devices=jax.devices()[:1])
+  s = train.setup(cfg, mesh)
+  with pytest.raises(ValueError, match="needs a scan_layers model"):
+    train.layerwise_train_step(train.init_state(s), _batches()[0],
+                               graphdef=s.graphdef, nnx_state=s.nnx_state,
+                               tx=s.tx)
+
+
+def test_layerwise_run_resumes_exactly(tmp_path):
+  cfg = _cfg("galore", layerwise=True, rank=8).replace(
+    model={"vocab_size": 300}, data={"max_bytes": 60_000}, run={
+      "steps": 6, "ckpt_every": 3, "log_every": 1, "eval_every": 6,
+      "eval_batches": 1, "mesh_data": 2, "mesh_fsdp": 4,
+      "workdir": str(tmp_path / "lw")})
+  full = train.run(cfg.replace(run={"workdir": str(tmp_path / "full")}),
+                   progress=False)
+  train.run(cfg, progress=False, stop_after=4)
+  resumed = train.run(cfg, resume=True, progress=False)
+  assert [m["loss"] for m in resumed.metrics] == [
+    m["loss"] for m in full.metrics][3:]
+  for a, b in zip(jax.tree.leaves(resumed.state.params),
+                  jax.tree.leaves(full.state.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert full.metrics[-1]["loss"] < full.metrics[0]["loss"]
