@@ -218,22 +218,31 @@ class ParamShardings:
 
   def _moment_shardings(self, leaf, pspec, pshape):
     """A block-quantized moment (``codes (blocks, width)``, ``absmax
-    (blocks,)``, blocks in row-major order of its logical shape): the
+    (blocks,)``, blocks in row-major order of its logical shape; with a
+    leading layer axis in a scanned stack's state): the
     blocks shard over every mesh axis that shards the moment's logical
     tensor (:meth:`_leaf_spec`). When its sharded dim is the first, each
     device's blocks are exactly its rows' (no data moves in the update)."""
+    # a scanned stack's moments are stacked: codes (layers, blocks, width)
+    # and a per-layer logical shape, matched against the param's per-layer
+    # dims
+    lead = leaf.codes.ndim - 2
+    if lead:
+      entries = tuple(pspec) + (None,) * (len(pshape) - len(pspec))
+      pspec, pshape = PartitionSpec(*entries[lead:]), pshape[lead:]
     logical = self._leaf_spec(tuple(leaf.shape), pspec, pshape)
     axes = []
     for a in logical:
       if a is not None:
         axes.extend(a if isinstance(a, tuple) else (a,))
     size = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
-    nb = int(leaf.codes.shape[0])
+    nb = int(leaf.codes.shape[lead])
     if not axes or nb % size:
       return jax.tree.map(lambda _: self.replicated, leaf)
     blocks = tuple(axes) if len(axes) > 1 else axes[0]
     return jax.tree.map(
-      lambda x: NamedSharding(self.mesh, PartitionSpec(blocks)), leaf)
+      lambda x: NamedSharding(self.mesh, PartitionSpec(*(None,) * lead,
+                                                       blocks)), leaf)
 
   def follow(self, tree, *, is_blocked=lambda x: False):
     """Shardings for a pytree whose leaves follow the params (an optimizer

@@ -227,7 +227,8 @@ STEP_CASES: dict[str, tuple[str, ...]] = {
   "AdamW, 4-bit states": ("optimizer=adamw", "optimizer.state=4bit"),
   "Q-GaLore (int8 W, int4 P, 8-bit states)": ("optimizer=q_galore",),
   "Q-GaLore, layer-wise updates": ("optimizer=q_galore",
-                                   "run.layerwise_update=true"),
+                                   "run.layerwise_update=true",
+                                   "model.scan_layers=true"),
 }
 """The rows of :func:`step_memory_table`: ``--set`` overrides per case."""
 

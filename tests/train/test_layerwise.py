@@ -163,3 +163,37 @@ def test_layerwise_run_resumes_exactly(tmp_path):
                   jax.tree.leaves(full.state.params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert full.metrics[-1]["loss"] < full.metrics[0]["loss"]
+
+
+def test_layerwise_with_optax_adam_and_tied_embeddings():
+  """Any per-leaf optax transform, and a tied embedding (its gradient sums
+  the head's and the embedding's parts, updated last)."""
+  import functools  # noqa: PLC0415
+
+  import optax  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  mcfg = models.llama_tiny(num_layers=2, scan_layers=True,
+                           tie_embeddings=True)
+  graphdef, nnx_state = nnx.split(
+    nnx.eval_shape(lambda: models.Llama(mcfg, rngs=nnx.Rngs(0))))
+  params = nnx.to_pure_dict(nnx.state(models.Llama(mcfg, rngs=nnx.Rngs(0)),
+                                      nnx.Param))
+  tx = optax.adam(1e-3)
+  state = train.TrainState(
+    step=jnp.zeros((), jnp.int32), params=params,
+    opt_state=train.init_opt_state(tx, params, layered=True),
+    rng=jax.random.key(0))
+  kw = dict(graphdef=graphdef, nnx_state=nnx_state, tx=tx)
+  ordinary = jax.jit(functools.partial(train.train_step, grad_accum=1,
+                                       grad_clip=0.0, **kw))
+  layerwise = jax.jit(functools.partial(train.layerwise_train_step, **kw))
+  a = b = state
+  for batch in _batches()[:2]:
+    a, ma = ordinary(a, batch)
+    b, mb = layerwise(b, batch)
+    np.testing.assert_allclose(float(mb["loss"]), float(ma["loss"]),
+                               rtol=1e-6)
+  assert "lm_head" not in b.params
+  _close(b.params, a.params, 1e-5)
+  _close(b.opt_state, a.opt_state, 1e-5)
