@@ -718,6 +718,12 @@ class TrainConfig:
       _log.warning("jqlm: converting a flat config of jqlm <= 0.1 to the "
                    "nested form (model, data, optimizer, run).")
       d = from_flat(d)
+    model = d.get("model")
+    if isinstance(model, dict) and "remat" in model and (
+        "scan_layers" not in model):
+      # a config saved before scan_layers existed (to_dict writes every
+      # field): its run, and its checkpoints, are unrolled
+      d = {**d, "model": {**model, "scan_layers": False}}
     return cls(**d)
 
   @classmethod

@@ -54,7 +54,6 @@ def _train(cfg):
 
 OPTS = {
   "adamw": {},
-  "spam": {},
   "galore": {"rank": 8, "update_proj_gap": 2},
   "q_galore": {"rank": 8, "update_proj_gap": 2, "stochastic_round": False,
                "state": "float"},
@@ -148,7 +147,10 @@ def test_layered_state_needs_a_scanned_model():
 
 
 def test_layerwise_run_resumes_exactly(tmp_path):
-  cfg = _cfg("galore", layerwise=True, rank=8).replace(
+  """SPAM (spike counts summed over the stacked per-layer states by the
+  logged diagnostics) on a 2 x 4 data x fsdp mesh, killed after step 4 and
+  resumed from its step-3 checkpoint."""
+  cfg = _cfg("spam", layerwise=True).replace(
     model={"vocab_size": 300}, data={"max_bytes": 60_000}, run={
       "steps": 6, "ckpt_every": 3, "log_every": 1, "eval_every": 6,
       "eval_batches": 1, "mesh_data": 2, "mesh_fsdp": 4,
@@ -163,6 +165,8 @@ def test_layerwise_run_resumes_exactly(tmp_path):
                   jax.tree.leaves(full.state.params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert full.metrics[-1]["loss"] < full.metrics[0]["loss"]
+  assert all(m["spikes"] >= 0 and m["warmup_factor"] == 1.0
+             for m in full.metrics)
 
 
 def test_layerwise_with_optax_adam_and_tied_embeddings():
@@ -197,3 +201,17 @@ def test_layerwise_with_optax_adam_and_tied_embeddings():
   assert "lm_head" not in b.params
   _close(b.params, a.params, 1e-5)
   _close(b.opt_state, a.opt_state, 1e-5)
+
+
+def test_configs_saved_before_scan_layers_stay_unrolled():
+  """A 350M run saved before ``scan_layers`` existed resumes with its
+  (unrolled) checkpoint layout; a new config takes the preset's default."""
+  new = train.TrainConfig(model={"preset": "llama_350m"})
+  assert new.model.llama(max_seq_len=2).scan_layers
+  saved = new.to_dict()
+  assert saved["model"]["scan_layers"] is None
+  del saved["model"]["scan_layers"]
+  old = train.TrainConfig.from_dict(saved)
+  assert old.model.scan_layers is False
+  assert not old.model.llama(max_seq_len=2).scan_layers
+  assert train.TrainConfig.from_dict(new.to_dict()) == new
