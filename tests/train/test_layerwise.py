@@ -54,6 +54,7 @@ def _train(cfg):
 
 OPTS = {
   "adamw": {},
+  "stable_spam": {},
   "galore": {"rank": 8, "update_proj_gap": 2},
   "q_galore": {"rank": 8, "update_proj_gap": 2, "stochastic_round": False,
                "state": "float"},
@@ -167,6 +168,10 @@ def test_layerwise_run_resumes_exactly(tmp_path):
   assert full.metrics[-1]["loss"] < full.metrics[0]["loss"]
   assert all(m["spikes"] >= 0 and m["warmup_factor"] == 1.0
              for m in full.metrics)
+  # eval and generation read the scanned checkpoint
+  ev = train.evaluate(cfg.run.workdir)
+  assert ev["step"] == 6 and np.isfinite(ev["eval_loss"])
+  assert isinstance(train.sample(cfg.run.workdir, "def ", 4), str)
 
 
 def test_layerwise_with_optax_adam_and_tied_embeddings():
