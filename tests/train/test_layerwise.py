@@ -52,10 +52,11 @@ def _train(cfg):
   return state, metrics
 
 
+# GaLore's projection is exercised through Q-GaLore (the same projector,
+# with int8 weights and their taps on top)
 OPTS = {
   "adamw": {},
   "stable_spam": {},
-  "galore": {"rank": 8, "update_proj_gap": 2},
   "q_galore": {"rank": 8, "update_proj_gap": 2, "stochastic_round": False,
                "state": "float"},
 }
@@ -168,10 +169,10 @@ def test_layerwise_run_resumes_exactly(tmp_path):
   assert full.metrics[-1]["loss"] < full.metrics[0]["loss"]
   assert all(m["spikes"] >= 0 and m["warmup_factor"] == 1.0
              for m in full.metrics)
-  # eval and generation read the scanned checkpoint
+  # eval reads the scanned checkpoint (generation with a scanned model:
+  # tests/models/test_scan.py)
   ev = train.evaluate(cfg.run.workdir)
   assert ev["step"] == 6 and np.isfinite(ev["eval_loss"])
-  assert isinstance(train.sample(cfg.run.workdir, "def ", 4), str)
 
 
 def test_layerwise_with_optax_adam_and_tied_embeddings():
