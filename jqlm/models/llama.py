@@ -78,7 +78,9 @@ class LlamaConfig:
       layers one at a time (:mod:`jqlm.train.step`). The math, the init
       and the HF layout are those of the unrolled model
       (:func:`stack_layers` / :func:`unstack_layers` convert params). On by
-      default for the presets of 350M params and up.
+      default for the official presets (60M to 7B, LLaMA-2/3), off for
+      ``llama_tiny`` and a bare ``LlamaConfig``: the compiled step is
+      smaller at every size measured (docs/benchmarks.md).
   """
 
   vocab_size: int = 32000
@@ -145,9 +147,8 @@ class LlamaConfig:
     return embed + self.num_layers * block + d + head
 
 
-def _official(hidden, inter, heads, layers, *, scan: bool = False,
-              **kw) -> LlamaConfig:
-  kw.setdefault("scan_layers", scan)
+def _official(hidden, inter, heads, layers, **kw) -> LlamaConfig:
+  kw.setdefault("scan_layers", True)
   return LlamaConfig(vocab_size=32000, hidden_size=hidden,
                      intermediate_size=inter, num_heads=heads,
                      num_layers=layers, **kw)
@@ -165,24 +166,24 @@ def llama_130m(**kw) -> LlamaConfig:
 
 def llama_350m(**kw) -> LlamaConfig:
   """Official LLaMA-350M (spec §6): 368.0M params."""
-  return _official(1024, 2736, 16, 24, scan=True, **kw)
+  return _official(1024, 2736, 16, 24, **kw)
 
 
 def llama_1b(**kw) -> LlamaConfig:
   """Official LLaMA-1B (spec §6): 1339.1M params."""
-  return _official(2048, 5461, 32, 24, scan=True, **kw)
+  return _official(2048, 5461, 32, 24, **kw)
 
 
 def llama_7b(**kw) -> LlamaConfig:
   """Official LLaMA-7B (spec §6): 6738.4M params, max length 2048."""
   kw.setdefault("max_seq_len", 2048)
-  return _official(4096, 11008, 32, 32, scan=True, **kw)
+  return _official(4096, 11008, 32, 32, **kw)
 
 
 def llama2_7b(**kw) -> LlamaConfig:
   """LLaMA-2-7B shapes (rms eps 1e-5, max length 4096)."""
   kw = {"max_seq_len": 4096, "norm_eps": 1e-5, **kw}
-  return _official(4096, 11008, 32, 32, scan=True, **kw)
+  return _official(4096, 11008, 32, 32, **kw)
 
 
 def llama3_8b(**kw) -> LlamaConfig:

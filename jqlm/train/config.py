@@ -205,7 +205,7 @@ class ModelConfig(_Section):
     remat: rematerialise each block in the backward pass.
     scan_layers: run the blocks as one scanned, stacked block
       (:class:`jqlm.models.LlamaConfig`); ``None`` keeps the preset's
-      default (on for ``llama_350m`` and larger).
+      default (on for the official presets, off for ``llama_tiny``).
   """
 
   section: ClassVar[str] = "model"

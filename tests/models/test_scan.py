@@ -128,8 +128,8 @@ def test_per_layer_policy_is_refused():
                  rngs=nnx.Rngs(0))
 
 
-def test_large_presets_scan_by_default():
-  assert models.llama_7b().scan_layers and models.llama_350m().scan_layers
-  assert not models.llama_60m().scan_layers
+def test_official_presets_scan_by_default():
+  assert models.llama_7b().scan_layers and models.llama_60m().scan_layers
+  assert not models.llama_tiny().scan_layers
   assert models.linear_shapes(models.llama_tiny(scan_layers=True)) == (
     models.linear_shapes(models.llama_tiny()))

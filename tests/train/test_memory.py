@@ -131,16 +131,20 @@ def test_step_peak_is_at_its_footprint(peaks):
   q8 = rows["AdamW, 8-bit states"]
   qg = rows["Q-GaLore (int8 W, int4 P, 8-bit states)"]
   lw = rows["Q-GaLore, layer-wise updates"]
-  # params + state + every gradient + the minimal step's activations
+  # params + state + every gradient + one layer's backward and update
+  # scratch (the sliced weights of the backward dots, their gradients, the
+  # state slice; measured 4.7 layers' params bytes on jax 0.10 and 0.12),
+  # bounded by 6 layers' bytes. (The minimal step is no bound: jax 0.12
+  # frees each gradient as its update applies, 36 MB of temporaries here.)
+  layer = f32.gradients / 8
   footprint = f32.params + f32.opt_state + f32.gradients
-  assert f32.peak <= footprint + base.temporaries
-  assert f32.peak <= 1.10 * base.peak  # measured 1.00 (jax 0.10)
+  assert footprint < f32.peak <= footprint + 6 * layer
+  assert base.peak <= f32.peak
   # 8-bit states: the peak falls by at least 80% of the state they save
   # (measured 95%)
   assert q8.params == f32.params and q8.opt_state < 0.3 * f32.opt_state
   assert q8.peak <= f32.peak - 0.8 * (f32.opt_state - q8.opt_state)
-  assert qg.peak <= qg.params + qg.opt_state + qg.gradients + (
-    base.temporaries)
+  assert qg.peak <= qg.params + qg.opt_state + qg.gradients + 6 * layer
   # layer-wise: one layer's gradient at a time (measured 0.75 of all
   # gradients' bytes in temporaries, logits and head included, against
   # 1.5 for the full Q-GaLore step)
