@@ -549,8 +549,13 @@ class RunConfig(_Section):
       a backward pass that runs layer by layer (GaLore's and Q-GaLore's
       per-layer weight update; :func:`jqlm.train.layerwise_train_step`):
       the full gradient never exists. Needs a scanned model
-      (``model.scan_layers``), no global-norm clipping and no gradient
-      accumulation.
+      (``model.scan_layers``) and no gradient accumulation; global-norm
+      clipping needs ``layerwise_norm_pass``.
+    layerwise_norm_pass: with ``layerwise_update``, first a backward pass
+      that computes the global gradient norm (one layer's gradient at a
+      time), then the updating pass: the exact NaN policy (a non-finite
+      loss or gradient norm changes nothing) and ``optimizer.grad_clip``,
+      for a second backward pass of compute.
   """
 
   section: ClassVar[str] = "run"
@@ -572,6 +577,7 @@ class RunConfig(_Section):
   num_processes: int = 1
   process_id: int = 0
   layerwise_update: bool = False
+  layerwise_norm_pass: bool = False
 
   def _check(self):
     self.positive("steps", "eval_every", "eval_batches", "log_every",
@@ -646,19 +652,24 @@ class TrainConfig:
       raise ValueError(
         f"optimizer.warmup_steps={o.warmup_steps} must be below "
         f"run.steps={r.steps}. Shorten the warmup or run longer.")
+    if r.layerwise_norm_pass and not r.layerwise_update:
+      raise ValueError(
+        "run.layerwise_norm_pass=true is a mode of the layer-wise update; "
+        "set run.layerwise_update=true as well (or drop the norm pass).")
     if r.layerwise_update:
       if not self.model.llama(max_seq_len=2).scan_layers:
         raise ValueError(
           "run.layerwise_update=true runs the backward pass layer by layer "
           f"over a scanned layer stack, but model {self.model.preset} is "
           "unrolled. Set model.scan_layers=true.")
-      if o.grad_clip > 0:
+      if o.grad_clip > 0 and not r.layerwise_norm_pass:
         raise ValueError(
           f"run.layerwise_update=true cannot clip the global gradient norm "
           f"(optimizer.grad_clip={o.grad_clip}): each layer is updated "
           "before the next layer's gradient exists, so the global norm is "
-          "known only after every update. Set optimizer.grad_clip=0 or "
-          "run.layerwise_update=false.")
+          "known only after every update. Set run.layerwise_norm_pass=true "
+          "(a first backward pass computes the norm), "
+          "optimizer.grad_clip=0 or run.layerwise_update=false.")
       if self.data.grad_accum > 1:
         raise ValueError(
           f"run.layerwise_update=true cannot accumulate gradients "

@@ -53,7 +53,8 @@ def step_function(cfg: TrainConfig, s: jstate.Setup):
   if cfg.run.layerwise_update:
     return functools.partial(
       layerwise_train_step, graphdef=s.graphdef, nnx_state=s.nnx_state,
-      tx=s.tx, stochastic_round=sr)
+      tx=s.tx, stochastic_round=sr, norm_pass=cfg.run.layerwise_norm_pass,
+      grad_clip=opt.grad_clip)
   return functools.partial(
     train_step, graphdef=s.graphdef, nnx_state=s.nnx_state, tx=s.tx,
     grad_accum=cfg.data.grad_accum, grad_clip=opt.grad_clip,
@@ -226,9 +227,9 @@ STEP_CASES: dict[str, tuple[str, ...]] = {
   "AdamW, 8-bit states": ("optimizer=adamw", "optimizer.state=8bit"),
   "AdamW, 4-bit states": ("optimizer=adamw", "optimizer.state=4bit"),
   "Q-GaLore (int8 W, int4 P, 8-bit states)": ("optimizer=q_galore",),
-  "AdamW, float states, layer-wise": ("optimizer=adamw",
-                                      "run.layerwise_update=true",
-                                      "model.scan_layers=true"),
+  "AdamW, float states, layer-wise + norm pass": (
+    "optimizer=adamw", "run.layerwise_update=true",
+    "run.layerwise_norm_pass=true", "model.scan_layers=true"),
   "Q-GaLore, layer-wise updates": ("optimizer=q_galore",
                                    "run.layerwise_update=true",
                                    "model.scan_layers=true"),

@@ -195,7 +195,7 @@ def _fence(tree, i):
                       lambda t: jax.tree.map(jnp.zeros_like, t), tree)
 
 
-def _update_layer(tx, p_all, s_all, g_i, i, *, key, round_key):
+def _update_layer(tx, p_all, s_all, g_i, i, *, key, round_key, p_i=None):
   """Layer ``i``'s update, written into the stacked params and state in
   place (``dynamic_update_slice`` on the loop carry).
 
@@ -203,10 +203,12 @@ def _update_layer(tx, p_all, s_all, g_i, i, *, key, round_key):
   bytes). Otherwise XLA fuses the read of the old state into the params'
   update and, unable to order that read before the state's in-place
   write, copies the whole stacked state every iteration (+2.4 GB for
-  float AdamW on LLaMA-350M)."""
+  float AdamW on LLaMA-350M). ``p_i``, layer ``i``'s params already copied
+  out, serves the same purpose for a caller that also reads them (the
+  layer-wise backward)."""
   p_i, s_i = _update_apply(
-    tx, {"layers": _take(p_all, i)}, {"layers": g_i},
-    _fence(_take(s_all, i), i), key=_layer_keys(key, i),
+    tx, {"layers": _take(p_all, i) if p_i is None else p_i},
+    {"layers": g_i}, _fence(_take(s_all, i), i), key=_layer_keys(key, i),
     round_key=_layer_keys(round_key, i))
   return _put(p_all, p_i["layers"], i), _put(s_all, s_i, i)
 
@@ -374,7 +376,8 @@ def _sum_squares(tree) -> jax.Array:
 def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
                          graphdef, nnx_state,
                          tx: optax.GradientTransformation,
-                         stochastic_round: bool = True
+                         stochastic_round: bool = True,
+                         norm_pass: bool = False, grad_clip: float = 0.0
                          ) -> tuple[TrainState, dict[str, jax.Array]]:
   r"""One update of a ``scan_layers`` model in which each layer is updated
   as soon as its gradient exists (``run.layerwise_update``): GaLore's and
@@ -402,13 +405,25 @@ def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
   Non-finite values (a deviation from :func:`train_step`, which needs every
   gradient first): a non-finite loss skips the whole step, as there
   (nothing changes, ``skipped = 1``). With a finite loss, a layer (or the
-  rest) whose gradient is not finite keeps its params and state, the
-  others are updated, and ``skipped_layers`` counts the groups (layers,
-  head, embedding) left unchanged. Global-norm clipping and gradient accumulation need every
-  gradient first; :class:`jqlm.train.TrainConfig` rejects them with this
-  step. ``grad_norm`` is the global norm of all gradients, summed as they
-  come.
+  head or embedding) whose gradient is not finite keeps its params and
+  state, the others are updated, and ``skipped_layers`` counts the groups
+  left unchanged. ``grad_norm`` is the global norm of all gradients,
+  summed as they come.
+
+  ``norm_pass=True`` (``run.layerwise_norm_pass``) first runs a backward
+  pass that only sums the squared gradients (one layer's at a time, none
+  kept), then the updating pass: :func:`train_step`'s exact policy (a
+  non-finite loss or global norm changes nothing) and global-norm clipping
+  (``grad_clip``, torch's ``clip_grad_norm_``), at the cost of a second
+  backward pass; the peak stays that of the layer-wise step. Without it,
+  ``grad_clip`` must be 0. Gradient accumulation needs every gradient;
+  :class:`jqlm.train.TrainConfig` rejects it with this step.
   """
+  if grad_clip > 0 and not norm_pass:
+    raise ValueError(
+      f"layerwise_train_step: grad_clip={grad_clip} needs the global "
+      "gradient norm before the first update; pass norm_pass=True (a "
+      "backward pass that computes it first) or grad_clip=0.")
   if not isinstance(state.opt_state, LayeredState):
     raise ValueError(
       "layerwise_train_step needs a scan_layers model and its LayeredState "
@@ -447,7 +462,57 @@ def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
 
   loss, head_vjp = jax.vjp(head_loss, groups["head"],
                            groups["embed"] if tied else {}, x_last)
-  ok = jnp.isfinite(loss)
+  finite_loss = jnp.isfinite(loss)
+
+  def layer_vjp(p_i, i, dx):
+    diff, join = ops.split_taps(p_i)
+    _, vjp = jax.vjp(lambda d, x: block(join(d), x), diff, inputs_L[i])
+    return vjp(dx)
+
+  def embed_grad(dx, g_embed_head):
+    (g_embed,) = embed_vjp(dx)
+    if tied:
+      g_embed = jax.tree.map(jnp.add, g_embed, g_embed_head)
+    return g_embed
+
+  coef = None
+  if norm_pass:
+    # the global norm first, one layer's gradient at a time (none kept)
+    # The params ride through the pass, each layer written back (through a
+    # fence, so that XLA cannot drop the write and forward the loop's
+    # input): read by one loop and updated in place by the next, XLA would
+    # otherwise copy them (+0.5 GB on LLaMA-350M).
+    def norm_sweep(layers):
+      g_head, g_embed_head, dx = head_vjp(jnp.ones((), loss.dtype))
+
+      def body(j, carry):
+        layers, dx, sq = carry
+        i = n - 1 - j
+        p_i = _fence(_take(layers, i), i)
+        layers = _put(layers, p_i, i)
+        g_i, dx = layer_vjp(p_i, i, dx)
+        return layers, dx, sq + _sum_squares(g_i)
+
+      layers, dx, sq = jax.lax.fori_loop(
+        0, n, body, (layers, dx, _sum_squares(g_head)))
+      return layers, sq + _sum_squares(embed_grad(dx, g_embed_head))
+
+    layers, sq_all = jax.lax.cond(
+      finite_loss, norm_sweep,
+      lambda layers: (layers, jnp.full((), jnp.nan, jnp.float32)), layers)
+    gnorm = jnp.sqrt(sq_all)
+    ok = finite_loss & jnp.isfinite(gnorm)
+    if grad_clip > 0:
+      coef = jnp.minimum(jnp.float32(grad_clip) / (gnorm + 1e-6), 1.0)
+  else:
+    ok = finite_loss
+
+  def scaled(g):
+    return g if coef is None else jax.tree.map(
+      lambda x: x * coef.astype(x.dtype), g)
+
+  def guard(sq):  # per group; with the norm pass every group is finite
+    return jnp.ones((), bool) if norm_pass else jnp.isfinite(sq)
 
   def backward(operand):
     layers, s_layers, s_rest, rest = operand
@@ -457,20 +522,21 @@ def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
     sq_h = _sum_squares(g_head)
     k, rk = _group_keys(opt_key, rkey, n)
     head, s_head, done = _update_group(
-      tx, groups["head"], g_head, s_rest["head"], jnp.isfinite(sq_h),
+      tx, groups["head"], scaled(g_head), s_rest["head"], guard(sq_h),
       key=k, round_key=rk)
 
     def body(j, carry):
       layers, s_layers, dx, sq, bad = carry
       i = n - 1 - j
-      diff, join = ops.split_taps(_take(layers, i))
-      _, vjp = jax.vjp(lambda d, x: block(join(d), x), diff, inputs_L[i])
-      g_i, dx = vjp(dx)
+      # layer i's params copied out once: read by its VJP and its update,
+      # they are then written in place without a copy of the whole stack
+      p_i = _fence(_take(layers, i), i)
+      g_i, dx = layer_vjp(p_i, i, dx)
       sq_i = _sum_squares(g_i)
-      ok_i = jnp.isfinite(sq_i)
+      ok_i = guard(sq_i)
       layers, s_layers = jax.lax.cond(
-        ok_i, lambda o: _update_layer(tx, *o, g_i, i, key=opt_key,
-                                      round_key=rkey),
+        ok_i, lambda o: _update_layer(tx, *o, scaled(g_i), i, key=opt_key,
+                                      round_key=rkey, p_i=p_i),
         lambda o: o, (layers, s_layers))
       return (layers, s_layers, dx, sq + sq_i,
               bad + (~ok_i).astype(jnp.int32))
@@ -479,13 +545,11 @@ def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
     # the loop depends on the head's update, which therefore runs first
     layers, s_layers, dx, sq, bad = jax.lax.fori_loop(
       0, n, body, (layers, s_layers, dx, sq_h, (~done).astype(jnp.int32)))
-    (g_embed,) = embed_vjp(dx)
-    if tied:
-      g_embed = jax.tree.map(jnp.add, g_embed, g_embed_head)
+    g_embed = embed_grad(dx, g_embed_head)
     sq_e = _sum_squares(g_embed)
     k, rk = _group_keys(opt_key, rkey, n + 1)
     embed, s_embed, done = _update_group(
-      tx, groups["embed"], g_embed, s_rest["embed"], jnp.isfinite(sq_e),
+      tx, groups["embed"], scaled(g_embed), s_rest["embed"], guard(sq_e),
       key=k, round_key=rk)
     return (layers, s_layers, {"head": s_head, "embed": s_embed},
             {**head, **embed}, jnp.sqrt(sq + sq_e),
@@ -495,14 +559,15 @@ def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
     return (*operand, jnp.full((), jnp.nan, jnp.float32),
             jnp.zeros((), jnp.int32))
 
-  layers, s_layers, s_rest, rest, gnorm, bad = jax.lax.cond(
+  layers, s_layers, s_rest, rest, gnorm_swept, bad = jax.lax.cond(
     ok, backward, skip,
     (layers, state.opt_state.layers, state.opt_state.rest, rest))
   new_state = TrainState(
     step=state.step + ok.astype(jnp.int32),
     params={**rest, "layers": layers},
     opt_state=LayeredState(layers=s_layers, rest=s_rest), rng=rng)
-  metrics = {"loss": loss, "grad_norm": gnorm,
+  metrics = {"loss": loss,
+             "grad_norm": gnorm if norm_pass else gnorm_swept,
              "skipped": (~ok).astype(jnp.float32),
              "skipped_layers": bad.astype(jnp.float32)}
   return new_state, metrics

@@ -26,13 +26,14 @@ from jqlm.train import plan
 STEPS = 3
 
 
-def _cfg(kind, *, scan=True, layerwise=False, **opt):
+def _cfg(kind, *, scan=True, layerwise=False, norm_pass=False, **opt):
   return train.TrainConfig(
     model={"preset": "llama_tiny", "vocab_size": 256, "num_layers": 3,
            "scan_layers": scan},
     data={"seq_len": 16, "batch_size": 2},
     optimizer={"kind": kind, "warmup_steps": 0, "lr": 1e-3, **opt},
-    run={"steps": 10, "layerwise_update": layerwise})
+    run={"steps": 10, "layerwise_update": layerwise,
+         "layerwise_norm_pass": norm_pass})
 
 
 def _batches():
@@ -128,10 +129,50 @@ def test_layerwise_skips_a_non_finite_loss():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_norm_pass_clips_like_the_ordinary_step():
+  """With the norm pass, the layer-wise step clips the global norm (here
+  always active: clip 0.05 is below every step's norm) and equals the
+  ordinary scanned step with the same clipping."""
+  ref, m_ref = _train(_cfg("adamw", grad_clip=0.05))
+  lw, m_lw = _train(_cfg("adamw", layerwise=True, norm_pass=True,
+                         grad_clip=0.05))
+  assert all(m["grad_norm"] > 0.05 for m in m_ref)
+  np.testing.assert_allclose([m["grad_norm"] for m in m_lw],
+                             [m["grad_norm"] for m in m_ref], rtol=1e-5)
+  np.testing.assert_allclose([m["loss"] for m in m_lw],
+                             [m["loss"] for m in m_ref], rtol=1e-6)
+  _close(lw.params, ref.params, 1e-5)
+  _close(lw.opt_state, ref.opt_state, 1e-5)
+
+
+def test_norm_pass_skips_a_non_finite_gradient_everywhere():
+  """A finite loss with a non-finite gradient: the per-group guard would
+  update the other groups; the norm pass changes nothing (train_step's
+  policy): a huge final-norm weight gives huge but finite logits and loss, and
+  gradients whose squared norm overflows."""
+  cfg = _cfg("adamw", layerwise=True, norm_pass=True)
+  mesh = shd.make_mesh(devices=jax.devices()[:1])
+  s = train.setup(cfg, mesh)
+  state = train.init_state(s)
+  batch = _batches()[0]
+  bad = state._replace(params={**state.params, "final_norm": {
+    "weight": jnp.full_like(state.params["final_norm"]["weight"], 1e19)}})
+  new, m = jax.jit(plan.step_function(cfg, s))(bad, batch)
+  assert np.isfinite(float(m["loss"]))
+  assert not np.isfinite(float(m["grad_norm"]))
+  assert float(m["skipped"]) == 1.0 and int(new.step) == 0
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(bad), strict=True):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      continue
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("change, match", [
   ({"model": {"scan_layers": False}}, "model.scan_layers=true"),
   ({"optimizer": {"grad_clip": 1.0}}, "cannot clip the global gradient"),
   ({"data": {"grad_accum": 2}}, "cannot accumulate gradients"),
+  ({"run": {"layerwise_update": False, "layerwise_norm_pass": True}},
+   "a mode of the layer-wise update"),
 ])
 def test_layerwise_config_errors(change, match):
   with pytest.raises(ValueError, match=match):
