@@ -24,6 +24,13 @@ by :func:`make_train_step`):
    the state) and reports ``skipped = 1`` (the loop then counts it or
    stops, per :class:`NanPolicy`).
 
+On a ``scan_layers`` model the optimizer state is a :class:`LayeredState`
+and step 3 runs group by group: a ``fori_loop`` over the layers updates
+each layer's params and state in place, and the head and the embedding
+have their own updates, each under its own guard (one layer's update
+scratch at a time). :func:`layerwise_train_step` goes further and updates
+each layer inside the backward pass (``run.layerwise_update``).
+
 Randomness: ``TrainState.rng`` is split once per step into the next
 state's key and the step's key; every random draw of the step comes from
 the step's key (Q-GaLore's stochastic re-quantization, and any transform
