@@ -75,17 +75,27 @@ def cross_entropy(logits_BxTxV, targets_BxT) -> jax.Array:
     logits_BxTxV.astype(jnp.float32), targets_BxT).mean()
 
 
-def loss_fn(params, graphdef, nnx_state, tokens_BxL):
+def _merged(graphdef, nnx_state, params):
+  """The model with ``params`` (a pure dict, possibly partial: entries it
+  lacks keep ``nnx_state``'s abstract values)."""
   state = jax.tree.map(lambda x: x, nnx_state)
   nnx.replace_by_pure_dict(state, params)
-  model = nnx.merge(graphdef, state)
+  return nnx.merge(graphdef, state)
+
+
+def loss_fn(params, graphdef, nnx_state, tokens_BxL):
+  model = _merged(graphdef, nnx_state, params)
   return cross_entropy(model(tokens_BxL[:, :-1]), tokens_BxL[:, 1:])
 
 
-def _global_norm(tree) -> jax.Array:
+def _sum_squares(tree) -> jax.Array:
   leaves = [jnp.sum(jnp.square(x.astype(jnp.float32)))
             for x in jax.tree.leaves(tree)]
-  return jnp.sqrt(sum(leaves[1:], leaves[0]))
+  return sum(leaves[1:], leaves[0]) if leaves else jnp.zeros((), jnp.float32)
+
+
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(_sum_squares(tree))
 
 
 def _has_qarray(params) -> bool:
@@ -364,20 +374,6 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, *, graphdef,
   metrics = {"loss": loss, "grad_norm": gnorm,
              "skipped": (~ok).astype(jnp.float32)}
   return new_state, metrics
-
-
-def _merged(graphdef, nnx_state, params):
-  """The model with ``params`` (a pure dict, possibly partial: entries it
-  lacks keep ``nnx_state``'s abstract values)."""
-  state = jax.tree.map(lambda x: x, nnx_state)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
-
-
-def _sum_squares(tree) -> jax.Array:
-  leaves = [jnp.sum(jnp.square(x.astype(jnp.float32)))
-            for x in jax.tree.leaves(tree)]
-  return sum(leaves[1:], leaves[0]) if leaves else jnp.zeros((), jnp.float32)
 
 
 def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
