@@ -2,10 +2,12 @@
 
 ``quantize_model(model, spec)`` returns a copy whose matching kernels hold
 quantized weights: int8 as :class:`jqlm.quant.QArray`, 4-bit formats (int4,
-NF4, ...) packed two per byte as :class:`jqlm.quant.PackedQArray`. The
-forward pass dequantizes them (``jqlm.ops.qmatmul`` will fuse this once the
-kernel issue lands), so the output equals a float model holding the
-dequantized weights.
+NF4, ...) packed two per byte along K as :class:`jqlm.quant.PackedQArray`,
+the layout the low-bit kernels read as stored (prepared once, here: see
+:func:`jqlm.ops.is_prepared`). The forward pass runs
+:func:`jqlm.ops.qmatmul` (a kernel on GPU/TPU, dequantize-then-dot on CPU),
+so the output equals a float model holding the dequantized weights up to
+the kernel's summation order.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from jqlm.models.layers import BLOCK_LINEARS, QLinear, matches
 def _packable(q: quant.QArray) -> bool:
   dt = q.codes.dtype
   return (jnp.issubdtype(dt, jnp.integer) and jnp.iinfo(dt).bits in (2, 4)
-          and q.shape[-1] % (8 // jnp.iinfo(dt).bits) == 0
+          and q.shape[-2] % (8 // jnp.iinfo(dt).bits) == 0
           and q.outlier_values is None)
 
 
@@ -41,7 +43,8 @@ def quantize_model(model: nnx.Module, spec: quant.QuantSpec, *,
       Its rounding must be ``nearest``.
     patterns: ``fnmatch`` patterns of the linear paths to quantize (default
       the block linears q, k, v, o, gate, up, down).
-    pack: pack sub-byte codes into bytes (real 4-bit storage).
+    pack: pack sub-byte codes into bytes along K (real 4-bit storage, the
+      kernels' layout).
 
   Raises:
     ValueError: a stochastic spec, or no linear matching ``patterns``.
@@ -63,7 +66,8 @@ def quantize_model(model: nnx.Module, spec: quant.QuantSpec, *,
       if isinstance(w, (quant.QArray, quant.PackedQArray)):
         w = w.dequantize()
       q = quant.quantize(w, spec)
-      return q.pack() if pack and _packable(q) else q
+      # packed along K (in, the kernel's layout)
+      return q.pack(axis=-2) if pack and _packable(q) else q
 
     # a scan_layers stack holds every layer's kernel: (layers, in, out)
     module.kernel.set_value(jax.vmap(one)(w) if len(w.shape) == 3

@@ -7,12 +7,18 @@ the XLA reference (dequantize, then a float32-accumulating dot).
 
 from jqlm.ops.qmatmul import (
   Impl,
+  KernelWeight,
   TappedWeight,
+  is_prepared,
+  kernel_weight,
+  prepare,
   qmatmul,
   qmatmul_fp8,
   qmatmul_w8a8,
+  scaled_matmul,
   split_taps,
 )
 
-__all__ = ["Impl", "TappedWeight", "qmatmul", "qmatmul_fp8", "qmatmul_w8a8",
-           "split_taps"]
+__all__ = ["Impl", "KernelWeight", "TappedWeight", "is_prepared",
+           "kernel_weight", "prepare", "qmatmul", "qmatmul_fp8",
+           "qmatmul_w8a8", "scaled_matmul", "split_taps"]

@@ -4,31 +4,46 @@ Implementations (:class:`Impl`):
 
 * ``xla``: dequantize the weight, then ``einsum`` with float32
   accumulation (the reference; every backend);
+* ``pallas``: the W8A16 / W4A16 kernels of :mod:`jqlm_kernels.wxa16`,
+  forward and input gradient, lowered through Triton on GPU and Mosaic on
+  TPU (both drivers run in the Pallas interpreter with ``interpret=True``,
+  how CPU tests reach the kernel code);
 * ``triton``: the W4A16 Triton kernel of :mod:`jqlm_kernels.wxa16.triton`
-  through ``jax_triton.triton_call`` (GPU only; ragged M and N masked);
-* ``pallas``: the W8A16 / W4A16 kernel of :mod:`jqlm_kernels.wxa16`
-  (weights dequantized in-kernel; split-K for decode shapes, M <= 16);
-  compiled on GPU/TPU, or run by the Pallas interpreter with
-  ``interpret=True`` (how CPU tests reach the kernel code).
+  through ``jax_triton.triton_call`` (GPU only; ragged M and N masked).
 
-``impl=None`` picks ``pallas`` on GPU/TPU when the kernel serves the weight
-format and shapes, and ``xla`` otherwise; a forced ``impl="pallas"`` that
-cannot serve raises ``NotImplementedError``. The kernel serves int8 / int4
-(and uint8 / uint4 with zero points) weights of shape ``(K, N)`` quantized
-per output channel (``granularity="channel", axis=-1``) or in groups along K
+``impl=None`` picks ``pallas`` on GPU/TPU when a tile of the kernel fits
+the weight format and shapes, and ``xla`` otherwise; a forced
+``impl="pallas"`` that cannot serve raises ``NotImplementedError`` saying
+why. The kernel serves int8 / int4 (and uint8 / uint4 with zero points)
+weights of shape ``(K, N)`` quantized per output channel
+(``granularity="channel", axis=-1``) or in groups along K
 (``granularity="group", axis=0``).
 
-Gradients: a ``custom_vjp`` gives :math:`\partial x = g \hat W^\top` (the
-weight codes are integers and get none), so ``jax.grad`` works through a
-QAT model with real low-bit weights; a :class:`TappedWeight` also returns
-:math:`\partial \hat W = x^\top g` (Q-GaLore's int8 forward, whose
-optimizer needs the full-rank weight gradient).
+Prepared weights (:func:`prepare`, :func:`is_prepared`): int8 codes, and
+4-bit codes packed along K in :func:`jqlm.quant.pack`'s segment layout
+(``QArray.pack(axis=-2)``), are what the kernels read; the dispatcher
+passes their arrays to the kernel call untouched (free reshapes of the
+scales only). Tiles come from :mod:`jqlm_kernels.tiles` (a tuned table
+when ``jqlm bench matmul --tune`` wrote one), shrunk to fit the shape; M
+is padded to the tile.
+
+Gradients: a ``custom_vjp`` gives :math:`\partial x = g \hat W^\top`
+through the transposed-access kernel (the low-bit weight read as stored;
+the weight codes are integers and get no gradient), so ``jax.grad`` works
+through a model with real low-bit weights; a :class:`TappedWeight` also
+returns :math:`\partial \hat W = x^\top g`, an XLA dot in the activation
+dtype (Q-GaLore's int8 forward, whose optimizer needs the full-rank weight
+gradient). :func:`qmatmul_w8a8` and :func:`qmatmul_fp8` run their input
+gradient as a low-precision GEMM too, through :func:`scaled_matmul`, the
+dot of already-quantized operands that the low-precision training recipes
+build on.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +53,12 @@ from jqlm import quant
 try:  # kernels are optional at import time (style.md §2)
   from jqlm_kernels import common as _common
   from jqlm_kernels import fp8 as _fp8
+  from jqlm_kernels import tiles as _tiles
   from jqlm_kernels import w8a8 as _w8a8
   from jqlm_kernels import wxa16 as _wxa16
   from jqlm_kernels.wxa16 import triton as _w4a16_triton
 except ImportError:  # pragma: no cover
-  _common = _wxa16 = _w8a8 = _fp8 = _w4a16_triton = None
+  _common = _wxa16 = _w8a8 = _fp8 = _w4a16_triton = _tiles = None
 
 
 class Impl(enum.Enum):
@@ -125,110 +141,205 @@ def split_taps(params):
   return diff, join
 
 
-def _kernel_args(q: quant.QArray, block_k: int):
-  """(w, scale, zero, bits, group) for the wxa16 kernel, or None."""
+class KernelWeight(NamedTuple):
+  """A low-bit weight as the W8A16/W4A16 kernels read it: ``w`` (int8/uint8
+  ``(K, N)`` codes, or packed 4-bit ``(K // 2, N)`` uint8 in the segment
+  layout), ``scale`` ``(K // group, N)``, optional ``zero`` of that shape,
+  and the static ``bits``, ``group`` and ``signed``."""
+
+  w: jax.Array
+  scale: jax.Array
+  zero: jax.Array | None
+  bits: int
+  group: int
+  signed: bool
+
+  @property
+  def k(self) -> int:
+    return self.w.shape[0] * (2 if self.bits == 4 else 1)
+
+
+_KERNEL_FORMATS = ("int8", "uint8", "int4", "uint4")
+
+
+def _layout(q) -> tuple[int, int] | None:
+  """``(bits, group)`` if ``q``'s format and scale layout are what the
+  kernel computes (per output channel, or groups along K), else None."""
   spec = q.spec
-  if q.outlier_values is not None or q.codes.ndim != 2:
+  if len(q.shape) != 2 or spec.format.value not in _KERNEL_FORMATS:
     return None
-  if spec.format.value not in ("int8", "uint8", "int4", "uint4"):
+  if getattr(q, "outlier_values", None) is not None:
     return None
-  k, n = q.codes.shape
-  g = spec.granularity
-  if g is quant.Granularity.CHANNEL and spec.axis % 2 == 1:
-    group = k
-  elif g is quant.Granularity.GROUP and spec.axis % 2 == 0:
-    group = spec.group_size
-  else:
-    return None
-  bits = spec.bits
-  offset = 0 if spec.format.value.startswith("int") else 2 ** (bits - 1)
-  codes = q.codes.astype(jnp.int32) - offset  # signed, q - z unchanged
-  scale = q.scale.reshape(-1, n).astype(jnp.float32)
-  zero = None
-  if q.zero_point is not None:
-    zero = q.zero_point.reshape(-1, n).astype(jnp.float32) - offset
-  if bits == 8:
-    w = codes.astype(jnp.int8)
-  else:
-    w = _wxa16.pack_int4(codes, block_k)
-  return w, scale, zero, bits, group
+  k = q.shape[0]
+  if spec.granularity is quant.Granularity.CHANNEL and spec.axis % 2 == 1:
+    return spec.bits, k
+  if spec.granularity is quant.Granularity.GROUP and spec.axis % 2 == 0:
+    return spec.bits, spec.group_size
+  return None
 
 
-def _blocks(m: int, k: int, n: int, group: int):
-  bm = 16 if m % 16 == 0 else (8 if m % 8 == 0 else 1)
-  bn = 128 if n % 128 == 0 else 64
-  bk = min(group, 128) if group % 2 == 0 else group
-  while bk > 16 and (k % bk or bk & (bk - 1)):
-    bk //= 2
-  return bm, bn, bk
+def is_prepared(q) -> bool:
+  """Whether the kernels read ``q`` as stored: int8/uint8 codes, or 4-bit
+  codes packed along K (``q.pack(axis=-2)``, what
+  :func:`jqlm.models.quantize_model` stores), per channel or in groups
+  along K."""
+  if _layout(q) is None:
+    return False
+  if isinstance(q, quant.PackedQArray):
+    return q.axis % 2 == 0
+  return q.spec.bits == 8
+
+
+def prepare(q):
+  """``q`` in the kernels' layout (:func:`is_prepared`): 4-bit codes packed
+  along K. Other weights are returned unchanged. Call it once, at
+  quantization time: :func:`qmatmul` on an unprepared 4-bit weight repacks
+  it on every call."""
+  if isinstance(q, quant.PackedQArray) and q.axis % 2 == 0:
+    return q
+  if _layout(q) is None or q.spec.bits != 4:
+    return q
+  if isinstance(q, quant.PackedQArray):
+    q = q.unpack()
+  return q.pack(axis=-2)
+
+
+def kernel_weight(q) -> KernelWeight | None:
+  """The kernel's view of ``q`` (free reshapes of its arrays only, for a
+  prepared weight), or None when no kernel computes its format."""
+  layout = _layout(q)
+  if layout is None:
+    return None
+  bits, group = layout
+  if not is_prepared(q):
+    q = prepare(q)  # unprepared 4-bit: repacked on every call
+  n = q.shape[1]
+  scale = q.scale.reshape(-1, n)
+  zero = None if q.zero_point is None else q.zero_point.reshape(-1, n)
+  w = q.packed if isinstance(q, quant.PackedQArray) else q.codes
+  if zero is not None and jnp.dtype(zero.dtype).itemsize * 8 < 8:
+    zero = zero.astype(jnp.uint8)  # sub-byte zero points: one per byte
+  return KernelWeight(w=w, scale=scale, zero=zero, bits=bits, group=group,
+                      signed=q.spec.format.value.startswith("int"))
+
+
+def _platform(interpret: bool, platform: str | None) -> str | None:
+  """The kernel family to lower for: the backend's, or ``platform`` (a
+  test's choice) in interpret mode; None where no kernel runs."""
+  if platform is not None:
+    if platform not in ("gpu", "tpu"):
+      raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}.")
+    return platform
+  backend = jax.default_backend()
+  if backend in ("gpu", "tpu"):
+    return backend
+  return "gpu" if interpret else None
+
+
+def _device_kind() -> str | None:
+  try:
+    return jax.devices()[0].device_kind
+  except RuntimeError:  # pragma: no cover
+    return None
 
 
 # Programs a decode matmul should launch to fill a GPU (H100: 132 SMs).
 _TARGET_PROGRAMS = 256
 
 
-def _split_k(m: int, k: int, n: int, bm: int, bn: int, bk: int) -> int:
-  """Split-K factor for decode shapes (M <= 16): a power of two, at most 16,
-  that divides the K blocks and brings the programs near
-  ``_TARGET_PROGRAMS``; 1 for larger M (enough ``(M, N)`` tiles)."""
-  if m > 16 or k % bk:
-    return 1
-  tiles = (m // bm) * (n // bn)
+class _Plan(NamedTuple):
+  tiles: Any
+  m_pad: int
+  split_k: int
+
+
+def _wxa16_plan(m: int, kw: KernelWeight, n: int, platform: str,
+                transpose: bool = False) -> _Plan | None:
+  """Tiles (from the tuned or default table, shrunk to fit), the padded M
+  and the split-K factor of a W8A16/W4A16 launch, or None."""
+  name = "wxa16_t" if transpose else "wxa16"
+  start = _tiles.lookup(name, platform, m, device=_device_kind())
+
+  def m_pad(t):
+    if platform == "tpu" and m < 8:
+      return m if t.block_m >= m else _common.round_up(m, t.block_m)
+    return _common.round_up(m, t.block_m)
+
+  def accept(t):
+    bm = m if (platform == "tpu" and m < 8) else t.block_m
+    return _wxa16.why_not(
+      m_pad(t), kw.k, n, bits=kw.bits, group_size=kw.group, block_m=bm,
+      block_n=t.block_n, block_k=t.block_k, platform=platform,
+      transpose=transpose) is None
+
+  if platform == "gpu" and m < start.block_m:
+    start = start._replace(block_m=max(16, 1 << (m - 1).bit_length()))
+  tiles = _tiles.fit(start, accept, floor=8 if platform == "tpu" else 16)
+  if tiles is None:
+    return None
+  if platform == "tpu" and m < 8:
+    tiles = tiles._replace(block_m=m)
+  mp = m_pad(tiles)
   split = 1
-  while (split < 16 and tiles * split * 2 <= _TARGET_PROGRAMS
-         and (k // bk) % (split * 2) == 0):
-    split *= 2
-  return split
+  if platform == "gpu" and not transpose and m <= 16:
+    steps = (kw.k // 2 if kw.bits == 4 else kw.k) // (
+      tiles.block_k // 2 if kw.bits == 4 else tiles.block_k)
+    programs = (mp // tiles.block_m) * (n // tiles.block_n)
+    while (split < 16 and programs * split * 2 <= _TARGET_PROGRAMS
+           and steps % (split * 2) == 0):
+      split *= 2
+  return _Plan(tiles, mp, split)
 
 
-def _group(q: quant.QArray) -> int:
-  """Rows per scale: the group size, or K for per-channel scales."""
-  if q.spec.granularity is quant.Granularity.GROUP:
-    return q.spec.group_size
-  return q.codes.shape[0]
-
-
-def _pallas_ok(x2, q) -> bool:
-  if _wxa16 is None or not isinstance(q, quant.QArray):
-    return False
-  m, k = x2.shape
-  n = q.codes.shape[1]
-  spec = q.spec
-  group = _group(q)
-  bm, bn, bk = _blocks(m, k, n, group)
-  if _kernel_args(q, bk) is None:
-    return False
-  return _wxa16.can_use(m, k, n, bits=spec.bits, group_size=group,
-                        block_m=bm, block_n=bn, block_k=bk)
+def _why_no_pallas(x2, q, platform) -> str | None:
+  if _wxa16 is None:
+    return "jqlm_kernels is not installed"
+  if platform is None:
+    return ("no kernel runs on this backend (CPU): pass interpret=True to "
+            "run the kernel in the Pallas interpreter")
+  kw = kernel_weight(q)
+  if kw is None:
+    return (f"the kernel computes int8/uint8/int4/uint4 weights quantized "
+            f"per output channel or in groups along K, got "
+            f"{q.spec.format.value} {q.spec.granularity.value} "
+            f"(axis {q.spec.axis}) of shape {tuple(q.shape)}")
+  if _wxa16_plan(x2.shape[0], kw, q.shape[1], platform) is None:
+    return (f"no tile of the {platform} kernel fits x {x2.shape} @ weight "
+            f"{tuple(q.shape)} with group {kw.group} (see "
+            "jqlm_kernels.wxa16.why_not)")
+  return None
 
 
 def _triton_ok(x2, q) -> bool:
   """The jax-triton W4A16 kernel serves this int4 weight (needs triton,
   jax_triton, i.e. a GPU)."""
   if (_w4a16_triton is None or not _w4a16_triton.AVAILABLE
-      or not isinstance(q, quant.QArray) or q.spec.bits != 4
       or not _common.triton_available()):
     return False
-  m, k = x2.shape
-  bn, bk = _triton_blocks(x2, q)
-  return _kernel_args(q, bk) is not None and _w4a16_triton.can_use(
-    m, k, q.codes.shape[1], group_size=_group(q), block_m=16, block_n=bn,
-    block_k=bk)
+  kw = kernel_weight(q)
+  if kw is None or kw.bits != 4:
+    return False
+  bn, bk = _triton_blocks(x2, kw, q.shape[1])
+  return _w4a16_triton.can_use(x2.shape[0], kw.k, q.shape[1],
+                               group_size=kw.group, block_m=16, block_n=bn,
+                               block_k=bk)
 
 
-def _triton_blocks(x2, q) -> tuple[int, int]:
-  """``(block_n, block_k)`` of the Triton kernel (``block_m`` is 16, the
-  least ``tl.dot`` takes; smaller M is masked)."""
-  m, k = x2.shape
-  _, bn, bk = _blocks(max(m, 16), k, q.codes.shape[1], _group(q))
-  return bn, bk
+def _triton_blocks(x2, kw, n) -> tuple[int, int]:
+  """``(block_n, block_k)`` of the jax-triton kernel (``block_m`` is 16,
+  the least ``tl.dot`` takes; smaller M is masked)."""
+  plan = _wxa16_plan(max(x2.shape[0], 16), kw, n, "gpu")
+  if plan is None:
+    return 64, 32
+  return plan.tiles.block_n, plan.tiles.block_k
 
 
 def _triton(x2, q):
-  bn, bk = _triton_blocks(x2, q)
-  w, scale, zero, _, group = _kernel_args(q, bk)
-  return _w4a16_triton.w4a16_matmul(x2, w, scale, zero, group_size=group,
-                                    block_m=16, block_n=bn, block_k=bk)
+  kw = kernel_weight(q)
+  bn, bk = _triton_blocks(x2, kw, q.shape[1])
+  return _w4a16_triton.w4a16_matmul(
+    x2, kw.w, kw.scale, kw.zero, group_size=kw.group, signed=kw.signed,
+    block_m=16, block_n=bn, block_k=bk)
 
 
 def _xla(x2, q):
@@ -238,67 +349,115 @@ def _xla(x2, q):
   return y.astype(x2.dtype)
 
 
-def _pallas(x2, q, interpret):
-  m, k = x2.shape
-  n = q.codes.shape[1]
-  bm, bn, bk = _blocks(m, k, n, _group(q))
-  w, scale, zero, bits, group = _kernel_args(q, bk)
-  return _wxa16.wxa16_matmul(x2, w, scale, zero, bits=bits, group_size=group,
-                             block_m=bm, block_n=bn, block_k=bk,
-                             split_k=_split_k(m, k, n, bm, bn, bk),
-                             interpret=interpret)
+def _pad_rows(a, m_pad):
+  m = a.shape[0]
+  return a if m_pad == m else jnp.pad(a, ((0, m_pad - m), (0, 0)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _qmm(x2, q, impl: Impl, interpret: bool):
+def _pallas(x2, q, interpret, platform):
+  kw = kernel_weight(q)
+  m, n = x2.shape[0], q.shape[1]
+  plan = _wxa16_plan(m, kw, n, platform)
+  t = plan.tiles
+  y = _wxa16.wxa16_matmul(
+    _pad_rows(x2, plan.m_pad), kw.w, kw.scale, kw.zero, bits=kw.bits,
+    group_size=kw.group, signed=kw.signed, block_m=t.block_m,
+    block_n=t.block_n, block_k=t.block_k, split_k=plan.split_k,
+    platform=platform, num_warps=t.num_warps, num_stages=t.num_stages,
+    interpret=interpret)
+  return y[:m]
+
+
+def _pallas_t(g, q, interpret, platform):
+  """``g @ dequant(q).T`` through the transposed-access kernel, or None
+  when it does not serve."""
+  kw = kernel_weight(q)
+  if kw is None or platform is None or _wxa16 is None:
+    return None
+  m, n = g.shape
+  plan = _wxa16_plan(m, kw, n, platform, transpose=True)
+  if plan is None:
+    return None
+  t = plan.tiles
+  dx = _wxa16.wxa16_matmul_t(
+    _pad_rows(g, plan.m_pad), kw.w, kw.scale, kw.zero, bits=kw.bits,
+    group_size=kw.group, signed=kw.signed, block_m=t.block_m,
+    block_n=t.block_n, block_k=t.block_k, platform=platform,
+    num_warps=t.num_warps, num_stages=t.num_stages, interpret=interpret)
+  return dx[:m]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _qmm(x2, q, impl: Impl, interpret: bool, platform: str | None):
   if impl is Impl.PALLAS:
-    return _pallas(x2, q, interpret)
+    return _pallas(x2, q, interpret, platform)
   if impl is Impl.TRITON:
     return _triton(x2, q)
   return _xla(x2, q)
 
 
-def _qmm_fwd(x2, q, impl, interpret):
-  return _qmm(x2, q, impl, interpret), q
+def _qmm_fwd(x2, q, impl, interpret, platform):
+  return _qmm(x2, q, impl, interpret, platform), q
 
 
-def _qmm_bwd(impl, interpret, q, g):
-  w = q.dequantize(jnp.float32)
-  dx = jnp.einsum("mn,kn->mk", g.astype(jnp.float32), w,
-                  preferred_element_type=jnp.float32).astype(g.dtype)
-  zero_q = jax.tree.map(
+def _dx(g, q, impl, interpret, platform):
+  r""":math:`g \hat W^\top`: through the transposed-access kernel when the
+  forward ran a kernel and it serves the weight, else XLA on the weight
+  dequantized to ``g.dtype``."""
+  if impl is not Impl.XLA:
+    dx = _pallas_t(g, q, interpret, platform)
+    if dx is not None:
+      return dx
+  w = q.dequantize(g.dtype)
+  return jnp.einsum("mn,kn->mk", g, w,
+                    preferred_element_type=jnp.float32).astype(g.dtype)
+
+
+def _zero_cotangent(q):
+  return jax.tree.map(
     lambda a: jnp.zeros(a.shape, jax.dtypes.float0)
     if not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a), q)
-  return dx, zero_q
+
+
+def _qmm_bwd(impl, interpret, platform, q, g):
+  return _dx(g, q, impl, interpret, platform), _zero_cotangent(q)
 
 
 _qmm.defvjp(_qmm_fwd, _qmm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _qmm_tapped(x2, q, tap, impl: Impl, interpret: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _qmm_tapped(x2, q, tap, impl: Impl, interpret: bool,
+                platform: str | None):
   del tap  # zero by contract (TappedWeight)
-  return _qmm(x2, q, impl, interpret)
+  return _qmm(x2, q, impl, interpret, platform)
 
 
-def _qmm_tapped_fwd(x2, q, tap, impl, interpret):
-  return _qmm(x2, q, impl, interpret), (x2, q, tap)
+def _qmm_tapped_fwd(x2, q, tap, impl, interpret, platform):
+  return _qmm(x2, q, impl, interpret, platform), (x2, q, tap)
 
 
-def _qmm_tapped_bwd(impl, interpret, res, g):
+def _qmm_tapped_bwd(impl, interpret, platform, res, g):
   x2, q, tap = res
-  dx, dq = _qmm_bwd(impl, interpret, q, g)
-  dw = jnp.einsum("mk,mn->kn", x2.astype(jnp.float32), g.astype(jnp.float32),
+  dx = _dx(g, q, impl, interpret, platform)
+  # dW = x^T g stays an XLA dot in the activation dtype (f32 accumulation)
+  dw = jnp.einsum("mk,mn->kn", x2, g.astype(x2.dtype),
                   preferred_element_type=jnp.float32).astype(tap.dtype)
-  return dx, dq, dw
+  return dx, _zero_cotangent(q), dw
 
 
 _qmm_tapped.defvjp(_qmm_tapped_fwd, _qmm_tapped_bwd)
 
 
 def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
-            interpret: bool = False) -> jax.Array:
+            interpret: bool = False, platform: str | None = None
+            ) -> jax.Array:
   """``x (..., K) @ dequantize(qweight) (K, N) -> (..., N)`` in ``x.dtype``.
+
+  A prepared weight (:func:`is_prepared`; what
+  :func:`jqlm.models.quantize_model` and :func:`jqlm.optim.quantize_weights`
+  store) feeds the kernel as stored: no op touches its codes before the
+  kernel call.
 
   Args:
     x: activations.
@@ -310,24 +469,26 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
       the jax-triton W4A16 kernel on GPU when it does, else XLA),
       ``"xla"``, ``"pallas"`` or ``"triton"``.
     interpret: run a Pallas kernel in the interpreter (CPU tests).
+    platform: the kernel family in interpret mode (``"gpu"``: the Triton
+      driver, the default; ``"tpu"``: the Mosaic driver); on a device, its
+      backend.
 
   Raises:
-    NotImplementedError: ``impl="pallas"`` for a weight or shape the kernel
-      does not serve.
+    NotImplementedError: a forced ``impl`` that cannot serve the weight or
+      shape here (the message says why).
   """
   tap = None
   if isinstance(qweight, TappedWeight):
     qweight, tap = qweight.qweight, qweight.tap
-  if isinstance(qweight, quant.PackedQArray):
-    qweight = qweight.unpack()
-  if not isinstance(qweight, quant.QArray):
-    raise ValueError(f"qmatmul expects a QArray weight, got "
+  if not isinstance(qweight, (quant.QArray, quant.PackedQArray)):
+    raise ValueError(f"qmatmul expects a QArray or PackedQArray weight, got "
                      f"{type(qweight).__name__}.")
+  plat = _platform(interpret, platform)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   if impl is None:
     on_device = jax.default_backend() in ("gpu", "tpu")
-    if (on_device or interpret) and _pallas_ok(x2, qweight):
+    if (on_device or interpret) and _why_no_pallas(x2, qweight, plat) is None:
       chosen = Impl.PALLAS
     elif on_device and _triton_ok(x2, qweight):
       chosen = Impl.TRITON
@@ -335,17 +496,25 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
       chosen = Impl.XLA
   else:
     chosen = Impl(impl)
-    ok = {Impl.PALLAS: _pallas_ok, Impl.TRITON: _triton_ok}.get(chosen)
-    if ok is not None and not ok(x2, qweight):
+    if chosen is Impl.PALLAS:
+      reason = _why_no_pallas(x2, qweight, plat)
+      if reason is not None:
+        raise NotImplementedError(
+          f"No pallas kernel serves x {x2.shape} @ weight "
+          f"{tuple(qweight.shape)} here: {reason}. Use impl='xla' or "
+          "impl=None.")
+    elif chosen is Impl.TRITON and not _triton_ok(x2, qweight):
       raise NotImplementedError(
-        f"No {chosen.value} kernel serves x {x2.shape} @ "
-        f"{qweight.spec.format.value} {qweight.spec.granularity.value} "
-        f"weights {qweight.codes.shape} here (triton needs int4 weights and "
-        "jax_triton, i.e. a GPU); use impl='xla' or impl=None.")
+        f"No triton kernel serves x {x2.shape} @ weight "
+        f"{tuple(qweight.shape)} here (it needs int4 weights and jax_triton, "
+        "i.e. a GPU); use impl='xla' or impl=None.")
+  if chosen is not Impl.XLA and isinstance(qweight, quant.PackedQArray) \
+      and not is_prepared(qweight):
+    qweight = qweight.unpack()  # packed along N: repacked per call
   if tap is None:
-    y = _qmm(x2, qweight, chosen, interpret)
+    y = _qmm(x2, qweight, chosen, interpret, plat)
   else:
-    y = _qmm_tapped(x2, qweight, tap, chosen, interpret)
+    y = _qmm_tapped(x2, qweight, tap, chosen, interpret, plat)
   return y.reshape(*lead, y.shape[-1])
 
 
@@ -358,19 +527,163 @@ def _xla_or_pallas(impl, name: str) -> Impl:
   return chosen
 
 
+def _scaled_kernel(dtype):
+  if jnp.dtype(dtype) == jnp.int8:
+    return "w8a8", (None if _w8a8 is None else _w8a8.w8a8_matmul)
+  return "fp8", (None if _fp8 is None else _fp8.fp8_matmul)
+
+
+def _scaled_plan(kind: str, m: int, k: int, n: int, platform: str):
+  start = _tiles.lookup(kind, platform, m, device=_device_kind())
+  if platform == "gpu" and m < start.block_m:
+    start = start._replace(block_m=max(16, 1 << (m - 1).bit_length()))
+
+  def accept(t):
+    return _common.scaled_why_not(
+      _common.round_up(m, t.block_m), k, n, block_m=t.block_m,
+      block_n=t.block_n, block_k=t.block_k, platform=platform) is None
+
+  tiles = _tiles.fit(start, accept, floor=8 if platform == "tpu" else 16)
+  if tiles is None:
+    return None
+  return _Plan(tiles, _common.round_up(m, tiles.block_m), 1)
+
+
+def scaled_matmul(aq: jax.Array, a_scale: jax.Array, bq: jax.Array,
+                  b_scale: jax.Array, *, transpose_b: bool = False,
+                  out_dtype=jnp.float32, impl: Impl | str | None = None,
+                  interpret: bool = False, platform: str | None = None
+                  ) -> jax.Array:
+  r"""A dot of already-quantized operands and their scales:
+  :math:`y_{mn} = a^s_m b^s_n \sum_k a^q_{mk} b^q_{kn}` (``bq`` is ``(N,
+  K)`` and read as stored with ``transpose_b``), int8 operands accumulated
+  in int32, ``float8_e4m3fn`` / ``float8_e5m2`` ones in float32. The GEMM
+  primitive of W8A8, FP8 and the low-precision training recipes, forward
+  (``x W``) and backward (``dy W^T`` with ``transpose_b``).
+
+  Args:
+    aq: ``(M, K)`` int8 or fp8 codes; a_scale: float ``(M, 1)`` or
+      ``(1, 1)``.
+    bq: ``(K, N)`` (``(N, K)`` with ``transpose_b``), the same dtype;
+      b_scale: float ``(1, N)`` or ``(1, 1)``.
+    transpose_b: contract ``bq``'s last axis.
+    out_dtype: the output dtype.
+    impl: ``None`` (the Pallas kernel on GPU/TPU, or with ``interpret``,
+      where it serves; else XLA's dot), ``"xla"`` or ``"pallas"``.
+    interpret, platform: as :func:`qmatmul`.
+
+  Raises:
+    ValueError: operands of different or unsupported dtypes, or scales of
+      other shapes.
+    NotImplementedError: ``impl="pallas"`` where the kernel cannot serve.
+  """
+  m, k = aq.shape
+  n = bq.shape[0] if transpose_b else bq.shape[1]
+  kb = bq.shape[1] if transpose_b else bq.shape[0]
+  if kb != k:
+    raise ValueError(f"scaled_matmul: aq {aq.shape} and bq {bq.shape} "
+                     f"(transpose_b={transpose_b}) contract {k} with {kb}.")
+  dt = jnp.dtype(aq.dtype)
+  if dt != jnp.dtype(bq.dtype) or dt not in (
+      jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn),
+      jnp.dtype(jnp.float8_e5m2)):
+    raise ValueError(
+      f"scaled_matmul needs both operands int8, float8_e4m3fn or "
+      f"float8_e5m2 (the same), got {aq.dtype} and {bq.dtype}.")
+  if a_scale.shape not in ((m, 1), (1, 1)) or b_scale.shape not in (
+      (1, n), (1, 1)):
+    raise ValueError(
+      f"scaled_matmul: scales must be (M, 1) or (1, 1) for a and (1, N) or "
+      f"(1, 1) for b; got {a_scale.shape} and {b_scale.shape} for M={m}, "
+      f"N={n}.")
+  a_scale = jnp.broadcast_to(a_scale.astype(jnp.float32), (m, 1))
+  b_scale = jnp.broadcast_to(b_scale.astype(jnp.float32), (1, n))
+  plat = _platform(interpret, platform)
+  kind, kernel = _scaled_kernel(dt)
+  plan = None
+  if plat is not None and kernel is not None and dt != jnp.float8_e5m2:
+    plan = _scaled_plan(kind, m, k, n, plat)
+  if impl is None:
+    use = plan is not None and (
+      interpret or jax.default_backend() in ("gpu", "tpu"))
+  else:
+    use = _xla_or_pallas(impl, "scaled_matmul") is Impl.PALLAS
+    if use and plan is None:
+      raise NotImplementedError(
+        f"No {kind} kernel serves {aq.shape} @ {bq.shape} "
+        f"(transpose_b={transpose_b}, {dt}) here; use impl='xla'.")
+  if use:
+    t = plan.tiles
+    y = kernel(_pad_rows(aq, plan.m_pad), _pad_rows(a_scale, plan.m_pad), bq,
+               b_scale, out_dtype=out_dtype, block_m=t.block_m,
+               block_n=t.block_n, block_k=t.block_k, transpose_w=transpose_b,
+               platform=plat, num_warps=t.num_warps,
+               num_stages=t.num_stages, interpret=interpret)
+    return y[:m]
+  acc_dtype = jnp.int32 if dt == jnp.int8 else jnp.float32
+  dims = (((1,), (1,)) if transpose_b else ((1,), (0,)), ((), ()))
+  acc = jax.lax.dot_general(aq, bq, dims, preferred_element_type=acc_dtype)
+  return (acc.astype(jnp.float32) * a_scale * b_scale).astype(out_dtype)
+
+
+def _quantize_rows(kind: str, a):
+  if kind == "w8a8":
+    return _w8a8.quantize_rows(a)
+  return _fp8.quantize_fp8(a, rowwise=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _scaled_linear(x2, wq, ws, kind, rowwise, impl, interpret, platform):
+  if kind == "w8a8" or rowwise:
+    xq, xs = _quantize_rows(kind, x2)
+  else:
+    xq, xs = _fp8.quantize_fp8(x2, rowwise=False)
+  return scaled_matmul(xq, xs, wq, ws, out_dtype=x2.dtype, impl=impl,
+                       interpret=interpret, platform=platform)
+
+
+def _scaled_linear_fwd(x2, wq, ws, kind, rowwise, impl, interpret, platform):
+  y = _scaled_linear(x2, wq, ws, kind, rowwise, impl, interpret, platform)
+  return y, (wq, ws)
+
+
+def _scaled_linear_bwd(kind, rowwise, impl, interpret, platform, res, g):
+  wq, ws = res
+  # dx = g diag(s^w) q_w^T: the weight scale runs along the contraction, so
+  # it is folded into g before g is quantized per row; the GEMM reads the
+  # codes as stored (transpose_b), its column scales are ones
+  gq, gs = _quantize_rows(kind, g.astype(jnp.float32) * ws.astype(
+    jnp.float32))
+  ones = jnp.ones((1, 1), jnp.float32)
+  dx = scaled_matmul(gq, gs, wq, ones, transpose_b=True, out_dtype=g.dtype,
+                     impl=impl, interpret=interpret, platform=platform)
+  return dx, _zero_cotangent(wq), jnp.zeros_like(ws)
+
+
+_scaled_linear.defvjp(_scaled_linear_fwd, _scaled_linear_bwd)
+
+
 def qmatmul_w8a8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
-                 interpret: bool = False) -> jax.Array:
+                 interpret: bool = False, platform: str | None = None
+                 ) -> jax.Array:
   r"""W8A8: per-token symmetric int8 activations times int8 weights
   quantized per output channel, int32 accumulation:
   :math:`y = s^x s^w (q^x q^w)`. Note the activation rounding: this is not
   ``x @ dequantize(w)``.
+
+  Differentiable in ``x`` (a ``custom_vjp``): the input gradient is the
+  straight-through estimate through the activation rounding, computed as
+  an int8 GEMM too: :math:`\partial x = s^{g'} (q^{g'} {q^w}^\top)` with
+  :math:`g' = g\,\mathrm{diag}(s^w)` quantized per row (the weight's
+  scales run along that GEMM's contraction, so they are folded into
+  :math:`g` first), the codes read as stored.
 
   Args:
     x: activations ``(..., K)``.
     qweight: a QArray, ``format="int8", granularity="channel"`` (axis -1).
     impl: ``None`` (the Pallas kernel on GPU/TPU or with ``interpret``, else
       XLA's int8 dot), ``"xla"`` or ``"pallas"``.
-    interpret: run the Pallas kernel in the interpreter.
+    interpret, platform: as :func:`qmatmul`.
 
   Raises:
     ValueError: a weight that is not per-channel symmetric int8.
@@ -385,48 +698,34 @@ def qmatmul_w8a8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
       "channel: QuantSpec(format='int8', granularity='channel').")
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
-  m, k = x2.shape
   n = qweight.codes.shape[1]
   ws = qweight.scale.reshape(1, n).astype(jnp.float32)
-  bm, bn, bk = _blocks(m, k, n, k)
-  ok = _w8a8 is not None and _w8a8.can_use(m, k, n, block_m=bm, block_n=bn,
-                                           block_k=bk)
-  if impl is None:
-    use = ok and (interpret or jax.default_backend() in ("gpu", "tpu"))
-  else:
-    use = _xla_or_pallas(impl, "qmatmul_w8a8") is Impl.PALLAS
-    if use and not ok:
-      raise NotImplementedError(
-        f"The W8A8 kernel does not serve x {x2.shape} @ w {(k, n)}; use "
-        "impl='xla'.")
-  xq, xs = _w8a8.quantize_rows(x2)
-  if use:
-    y = _w8a8.w8a8_matmul(xq, xs, qweight.codes, ws, out_dtype=x.dtype,
-                          block_m=bm, block_n=bn, block_k=bk,
-                          interpret=interpret)
-  else:
-    acc = jax.lax.dot(xq, qweight.codes, preferred_element_type=jnp.int32)
-    y = (acc.astype(jnp.float32) * xs * ws).astype(x.dtype)
+  y = _scaled_linear(x2, qweight.codes, ws, "w8a8", True, impl, interpret,
+                     platform)
   return y.reshape(*lead, n)
 
 
 def qmatmul_fp8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
-                rowwise: bool = True, interpret: bool = False) -> jax.Array:
+                rowwise: bool = True, interpret: bool = False,
+                platform: str | None = None) -> jax.Array:
   r"""FP8: e4m3 activations (absmax-scaled per token, or per tensor with
   ``rowwise=False``) times an e4m3 weight quantized per output channel or
   per tensor, float32 accumulation: :math:`y = s^x s^w (q^x q^w)`.
 
-  ``impl=None`` uses XLA's native fp8 ``dot`` (cuBLASLt's FP8 GEMM on
-  Hopper, which fuses the scales); ``"pallas"`` runs the Pallas kernel of
-  :mod:`jqlm_kernels.fp8`. ``jqlm bench matmul`` times both.
+  ``impl=None`` uses the Pallas kernel on GPU/TPU (or with ``interpret``)
+  where it serves, else XLA's native fp8 ``dot`` (cuBLASLt's FP8 GEMM on
+  Hopper, which fuses the scales); ``jqlm bench matmul`` times both.
+  Differentiable in ``x`` like :func:`qmatmul_w8a8`, the input-gradient
+  GEMM in e4m3 with per-row scales (the FP8 recipes' choice of E5M2 for
+  gradients belongs to the recipes of :mod:`jqlm.quant`).
 
   Args:
     x: activations ``(..., K)``.
     qweight: a QArray with ``format="fp8_e4m3"`` and ``granularity``
       ``"channel"`` (axis -1) or ``"tensor"``.
-    impl: ``None`` / ``"xla"`` or ``"pallas"``.
+    impl: ``None``, ``"xla"`` or ``"pallas"``.
     rowwise: per-token activation scales (else one per tensor).
-    interpret: run the Pallas kernel in the interpreter.
+    interpret, platform: as :func:`qmatmul`.
 
   Raises:
     ValueError: another weight format or granularity.
@@ -446,21 +745,9 @@ def qmatmul_fp8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
       "'tensor').")
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
-  m, k = x2.shape
   n = qweight.codes.shape[1]
   ws = jnp.broadcast_to(qweight.scale.astype(jnp.float32).reshape(1, -1),
                         (1, n))
-  xq, xs = _fp8.quantize_fp8(x2, rowwise=rowwise)
-  if impl is not None and _xla_or_pallas(impl, "qmatmul_fp8") is Impl.PALLAS:
-    bm, bn, bk = _blocks(m, k, n, k)
-    if not _fp8.can_use(m, k, n, block_m=bm, block_n=bn, block_k=bk):
-      raise NotImplementedError(
-        f"The FP8 kernel does not serve x {x2.shape} @ w {(k, n)}; use "
-        "impl='xla'.")
-    y = _fp8.fp8_matmul(xq, xs, qweight.codes, ws, out_dtype=x.dtype,
-                        block_m=bm, block_n=bn, block_k=bk,
-                        interpret=interpret)
-  else:
-    acc = jax.lax.dot(xq, qweight.codes, preferred_element_type=jnp.float32)
-    y = (acc * xs * ws).astype(x.dtype)
+  y = _scaled_linear(x2, qweight.codes, ws, "fp8", rowwise, impl, interpret,
+                     platform)
   return y.reshape(*lead, n)

@@ -54,13 +54,27 @@ from jqlm.optim._projector import (
 from jqlm.optim.adam import scale_by_adam
 
 
-def weight_spec(bits: int = 8, group_size: int = 256) -> quant.QuantSpec:
+def weight_spec(bits: int = 8, group_size: int = 256,
+                shape: tuple[int, ...] | None = None) -> quant.QuantSpec:
   """Q-GaLore's weight quantizer for a Flax kernel ``(in, out)`` (spec
   §5.3): asymmetric min-max ``uint{bits}`` in flat groups of the torch
-  ``(out, in)`` weight (``axis=0``), scale floor 1e-5, round-to-nearest."""
-  return quant.QuantSpec(
+  ``(out, in)`` weight (``axis=0``), scale floor 1e-5, round-to-nearest.
+
+  Given the kernel's ``shape`` with ``in`` a multiple of ``group_size``,
+  each flat group is ``group_size`` consecutive ``in`` rows of one output
+  column, i.e. a group along K: the spec is then
+  ``granularity="group", axis=0``, the same groups, codes, scales and
+  stochastic-rounding bits, with the scales stored ``(in // group_size,
+  out)``, the layout the W8A16 kernel reads as stored
+  (:func:`jqlm.ops.is_prepared`). Otherwise (groups that cross rows) the
+  flat groups stay and the weight runs through XLA.
+  """
+  flat = quant.QuantSpec(
     format=quant.int_format(bits, signed=False), granularity="flat_group",
     group_size=group_size, axis=0, eps=1e-5)
+  if shape is not None and len(shape) == 2 and shape[0] % group_size == 0:
+    return flat.replace(granularity="group")
+  return flat
 
 
 def scale_by_q_galore(
@@ -277,7 +291,8 @@ def q_galore(
 def quantize_weights(params, mask: Any = None, *, bits: int = 8,
                      group_size: int = 256):
   """Turns the masked Flax kernels into int8 :class:`jqlm.quant.QArray`
-  (round-to-nearest, as Q-GaLore at init; spec §5.3).
+  (round-to-nearest, as Q-GaLore at init; spec §5.3), stored as the W8A16
+  kernel reads them (groups along K, :func:`weight_spec`).
 
   Args:
     params: a params pytree (arrays or ``jax.ShapeDtypeStruct``).
@@ -292,7 +307,6 @@ def quantize_weights(params, mask: Any = None, *, bits: int = 8,
   """
   check_bits("bits", bits)
   _base.check_int("group_size", group_size)
-  spec = weight_spec(bits, group_size)
   m = resolve_mask(mask, params, "quantize_weights", "to hold in int8")
 
   def conv(p, on):
@@ -303,7 +317,7 @@ def quantize_weights(params, mask: Any = None, *, bits: int = 8,
         f"weight group_size={group_size} must divide the size of the kernel "
         f"of shape {tuple(p.shape)}. Use a divisor of "
         f"{math.prod(p.shape)}.")
-    return quant.quantize(p, spec)
+    return quant.quantize(p, weight_spec(bits, group_size, tuple(p.shape)))
 
   return jax.tree.map(conv, params, m, is_leaf=is_qarray)
 

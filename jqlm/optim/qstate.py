@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jqlm import quant as quant_lib
+
 
 class StateCode(enum.Enum):
   """Code table of a quantized optimizer state (see the module docstring)."""
@@ -182,8 +184,9 @@ class QuantizedMoment:
 
   Attributes:
     codes: ``uint8`` of shape ``(num_blocks, block_size)`` at 8 bits, or
-      ``(num_blocks, block_size // 2)`` with two 4-bit codes per byte (low
-      nibble first).
+      ``(num_blocks, block_size // 2)`` with two 4-bit codes per byte in
+      :func:`jqlm.quant.pack`'s segment layout (the block's first half in
+      the low nibbles).
     absmax: float32 ``(num_blocks,)``.
     shape: the logical shape (static).
     signed: signed (first moment) or unsigned (second moment) table.
@@ -233,7 +236,7 @@ def encode(x: jax.Array, signed: bool, quant: StateQuant) -> QuantizedMoment:
   idx = _count_below(xn, (table[:-1] + table[1:]) / 2)
   codes = idx.astype(jnp.uint8)
   if quant.bits == 4:
-    codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    codes = quant_lib.pack(codes, 4)  # jqlm.quant's segment layout
   return QuantizedMoment(codes=codes, absmax=absmax, shape=shape,
                          signed=signed, quant=quant)
 
@@ -262,8 +265,7 @@ def decode(q: QuantizedMoment) -> jax.Array:
   """The float32 tensor a :class:`QuantizedMoment` stands for."""
   codes = q.codes
   if q.quant.bits == 4:
-    lo, hi = codes & 0xF, codes >> 4
-    codes = jnp.stack([lo, hi], axis=-1).reshape(codes.shape[0], -1)
+    codes = quant_lib.unpack(codes, jnp.uint4)
   table = jnp.asarray(code_table(q.quant.code, q.quant.bits, q.signed))
   vals = table[codes.astype(jnp.int32)] * q.absmax[:, None]
   n = math.prod(q.shape)

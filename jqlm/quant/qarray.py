@@ -11,6 +11,13 @@ import numpy as np
 from jqlm.quant.spec import QuantSpec
 
 
+def _norm_axis(axis: int, ndim: int) -> int:
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"QArray.pack: axis={axis} is out of range for codes of "
+                     f"rank {ndim}; expected -{ndim} <= axis < {ndim}.")
+  return axis % ndim
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QArray:
   r"""A quantized array: ``x ~ (codes - zero_point) * scale``.
@@ -71,15 +78,19 @@ class QArray:
     """Average storage bits per element, scales and zero points included."""
     return 8.0 * self.nbytes / max(self.size, 1)
 
-  def pack(self) -> PackedQArray:
+  def pack(self, axis: int = -1) -> PackedQArray:
     """The codes packed two (4-bit) or four (2-bit) per ``uint8`` byte
-    along the last axis (:func:`jqlm.quant.pack` layout): real 4-bit
+    along ``axis`` (:func:`jqlm.quant.pack`'s segment layout): real 4-bit
     storage that any checkpoint format accepts. Zero points are held one per
     byte.
 
+    A weight ``(..., K, N)`` packed along K (``axis=-2``, what
+    :func:`jqlm.models.quantize_model` does) is the layout the W4A16 kernels
+    read as stored (:mod:`jqlm_kernels.wxa16`).
+
     Raises:
-      ValueError: codes that are not sub-byte, outliers, or a last axis not
-        divisible by the codes per byte.
+      ValueError: codes that are not sub-byte, outliers, or an axis whose
+        length is not divisible by the codes per byte.
     """
     from jqlm.quant.rounding import pack  # noqa: PLC0415 (cycle)
 
@@ -91,10 +102,11 @@ class QArray:
       raise ValueError(
         f"QArray.pack needs 4-bit or 2-bit integer codes, got "
         f"{self.codes.dtype}.")
+    axis = _norm_axis(axis, self.codes.ndim)
     return PackedQArray(
-      packed=pack(self.codes), scale=self.scale,
+      packed=pack(self.codes, axis=axis), scale=self.scale,
       zero_point=self.with_byte_codes().zero_point, spec=self.spec,
-      shape=self.shape)
+      shape=self.shape, axis=axis - self.codes.ndim)
 
   def with_byte_codes(self) -> QArray:
     """The same values with sub-byte integer codes and zero points
@@ -125,7 +137,8 @@ class QArray:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PackedQArray:
   """A :class:`QArray` whose sub-byte codes are packed into ``uint8`` along
-  the last axis (from :meth:`QArray.pack`). A pytree like QArray.
+  one axis (from :meth:`QArray.pack`), in :func:`jqlm.quant.pack`'s segment
+  layout. A pytree like QArray.
 
   Attributes:
     packed: ``uint8`` codes, last axis shortened by the codes per byte.
@@ -133,6 +146,8 @@ class PackedQArray:
     zero_point: integer zero points held in ``int8`` / ``uint8``, or None.
     spec: the static :class:`QuantSpec`.
     shape: the logical shape (static).
+    axis: the packed axis, negative (counted from the end, so that a stack
+      of packed weights keeps it; static).
   """
 
   packed: jax.Array
@@ -140,6 +155,11 @@ class PackedQArray:
   zero_point: jax.Array | None = None
   spec: QuantSpec
   shape: tuple[int, ...]
+  axis: int = -1
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
 
   @property
   def nbytes(self) -> int:
@@ -156,7 +176,8 @@ class PackedQArray:
     zero = self.zero_point
     if zero is not None:
       zero = zero.astype(dtype)
-    return QArray(codes=unpack(self.packed, dtype), scale=self.scale,
+    return QArray(codes=unpack(self.packed, dtype, axis=self.axis),
+                  scale=self.scale,
                   zero_point=zero, spec=self.spec)
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
@@ -165,7 +186,7 @@ class PackedQArray:
 
 jax.tree_util.register_dataclass(
   PackedQArray, data_fields=["packed", "scale", "zero_point"],
-  meta_fields=["spec", "shape"])
+  meta_fields=["spec", "shape", "axis"])
 
 
 jax.tree_util.register_dataclass(

@@ -269,18 +269,22 @@ def _norm_axis(axis: int, ndim: int, what: str) -> int:
   return axis % ndim
 
 
-def _lane_shifts(per: int, bits: int, ndim: int) -> jax.Array:
-  shifts = jnp.arange(per, dtype=jnp.int32) * bits
-  return shifts.reshape((1,) * (ndim - 1) + (per,))
-
-
 def pack(codes: jax.Array, bits: int | None = None, *, axis: int = -1):
   """Packs 4-bit or 2-bit codes into ``uint8``, two or four per byte.
 
-  Layout: along ``axis``, code ``j`` of each run of ``8 // bits`` codes sits
-  in bits ``[j * bits, (j + 1) * bits)`` of its byte (the first code in the
-  low bits). Signed codes are stored in two's complement; ``float4_e2m1fn``
-  codes as their bit pattern.
+  Layout (*segments*): ``axis`` (length ``n``) is cut into ``per = 8 //
+  bits`` contiguous segments of ``n / per`` codes, and byte ``j`` holds code
+  ``j`` of segment ``s`` in bits ``[s * bits, (s + 1) * bits)``: for 4-bit
+  codes, the low nibbles are the first half of the axis and the high nibbles
+  the second half. Any contiguous run of bytes therefore unpacks into
+  ``per`` contiguous runs of codes with no interleaving, which is what lets
+  the low-bit matmul kernels read a packed weight as it is stored (a K-block
+  of packed rows is two contiguous K-blocks of codes, each multiplied by a
+  contiguous slice of the activations; the idea of Marlin's offline
+  repacking). This one layout serves the packed weights, the 4-bit optimizer
+  states, checkpoints and the kernels (:mod:`jqlm_kernels.wxa16`). Signed
+  codes are stored in two's complement; ``float4_e2m1fn`` codes as their bit
+  pattern.
 
   Args:
     codes: ``int4``/``uint4``/``int2``/``uint2``/``float4_e2m1fn`` codes, or
@@ -327,10 +331,11 @@ def pack(codes: jax.Array, bits: int | None = None, *, axis: int = -1):
   mask = (1 << bits) - 1
   v = codes.astype(jnp.int32) & mask
   v = jnp.moveaxis(v, axis, -1)
-  v = v.reshape(*v.shape[:-1], n // per, per)
-  shifts = _lane_shifts(per, bits, v.ndim)
-  packed = jnp.sum(v << shifts, axis=-1).astype(jnp.uint8)
-  return jnp.moveaxis(packed, -1, axis)
+  seg = n // per
+  packed = v[..., :seg]
+  for s in range(1, per):
+    packed = packed | (v[..., s * seg:(s + 1) * seg] << (s * bits))
+  return jnp.moveaxis(packed.astype(jnp.uint8), -1, axis)
 
 
 def unpack(packed: jax.Array, dtype, *, axis: int = -1) -> jax.Array:
@@ -353,9 +358,9 @@ def unpack(packed: jax.Array, dtype, *, axis: int = -1) -> jax.Array:
   axis = _norm_axis(axis, packed.ndim, "unpack")
   per = 8 // bits
   v = jnp.moveaxis(packed, axis, -1).astype(jnp.int32)
-  shifts = _lane_shifts(per, bits, v.ndim + 1)
-  v = (v[..., None] >> shifts) & ((1 << bits) - 1)
-  v = v.reshape(*v.shape[:-2], v.shape[-2] * per)
+  mask = (1 << bits) - 1
+  v = jnp.concatenate([(v >> (s * bits)) & mask for s in range(per)],
+                      axis=-1)
   if signed:
     v = jnp.where(v >= (1 << (bits - 1)), v - (1 << bits), v)
   v = jnp.moveaxis(v, -1, axis)

@@ -7,6 +7,8 @@ from jqlm_kernels.fp8.pallas import (
   fp8_matmul,
   quantize_fp8,
   reference,
+  why_not,
 )
 
-__all__ = ["E4M3_MAX", "can_use", "fp8_matmul", "quantize_fp8", "reference"]
+__all__ = ["E4M3_MAX", "can_use", "fp8_matmul", "quantize_fp8", "reference",
+           "why_not"]

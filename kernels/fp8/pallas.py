@@ -48,17 +48,17 @@ def reference(xq, xs, wq, ws, out_dtype=jnp.float32) -> jax.Array:
           ).astype(out_dtype)
 
 
-def can_use(m: int, k: int, n: int, *, block_m: int, block_n: int,
-            block_k: int) -> bool:
-  """Whether the kernel serves these shapes (powers-of-two tiles dividing
-  M, N and K)."""
-  return common.tiles_ok(m, k, n, block_m, block_n, block_k)
+why_not = common.scaled_why_not
+can_use = common.scaled_can_use
 
 
 @functools.partial(jax.jit, static_argnames=(
-  "out_dtype", "block_m", "block_n", "block_k", "interpret"))
+  "out_dtype", "block_m", "block_n", "block_k", "transpose_w", "platform",
+  "num_warps", "num_stages", "interpret"))
 def fp8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_m: int = 64,
                block_n: int = 64, block_k: int = 64,
+               transpose_w: bool = False, platform: str = "gpu",
+               num_warps: int = 4, num_stages: int = 3,
                interpret: bool = False) -> jax.Array:
   """``(xq * xs) @ (wq * ws)`` with float32 accumulation.
 
@@ -67,6 +67,12 @@ def fp8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_m: int = 64,
     wq: ``float8_e4m3fn`` ``(K, N)``; ws: float32 ``(1, N)`` or ``(1, 1)``.
     out_dtype: output dtype.
     block_m, block_n, block_k: tile sizes (powers of two dividing M, N, K).
+    transpose_w: ``wq`` is ``(N, K)`` and the product is ``xq @ wq.T``
+      (read as stored: the input-gradient GEMM of a ``(N, K)``-contracting
+      weight, e.g. ``dx = dy @ W.T`` with ``W (K_in, N_out)`` passed as
+      is).
+    platform: ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic).
+    num_warps, num_stages: Triton launch parameters.
     interpret: run in the Pallas interpreter (CPU).
 
   Raises:
@@ -74,7 +80,7 @@ def fp8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_m: int = 64,
     NotImplementedError: shapes :func:`can_use` rejects.
   """
   m, k = xq.shape
-  n = wq.shape[1]
+  n = wq.shape[0] if transpose_w else wq.shape[1]
   if xq.dtype != jnp.float8_e4m3fn or wq.dtype != jnp.float8_e4m3fn:
     raise ValueError(f"fp8_matmul: operands must be float8_e4m3fn, got "
                      f"{xq.dtype} and {wq.dtype}; see quantize_fp8.")
@@ -82,12 +88,16 @@ def fp8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_m: int = 64,
     raise ValueError(
       f"fp8_matmul: scales must be (M, 1) or (1, 1) for x and (1, N) or "
       f"(1, 1) for w; got {xs.shape} and {ws.shape} for M={m}, N={n}.")
-  if not can_use(m, k, n, block_m=block_m, block_n=block_n, block_k=block_k):
+  reason = why_not(m, k, n, block_m=block_m, block_n=block_n,
+                   block_k=block_k, platform=platform)
+  if reason is not None:
     raise NotImplementedError(
       f"fp8_matmul: M={m}, K={k}, N={n} with blocks ({block_m}, {block_n}, "
-      f"{block_k}) are not supported.")
+      f"{block_k}) on {platform}: {reason}.")
   xs = jnp.broadcast_to(xs.astype(jnp.float32), (m, 1))
   ws = jnp.broadcast_to(ws.astype(jnp.float32), (1, n))
   return common.scaled_matmul(
     xq, xs, wq, ws, acc_dtype=jnp.float32, out_dtype=out_dtype, block_m=block_m,
-    block_n=block_n, block_k=block_k, interpret=interpret)
+    block_n=block_n, block_k=block_k, transpose_b=transpose_w,
+    platform=platform, num_warps=num_warps, num_stages=num_stages,
+    interpret=interpret)

@@ -5,6 +5,8 @@ from jqlm_kernels.w8a8.pallas import (
     quantize_rows,
     reference,
     w8a8_matmul,
+    why_not,
 )
 
-__all__ = ["can_use", "quantize_rows", "reference", "w8a8_matmul"]
+__all__ = ["can_use", "quantize_rows", "reference", "w8a8_matmul",
+           "why_not"]

@@ -30,17 +30,17 @@ def reference(xq, xs, wq, ws, out_dtype=jnp.float32) -> jax.Array:
   return (acc.astype(jnp.float32) * xs * ws).astype(out_dtype)
 
 
-def can_use(m: int, k: int, n: int, *, block_m: int, block_n: int,
-            block_k: int) -> bool:
-  """Whether the kernel serves these shapes (powers-of-two tiles dividing
-  M, N and K)."""
-  return common.tiles_ok(m, k, n, block_m, block_n, block_k)
+why_not = common.scaled_why_not
+can_use = common.scaled_can_use
 
 
 @functools.partial(jax.jit, static_argnames=(
-  "out_dtype", "block_m", "block_n", "block_k", "interpret"))
+  "out_dtype", "block_m", "block_n", "block_k", "transpose_w", "platform",
+  "num_warps", "num_stages", "interpret"))
 def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_m: int = 16,
                 block_n: int = 64, block_k: int = 64,
+                transpose_w: bool = False, platform: str = "gpu",
+                num_warps: int = 4, num_stages: int = 3,
                 interpret: bool = False) -> jax.Array:
   """``(xq * xs) @ (wq * ws)`` with int32 accumulation.
 
@@ -49,18 +49,27 @@ def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_m: int = 16,
     wq: int8 ``(K, N)``; ws: float32 ``(1, N)`` column scales.
     out_dtype: output dtype.
     block_m, block_n, block_k: tile sizes (powers of two dividing M, N, K).
+    transpose_w: ``wq`` is ``(N, K)`` and the product is ``xq @ wq.T``
+      (read as stored: the input-gradient GEMM of a ``(N, K)``-contracting
+      weight, e.g. ``dx = dy @ W.T`` with ``W (K_in, N_out)`` passed as
+      is).
+    platform: ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic).
+    num_warps, num_stages: Triton launch parameters.
     interpret: run in the Pallas interpreter (CPU).
 
   Raises:
     NotImplementedError: shapes :func:`can_use` rejects.
   """
   m, k = xq.shape
-  n = wq.shape[1]
-  if not can_use(m, k, n, block_m=block_m, block_n=block_n,
-                 block_k=block_k):
+  n = wq.shape[0] if transpose_w else wq.shape[1]
+  reason = why_not(m, k, n, block_m=block_m, block_n=block_n,
+                   block_k=block_k, platform=platform)
+  if reason is not None:
     raise NotImplementedError(
       f"w8a8_matmul: M={m}, K={k}, N={n} with blocks ({block_m}, {block_n}, "
-      f"{block_k}) are not supported.")
+      f"{block_k}) on {platform}: {reason}.")
   return common.scaled_matmul(
     xq, xs, wq, ws, acc_dtype=jnp.int32, out_dtype=out_dtype, block_m=block_m,
-    block_n=block_n, block_k=block_k, interpret=interpret)
+    block_n=block_n, block_k=block_k, transpose_b=transpose_w,
+    platform=platform, num_warps=num_warps, num_stages=num_stages,
+    interpret=interpret)

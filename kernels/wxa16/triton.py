@@ -2,15 +2,15 @@ r"""W4A16 in Triton, called from JAX through jax-triton's ``triton_call``.
 
 The same math and packed layout as :mod:`jqlm_kernels.wxa16.pallas`:
 ``w`` is ``(K // 2, N)`` uint8 from :func:`~jqlm_kernels.wxa16.pack_int4`
-(K-block ``BLOCK_K``: packed row ``r`` of a block holds row ``r`` in its low
-nibble and row ``r + BLOCK_K / 2`` in its high nibble), ``scale`` and the
-optional ``zero`` are float32 ``(K // G, N)``, and
+(packed row ``r`` holds row ``r`` in its low nibble and row ``r + K / 2`` in
+its high nibble), ``scale`` and the optional ``zero`` (any numeric dtype)
+are ``(K // G, N)``, and per K-step of ``BLOCK_K / 2`` packed rows
 
-.. math:: y = x_{lo} \hat W_{lo} + x_{hi} \hat W_{hi}, \quad
+.. math:: y \mathrel{+}= x_{lo} \hat W_{lo} + x_{hi} \hat W_{hi}, \quad
   \hat W = (q - z) s
 
-per K-block, so each half is one contiguous ``tl.dot`` of ``x`` columns
-with dequantized weights (cast to the activation dtype: bf16/fp16 tensor
+so each nibble plane is one contiguous ``tl.dot`` of ``x`` columns with
+dequantized weights (cast to the activation dtype: bf16/fp16 tensor
 cores), accumulated in float32. Grid ``(cdiv(M, BLOCK_M), cdiv(N,
 BLOCK_N))``; M and N may be ragged (masked), K must be a multiple of
 ``BLOCK_K``. Arrays are row-major and contiguous.
@@ -43,9 +43,9 @@ if AVAILABLE:
   @triton.jit
   def w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, o_ptr, M, N, K,
                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """One ``(BLOCK_M, BLOCK_N)`` output tile; loops over K blocks."""
+                   SIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One ``(BLOCK_M, BLOCK_N)`` output tile; loops over K-steps."""
     HALF: tl.constexpr = BLOCK_K // 2
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -56,21 +56,28 @@ if AVAILABLE:
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // BLOCK_K):
-      k_lo = kb * BLOCK_K + rh          # rows held by the low nibbles
-      k_hi = k_lo + HALF                # and by the high nibbles
-      p = tl.load(w_ptr + (kb * HALF + rh)[:, None] * N + rn[None, :],
+      k_lo = kb * HALF + rh             # rows held by the low nibbles
+      k_hi = k_lo + K // 2              # and by the high nibbles
+      p = tl.load(w_ptr + k_lo[:, None] * N + rn[None, :],
                   mask=n_ok[None, :], other=0).to(tl.int32)
       lo = p & 0xF
       hi = (p >> 4) & 0xF
-      lo = tl.where(lo >= 8, lo - 16, lo).to(tl.float32)
-      hi = tl.where(hi >= 8, hi - 16, hi).to(tl.float32)
+      if SIGNED:
+        lo = lo - ((lo & 8) << 1)
+        hi = hi - ((hi & 8) << 1)
+      lo = lo.to(tl.float32)
+      hi = hi.to(tl.float32)
       g_lo = (k_lo // GROUP)[:, None] * N + rn[None, :]
       g_hi = (k_hi // GROUP)[:, None] * N + rn[None, :]
       if HAS_ZERO:
-        lo = lo - tl.load(z_ptr + g_lo, mask=n_ok[None, :], other=0.0)
-        hi = hi - tl.load(z_ptr + g_hi, mask=n_ok[None, :], other=0.0)
-      lo = lo * tl.load(s_ptr + g_lo, mask=n_ok[None, :], other=0.0)
-      hi = hi * tl.load(s_ptr + g_hi, mask=n_ok[None, :], other=0.0)
+        lo = lo - tl.load(z_ptr + g_lo, mask=n_ok[None, :],
+                          other=0).to(tl.float32)
+        hi = hi - tl.load(z_ptr + g_hi, mask=n_ok[None, :],
+                          other=0).to(tl.float32)
+      lo = lo * tl.load(s_ptr + g_lo, mask=n_ok[None, :],
+                        other=0.0).to(tl.float32)
+      hi = hi * tl.load(s_ptr + g_hi, mask=n_ok[None, :],
+                        other=0.0).to(tl.float32)
       x_lo = tl.load(x_ptr + rm[:, None] * K + k_lo[None, :],
                      mask=m_ok[:, None], other=0.0)
       x_hi = tl.load(x_ptr + rm[:, None] * K + k_hi[None, :],
@@ -90,7 +97,8 @@ def can_use(m: int, k: int, n: int, *, group_size: int, block_m: int,
   del m, n  # masked
   if any(b < 16 or b & (b - 1) for b in (block_m, block_n, block_k)):
     return False
-  return k % block_k == 0 and k % group_size == 0
+  return (k % block_k == 0 and k % group_size == 0
+          and (k // 2) % (block_k // 2) == 0)
 
 
 def grid(m: int, n: int, block_m: int, block_n: int) -> tuple[int, int]:
@@ -99,7 +107,7 @@ def grid(m: int, n: int, block_m: int, block_n: int) -> tuple[int, int]:
 
 
 def w4a16_matmul(x, w, scale, zero=None, *, group_size: int,
-                 block_m: int = 16, block_n: int = 64, block_k: int = 64,
+                 signed: bool = True, block_m: int = 16, block_n: int = 64, block_k: int = 64,
                  num_warps: int = 4, num_stages: int = 3) -> jax.Array:
   """``x (M, K) @ dequant(w) -> (M, N)`` in ``x.dtype`` through
   ``jax_triton.triton_call`` (GPU only).
@@ -107,8 +115,9 @@ def w4a16_matmul(x, w, scale, zero=None, *, group_size: int,
   Args:
     x: bf16 / fp16 / f32 activations ``(M, K)``.
     w: packed int4 ``(K // 2, N)`` uint8 (``pack_int4(codes, block_k)``).
-    scale: float32 ``(K // group_size, N)``; zero: optional, same shape.
+    scale: float ``(K // group_size, N)``; zero: optional, same shape.
     group_size: rows per scale.
+    signed: two's complement nibbles (int4) or plain ones (uint4).
     block_m, block_n, block_k: tile sizes (constexpr).
     num_warps, num_stages: Triton launch parameters.
 
@@ -131,10 +140,10 @@ def w4a16_matmul(x, w, scale, zero=None, *, group_size: int,
   # jax-triton >= 0.4 names the output `out_type`, older ones `out_shape`.
   out_kw = ("out_type" if "out_type" in inspect.signature(
     jt.triton_call).parameters else "out_shape")
-  scale = scale.astype("float32")
   return jt.triton_call(
-    x, w, scale, scale if zero is None else zero.astype("float32"),
+    x, w, scale, scale if zero is None else zero,
     kernel=w4a16_kernel, grid=grid(m, n, block_m, block_n),
     num_warps=num_warps, num_stages=num_stages, M=m, N=n, K=k,
-    GROUP=group_size, HAS_ZERO=zero is not None, BLOCK_M=block_m,
+    GROUP=group_size, HAS_ZERO=zero is not None, SIGNED=signed,
+    BLOCK_M=block_m,
     BLOCK_N=block_n, BLOCK_K=block_k, **{out_kw: out})

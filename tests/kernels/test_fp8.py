@@ -15,18 +15,25 @@ def _data(m, k, n, seed=0):
           jnp.asarray(rng.normal(size=(k, n)), jnp.float32))
 
 
-@pytest.mark.parametrize("m, k, n, bm, bk", [(1, 128, 64, 1, 64),
-                                             (32, 256, 128, 16, 128),
-                                             (64, 64, 64, 64, 32)])
+@pytest.mark.parametrize("m, k, n, bm, bn, bk, platform", [
+  (16, 128, 64, 16, 64, 64, "gpu"),
+  (32, 256, 128, 16, 64, 128, "gpu"),
+  (8, 256, 128, 8, 128, 128, "tpu"),
+  (32, 512, 256, 16, 128, 256, "tpu"),
+])
 @pytest.mark.parametrize("rowwise", [True, False])
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_matches_reference(m, k, n, bm, bk, rowwise, out_dtype):
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_kernel_matches_reference(m, k, n, bm, bn, bk, platform, rowwise,
+                                  out_dtype, transpose_w):
   x, w = _data(m, k, n)
   xq, xs = fp8.quantize_fp8(x, rowwise=rowwise)
-  wq, ws = fp8.quantize_fp8(w.T, rowwise=rowwise)  # per output channel
-  wq, ws = wq.T, ws.T
-  got = fp8.fp8_matmul(xq, xs, wq, ws, out_dtype=out_dtype, block_m=bm,
-                       block_n=64, block_k=bk, interpret=True)
+  wq_t, ws = fp8.quantize_fp8(w.T, rowwise=rowwise)  # per output channel
+  wq, ws = wq_t.T, ws.T
+  got = fp8.fp8_matmul(xq, xs, wq_t if transpose_w else wq, ws,
+                       out_dtype=out_dtype, block_m=bm, block_n=bn,
+                       block_k=bk, transpose_w=transpose_w,
+                       platform=platform, interpret=True)
   want = fp8.reference(xq, xs, wq, ws, out_dtype)
   # products of e4m3 values are exact in f32; the kernel and the oracle
   # differ in summation order (<= 256 terms): 1e-5 relative in f32, and one
@@ -63,6 +70,10 @@ def test_invalid_inputs_raise():
     fp8.fp8_matmul(xq, jnp.ones((8, 1)), wq, jnp.ones((1, 64)),
                    interpret=True)
   assert not fp8.can_use(10, 64, 64, block_m=16, block_n=64, block_k=32)
+  assert "at least 16" in fp8.why_not(8, 64, 64, block_m=8, block_n=64,
+                                      block_k=32)
+  assert "128" in fp8.why_not(8, 64, 64, block_m=8, block_n=64,
+                              block_k=32, platform="tpu")
   with pytest.raises(NotImplementedError):
     fp8.fp8_matmul(xq, jnp.ones((16, 1)), wq, jnp.ones((1, 64)), block_m=32,
                    interpret=True)

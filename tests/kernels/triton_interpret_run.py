@@ -27,17 +27,16 @@ def run_case(m, k, n, g, bk, zero, bm=16, bn=64):
   s = rng.uniform(0.01, 0.05, size=(k // g, n)).astype(np.float32)
   z = (rng.integers(-3, 4, size=(k // g, n)).astype(np.float32)
        if zero else None)
-  w = np.asarray(wxa16.pack_int4(codes, bk))
+  w = np.asarray(wxa16.pack_int4(codes))
   out = torch.empty((m, n), dtype=torch.float32)
   ts = torch.tensor(s)
   tk.w4a16_kernel[tk.grid(m, n, bm, bn)](
     torch.tensor(x), torch.tensor(w), ts,
     ts if z is None else torch.tensor(z), out, m, n, k, GROUP=g,
-    HAS_ZERO=zero, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    HAS_ZERO=zero, SIGNED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
   want = np.asarray(wxa16.reference(
     jnp.asarray(x), jnp.asarray(w), jnp.asarray(s),
-    None if z is None else jnp.asarray(z), bits=4, group_size=g,
-    block_k=bk))
+    None if z is None else jnp.asarray(z), bits=4, group_size=g))
   got = out.numpy()
   err = np.abs(got - want) - 1e-5 * np.abs(want)
   return float(np.max(err))

@@ -185,14 +185,23 @@ def test_pack_unpack_round_trip(dtype, rows, cols_per, axis, seed):
   np.testing.assert_array_equal(np32(back), np32(codes))
 
 
-def test_pack_layout_low_bits_first():
+def test_pack_layout_segments():
+  """Byte j holds code j of each contiguous segment (first segment in the
+  low bits): a run of bytes unpacks into contiguous runs of codes."""
   codes = jnp.asarray([1, 2, -1, 7], jnp.int32).astype(jnp.int4)
-  np.testing.assert_array_equal(np.asarray(quant.pack(codes)), [0x21, 0x7F])
+  # low nibbles: codes 0, 1; high nibbles: codes 2, 3
+  np.testing.assert_array_equal(np.asarray(quant.pack(codes)), [0xF1, 0x72])
   two = jnp.asarray([1, 0, -1, -2], jnp.int32).astype(jnp.int2)
-  # 01, 00, 11, 10 -> 0b10_11_00_01
+  # one byte, one code per segment: 01, 00, 11, 10 -> 0b10_11_00_01
   np.testing.assert_array_equal(np.asarray(quant.pack(two)), [0b10110001])
   wide = jnp.asarray([3, 12], jnp.uint8)
   np.testing.assert_array_equal(np.asarray(quant.pack(wide, 4)), [0xC3])
+  # an independent numpy transcription on a longer axis
+  rng = np.random.default_rng(0)
+  c = rng.integers(0, 16, size=(3, 10)).astype(np.uint8)
+  want = c[:, :5] | (c[:, 5:] << 4)
+  np.testing.assert_array_equal(
+    np.asarray(quant.pack(jnp.asarray(c).astype(jnp.uint4))), want)
 
 
 def test_pack_quantized_codes():
