@@ -9,7 +9,12 @@ measured in the same run (never a timed test).
 * ``jqlm bench memory``: params + optimizer-state bytes of the official
   LLaMA configs per training recipe (``jax.eval_shape``, no allocation).
 * ``jqlm bench matmul``: low-bit matmuls through :mod:`jqlm.ops` at the
-  LLaMA-7B and LLaMA-3-8B linear shapes.
+  LLaMA-7B and LLaMA-3-8B linear shapes; ``--tune`` times the kernels'
+  candidate tiles and writes the table the dispatcher reads
+  (:mod:`jqlm_kernels.tiles`).
+* ``jqlm bench generate``: decode tokens/s of a LLaMA with random weights,
+  bf16 vs int8 vs int4 (prepared) weights, each with a bf16 and an int8 KV
+  cache.
 
 Every shape comes from the model: :data:`jqlm.models.PRESETS` built under
 ``nnx.eval_shape`` (:func:`param_structs`), and the block linears through
@@ -487,8 +492,8 @@ def bench_matmul(ms=KERNEL_MS, shapes=None, iters: int = 20,
     weights = (
       w.astype(jnp.bfloat16),
       quant.quantize(w, quant.QuantSpec(format="int8", granularity="channel")),
-      quant.quantize(w, quant.QuantSpec(format="int4", granularity="group",
-                                        group_size=128, axis=0)),
+      ops.prepare(quant.quantize(w, quant.QuantSpec(
+        format="int4", granularity="group", group_size=128, axis=0))),
       quant.quantize(w, quant.QuantSpec(format="fp8_e4m3",
                                         granularity="channel")),
     )
@@ -525,4 +530,281 @@ def format_matmul_rows(rows: list[MatmulRow], title: str) -> str:
     lines.append(
       f"{r.case:<44} {r.m:>5} {r.seconds * 1e3:>9.3f} {r.tflops:>8.2f} "
       f"{r.gbps:>8.1f} {roof:>6} {r.vs_bf16:>6.2f} {deq:>6}")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# tile tuning
+
+
+def _tile_candidates(kind: str, platform: str, cls: str):
+  """Candidate tiles around the default of ``kind`` (halved and doubled
+  along each axis, and the default's warps / stages varied on GPU)."""
+  from jqlm_kernels import tiles  # noqa: PLC0415
+
+  base = tiles.DEFAULTS[(kind, platform, cls)]
+  out = {base}
+  for f in ("block_m", "block_n", "block_k"):
+    for mult in (0.5, 2):
+      v = int(getattr(base, f) * mult)
+      if v >= 8:
+        out.add(base._replace(**{f: v}))
+  if platform == "gpu":
+    for w, st in ((4, 2), (4, 4), (8, 3), (8, 4)):
+      out.add(base._replace(num_warps=w, num_stages=st))
+  return sorted(out)
+
+
+class TuneRow(NamedTuple):
+  """One tile candidate timed by :func:`tune_matmul`."""
+
+  kernel: str
+  shape_class: str
+  m: int
+  k: int
+  n: int
+  tiles: tuple
+  seconds: float
+  best: bool
+
+
+def tune_matmul(shapes=None, ms=(1, 64, 1024), iters: int = 10,
+                interpret: bool = False, save: bool = True,
+                path: str | None = None, budget_s: float | None = None
+                ) -> tuple[list[TuneRow], str | None]:
+  """Times each kernel's candidate tiles (:func:`_tile_candidates`) per
+  shape class on the current device, keeps the fastest per (kernel, class)
+  summed over ``shapes``, and writes them to the tile table the dispatcher
+  reads (:func:`jqlm_kernels.tiles.save`, keyed by device kind). Returns the
+  rows and the path written (None without ``save``).
+
+  On CPU it needs ``interpret=True`` and measures the interpreter (a smoke
+  test of the tuner, not of the tiles). ``budget_s`` stops trying new
+  candidates after that many seconds (what was measured is kept; the
+  table says which classes were reached).
+  """
+  from jqlm_kernels import common as kcommon  # noqa: PLC0415
+  from jqlm_kernels import tiles, w8a8, wxa16  # noqa: PLC0415
+
+  backend = jax.default_backend()
+  platform = backend if backend in ("gpu", "tpu") else "gpu"
+  if backend not in ("gpu", "tpu") and not interpret:
+    raise ValueError("tune_matmul measures kernels on a GPU or TPU; on CPU "
+                     "pass interpret=True (a smoke test of the tuner).")
+  device = jax.devices()[0].device_kind
+  shapes = kernel_shapes() if shapes is None else shapes
+  key = jax.random.key(0)
+  totals: dict[tuple[str, str, tuple], float] = {}
+  rows = []
+  t_start = time.perf_counter()
+  for (k, n) in shapes.values():
+    w = jax.random.normal(key, (k, n), jnp.float32) * 0.02
+    q4 = ops.kernel_weight(ops.prepare(quant.quantize(w, quant.QuantSpec(
+      format="int4", granularity="group", group_size=128, axis=0))))
+    q8 = quant.quantize(w, quant.QuantSpec(format="int8",
+                                           granularity="channel"))
+    for m in ms:
+      cls = tiles.shape_class(m)
+      x = jax.random.normal(key, (m, k), jnp.bfloat16)
+      xq, xs = w8a8.quantize_rows(x)
+      for kind in ("wxa16", "w8a8"):
+        for t in _tile_candidates(kind, platform, cls):
+          if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            break
+          mp = kcommon.round_up(m, t.block_m)
+          xp = jnp.pad(x, ((0, mp - m), (0, 0)))
+          if kind == "wxa16":
+            if wxa16.why_not(mp, k, n, bits=4, group_size=128,
+                             block_m=t.block_m, block_n=t.block_n,
+                             block_k=t.block_k, platform=platform):
+              continue
+            fn = functools.partial(
+              wxa16.wxa16_matmul, w=q4.w, scale=q4.scale, bits=4,
+              group_size=128, block_m=t.block_m, block_n=t.block_n,
+              block_k=t.block_k, platform=platform, num_warps=t.num_warps,
+              num_stages=t.num_stages, interpret=interpret)
+            args = (xp,)
+          else:
+            if kcommon.scaled_why_not(mp, k, n, block_m=t.block_m,
+                                      block_n=t.block_n, block_k=t.block_k,
+                                      platform=platform):
+              continue
+            fn = functools.partial(
+              w8a8.w8a8_matmul, wq=q8.codes, ws=q8.scale.reshape(1, n),
+              block_m=t.block_m, block_n=t.block_n, block_k=t.block_k,
+              platform=platform, num_warps=t.num_warps,
+              num_stages=t.num_stages, interpret=interpret)
+            args = (jnp.pad(xq, ((0, mp - m), (0, 0))),
+                    jnp.pad(xs, ((0, mp - m), (0, 0))))
+          f = jax.jit(fn)
+          try:
+            secs = time_fn(lambda *a, f=f: (jax.block_until_ready(f(*a)),
+                                            *a)[1:], *args, iters=iters,
+                           warmup=1)
+          except Exception:  # noqa: BLE001  (a tile that fails to compile)
+            continue
+          totals[(kind, cls, tuple(t))] = totals.get(
+            (kind, cls, tuple(t)), 0.0) + secs
+          rows.append(TuneRow(kind, cls, m, k, n, tuple(t), secs, False))
+  # a candidate competes only if it served every (shape, M) of its class
+  # that any candidate served (a tile that fits fewer shapes would win on
+  # a smaller sum)
+  counts: dict[tuple[str, str, tuple], int] = {}
+  for r in rows:
+    counts[(r.kernel, r.shape_class, r.tiles)] = counts.get(
+      (r.kernel, r.shape_class, r.tiles), 0) + 1
+  full = {}
+  for (kind, cls, _), c in counts.items():
+    full[(kind, cls)] = max(full.get((kind, cls), 0), c)
+  best: dict[tuple[str, str], tuple] = {}
+  for (kind, cls, t), secs in totals.items():
+    if counts[(kind, cls, t)] < full[(kind, cls)]:
+      continue
+    if (kind, cls) not in best or secs < totals[(kind, cls, best[
+        (kind, cls)])]:
+      best[(kind, cls)] = t
+  rows = [r._replace(best=best.get((r.kernel, r.shape_class)) == r.tiles)
+          for r in rows]
+  written = None
+  if save and best:
+    table = {tiles.key(kind, platform, cls, device): tiles.Tiles(*t)
+             for (kind, cls), t in best.items()}
+    written = tiles.save(table, path)
+  return rows, written
+
+
+def format_tune_rows(rows: list[TuneRow], title: str) -> str:
+  """The :func:`tune_matmul` table, fastest tiles marked ``*``."""
+  head = (f"{'kernel':<7} {'class':<7} {'M':>5} {'K':>6} {'N':>6} "
+          f"{'tiles (bm, bn, bk, warps, stages)':<36} {'ms':>9}")
+  lines = [title, head, "-" * len(head)]
+  for r in rows:
+    lines.append(f"{r.kernel:<7} {r.shape_class:<7} {r.m:>5} {r.k:>6} "
+                 f"{r.n:>6} {str(r.tiles):<36} {r.seconds * 1e3:>9.3f}"
+                 f"{' *' if r.best else ''}")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# decode throughput
+
+
+class GenerateRow(NamedTuple):
+  """One row of :func:`bench_generate`."""
+
+  weights: str
+  cache: str
+  batch: int
+  prefill_s: float  # the prompt through the model, filling the cache
+  decode_s: float  # new_tokens greedy decode steps
+  tokens_per_s: float  # batch * new_tokens / decode_s
+  vs_bf16: float  # this tokens/s / the bf16-weight, same-cache tokens/s
+  weight_bytes: int
+
+
+GENERATE_WEIGHTS = {
+  "bf16": None,
+  "int8 channel": quant.QuantSpec(format="int8", granularity="channel"),
+  "int4 g128 (prepared)": quant.QuantSpec(format="int4", granularity="group",
+                                          group_size=128, axis=0),
+}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _prefill(graphdef, state, prompt_BxP, cache_len_dtype):
+  cache_len, cache_dtype = cache_len_dtype
+  model = nnx.merge(graphdef, state)
+  cache = models.init_cache(model.cfg, prompt_BxP.shape[0], cache_len,
+                            jnp.dtype(cache_dtype))
+  logits, cache = model(prompt_BxP, cache=cache)
+  return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _decode(graphdef, state, tok_B, cache, n):
+  """``n`` greedy decode steps from a filled cache (one jitted scan)."""
+  model = nnx.merge(graphdef, state)
+
+  def body(carry, _):
+    tok, cache = carry
+    logits, cache = model(tok[:, None], cache=cache)
+    return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache), None
+
+  (tok, _), _ = jax.lax.scan(body, (tok_B, cache), None, length=n)
+  return tok
+
+
+def _median_wall(fn, iters: int) -> float:
+  jax.block_until_ready(fn())  # compile, warm up
+  ts = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def bench_generate(preset: str = "llama_tiny", *, batches=(1, 8),
+                   prompt_len: int = 128, new_tokens: int = 128,
+                   iters: int = 3, weights=None,
+                   caches=("bfloat16", "int8")) -> list[GenerateRow]:
+  """Decode tokens/s of ``preset`` with random weights (bf16 params and
+  compute), per weight format (:data:`GENERATE_WEIGHTS`, quantized by
+  :func:`jqlm.models.quantize_model`, so prepared for the kernels) and KV
+  cache dtype, at each batch size; the ratio is against bf16 weights with
+  the same cache and batch, measured in the same run.
+
+  The prompt is prefilled once per case (timed on its own); the decode
+  time is ``new_tokens`` greedy steps from that cache in one jitted scan,
+  the model as :func:`jqlm.models.generate` runs it (median of
+  ``iters``). Group sizes that do not divide a small preset's narrow
+  layers are reduced to one that does (the row name says which).
+  """
+  cfg = _config(preset).replace(dtype="bfloat16", param_dtype="bfloat16",
+                                max_seq_len=max(_config(preset).max_seq_len,
+                                                prompt_len + new_tokens))
+  weights = GENERATE_WEIGHTS if weights is None else weights
+  base_model = models.Llama(cfg, rngs=nnx.Rngs(0))
+  ks = [k for k, _ in models.linear_shapes(cfg).values()]
+  rows = []
+  for wname, spec in weights.items():
+    if spec is not None and spec.granularity is quant.Granularity.GROUP \
+        and math.gcd(spec.group_size, *ks) != spec.group_size:
+      g = math.gcd(spec.group_size, *ks)  # a small preset's narrow layers
+      spec = spec.replace(group_size=g)
+      wname = wname.replace(f"g{128}", f"g{g}")
+    model = base_model if spec is None else models.quantize_model(
+      base_model, spec)
+    graphdef, state = nnx.split(model)
+    wbytes = models.weight_bytes(model)
+    for cache in caches:
+      for b in batches:
+        prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0,
+                                    cfg.vocab_size, jnp.int32)
+        meta = (prompt_len + new_tokens, cache)
+        pre = functools.partial(_prefill, graphdef, state, prompt, meta)
+        t_pre = _median_wall(pre, iters)
+        tok, filled = pre()
+        t_dec = _median_wall(functools.partial(
+          _decode, graphdef, state, tok, filled, new_tokens), iters)
+        rows.append(GenerateRow(wname, cache, b, t_pre, t_dec,
+                                b * new_tokens / t_dec, 1.0, wbytes))
+  first = next(iter(weights))
+  base = {(r.cache, r.batch): r.tokens_per_s for r in rows
+          if r.weights == first}
+  return [r._replace(vs_bf16=r.tokens_per_s / base[(r.cache, r.batch)])
+          for r in rows]
+
+
+def format_generate_rows(rows: list[GenerateRow], title: str) -> str:
+  """The :func:`bench_generate` table."""
+  head = (f"{'weights':<22} {'KV cache':<9} {'B':>3} {'weights MB':>10} "
+          f"{'prefill ms':>10} {'decode ms':>9} {'decode tok/s':>12} "
+          f"{'x bf16':>7}")
+  lines = [title, head, "-" * len(head)]
+  for r in rows:
+    lines.append(
+      f"{r.weights:<22} {r.cache:<9} {r.batch:>3} {r.weight_bytes / 1e6:>10.1f}"
+      f" {r.prefill_s * 1e3:>10.1f} {r.decode_s * 1e3:>9.1f} "
+      f"{r.tokens_per_s:>12.1f} {r.vs_bf16:>7.2f}")
   return "\n".join(lines)

@@ -4,7 +4,8 @@ Sub-commands:
 
 * ``jqlm demo``: quantize random data in every format and print a table of
   storage bits and errors.
-* ``jqlm bench optim|quant|memory|matmul``: benchmark tables (see :mod:`jqlm.bench`).
+* ``jqlm bench optim|quant|memory|matmul|generate|train``: benchmark tables
+  (see :mod:`jqlm.bench`).
 * ``jqlm train --config <preset or file.py> --set key=value ...``: train
   (:func:`jqlm.train.run`); ``--resume`` continues from the newest checkpoint.
 * ``jqlm compare <suite or file.py>``: several optimizer / precision arms
@@ -17,6 +18,7 @@ Sub-commands:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +38,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
   return 0
 
 
+def _bench_shapes(bench, which: str):
+  """The (K, N) shapes of ``jqlm bench matmul --shapes``."""
+  if which == "all":
+    return None  # bench.kernel_shapes(): LLaMA-7B and LLaMA-3-8B
+  if which == "8b":
+    return bench.kernel_shapes({"8B": "llama3_8b"})
+  return {"tiny 256x512": (256, 512), "tiny 512x256": (512, 256)}
+
+
+def _bench_out(args: argparse.Namespace, text: str, rows) -> int:
+  """Prints a benchmark table and writes its rows as JSON with ``--json``
+  (and the table as markdown beside it)."""
+  import dataclasses  # noqa: PLC0415
+  import json  # noqa: PLC0415
+
+  print(text)
+  if args.json:
+    out = [r._asdict() if hasattr(r, "_asdict") else dataclasses.asdict(r)
+           for r in rows]
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump({"argv": sys.argv[1:], "rows": out}, f, indent=1)
+    with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
+      f.write("```\n" + text + "\n```\n")
+  return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
   import jax  # noqa: PLC0415
 
@@ -48,12 +77,55 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     title = (f"one jitted update, LLaMA-130M shapes (scale {args.scale}), "
              f"ratio vs optax.adamw; {device}, jax {jax.__version__}")
   elif args.which in ("matmul", "kernels"):
-    rows = bench.bench_matmul(iters=args.iters)
-    print(bench.format_matmul_rows(
-      rows, f"low-bit matmuls through jqlm.ops (xbf16 = bf16 dot time / "
-      f"time, xdeq = XLA dequantize-then-dot time / time, %roof = roofline "
-      f"time / time); {device}, jax {jax.__version__}"))
-    return 0
+    shapes = _bench_shapes(bench, args.shapes)
+    ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else None
+    if args.tune:
+      rows, path = bench.tune_matmul(
+        shapes, **({"ms": ms} if ms else {}), iters=args.iters,
+        interpret=args.interpret, path=args.tiles, budget_s=args.budget)
+      text = bench.format_tune_rows(
+        rows, f"tile candidates per kernel and shape class (* = fastest, "
+        f"summed over the shapes; written to {path}); {device}, jax "
+        f"{jax.__version__}")
+    else:
+      rows = bench.bench_matmul(**({"ms": ms} if ms else {}), shapes=shapes,
+                                iters=args.iters, interpret=args.interpret)
+      text = bench.format_matmul_rows(
+        rows, f"low-bit matmuls through jqlm.ops (xbf16 = bf16 dot time / "
+        f"time, xdeq = XLA dequantize-then-dot time / time, %roof = "
+        f"roofline time / time); {device}, jax {jax.__version__}")
+    return _bench_out(args, text, rows)
+  elif args.which == "generate":
+    on_device = jax.default_backend() in ("gpu", "tpu")
+    preset = args.preset or ("llama3_8b" if on_device else "llama_tiny")
+    batches = tuple(int(v) for v in args.batches.split(","))
+    rows = bench.bench_generate(preset, batches=batches,
+                                prompt_len=args.prompt_len,
+                                new_tokens=args.new_tokens,
+                                iters=args.iters,
+                                caches=tuple(args.caches.split(",")))
+    text = bench.format_generate_rows(
+      rows, f"greedy decode of {preset} with random weights, prompt "
+      f"{args.prompt_len}, {args.new_tokens} new tokens (x bf16 = tokens/s "
+      f"/ bf16 weights' with the same cache and batch); {device}, jax "
+      f"{jax.__version__}")
+    return _bench_out(args, text, rows)
+  elif args.which == "train":
+    from jqlm.train import plan  # noqa: PLC0415
+
+    on_device = jax.default_backend() in ("gpu", "tpu")
+    preset = args.preset or ("llama_1b" if on_device else "llama_tiny")
+    peaks = bench.device_peaks()
+    rows = plan.train_throughput(
+      preset, batch_size=args.batch, seq_len=args.seq_len,
+      steps=args.iters, rank=args.rank, remat=args.remat,
+      peak_flops=None if peaks is None else peaks["bf16"])
+    text = plan.format_throughput(
+      rows, f"train step of {preset}, bf16, batch {args.batch} x "
+      f"{args.seq_len}{', remat' if args.remat else ''} (MFU = (6N + "
+      f"attention) FLOPs per token x tokens/s / bf16 peak; x base = "
+      f"tokens/s / the first row's); {device}, jax {jax.__version__}")
+    return _bench_out(args, text, rows)
   elif args.which == "memory" and args.step:
     from jqlm.train import plan  # noqa: PLC0415
 
@@ -64,11 +136,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
       if not cases:
         raise ValueError(f"--case {args.case} matches none of "
                          f"{list(plan.STEP_CASES)}.")
-    base, rows = plan.step_memory_table(args.preset, batch_size=args.batch,
+    base, rows = plan.step_memory_table(args.preset or "llama_350m",
+                                        batch_size=args.batch,
                                         seq_len=args.seq_len, cases=cases,
                                         baseline=args.baseline)
     print(f"compiled peak of one train step (memory_analysis: arguments + "
-          f"temporaries + outputs - aliased), {args.preset}, float32, batch "
+          f"temporaries + outputs - aliased), {args.preset or 'llama_350m'}, "
+          f"float32, batch "
           f"{args.batch} x {args.seq_len}, remat; {device}, jax "
           f"{jax.__version__}")
     print(plan.format_step_memory([r for r in (base, *rows) if r], base))
@@ -208,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     "same run.",
   )
   bench.add_argument("which", choices=["optim", "quant", "memory", "matmul",
-                                      "kernels"],
+                                      "kernels", "generate", "train"],
                      help="kernels is an alias of matmul")
   bench.add_argument("--iters", type=int, default=5,
                      help="timed iterations per round (median kept)")
@@ -224,12 +298,48 @@ def build_parser() -> argparse.ArgumentParser:
     help="memory only: compile the train step from abstract inputs for "
     "this backend and print its peak by part, against a minimal optax "
     "AdamW step (jqlm.train.plan)")
-  bench.add_argument("--preset", default="llama_350m",
-                     help="memory --step: the model preset")
+  bench.add_argument("--preset", default=None,
+                     help="memory --step (default llama_350m), generate "
+                     "(default llama3_8b on a GPU/TPU, llama_tiny on CPU) and "
+                     "train (llama_1b / llama_tiny): the model preset")
   bench.add_argument("--batch", type=int, default=1,
-                     help="memory --step: sequences per step")
+                     help="memory --step, train: sequences per step")
   bench.add_argument("--seq-len", type=int, default=256,
-                     help="memory --step: tokens per sequence")
+                     help="memory --step, train: tokens per sequence")
+  bench.add_argument("--tune", action="store_true",
+                     help="matmul: time the kernels' candidate tiles and "
+                     "write the fastest to the tile table the dispatcher "
+                     "reads (jqlm_kernels.tiles; --tiles or $JQLM_TILES)")
+  bench.add_argument("--budget", type=float, default=None,
+                     help="matmul --tune: stop trying candidates after this "
+                     "many seconds")
+  bench.add_argument("--caches", default="bfloat16,int8",
+                     help="generate: comma-separated KV-cache dtypes")
+  bench.add_argument("--tiles", default=None,
+                     help="matmul --tune: the tile table to write")
+  bench.add_argument("--shapes", choices=("all", "8b", "tiny"), default="all",
+                     help="matmul: LLaMA-7B and LLaMA-3-8B linears (all), "
+                     "LLaMA-3-8B only, or two tiny shapes (CPU smoke runs)")
+  bench.add_argument("--ms", default=None,
+                     help="matmul: comma-separated M (rows of x), e.g. "
+                     "1,16,256")
+  bench.add_argument("--interpret", action="store_true",
+                     help="matmul: run the Pallas kernels in the interpreter "
+                     "(CPU; correctness, not speed)")
+  bench.add_argument("--batches", default="1,8",
+                     help="generate: comma-separated batch sizes")
+  bench.add_argument("--prompt-len", type=int, default=128,
+                     help="generate: prompt tokens")
+  bench.add_argument("--new-tokens", type=int, default=128,
+                     help="generate: decoded tokens")
+  bench.add_argument("--rank", type=int, default=None,
+                     help="train: the Q-GaLore rank (small presets need one "
+                     "below their narrowest linear)")
+  bench.add_argument("--remat", action="store_true",
+                     help="train: rematerialize each block")
+  bench.add_argument("--json", default=None,
+                     help="matmul, generate, train: also write the rows as "
+                     "JSON here (and the table as markdown beside it)")
   bench.add_argument("--case", action="append", default=[],
                      help="memory --step: only the cases whose name "
                      "contains this (repeatable; e.g. 'layer-wise')")

@@ -146,8 +146,8 @@ class ParamShardings:
     mesh: the mesh.
     rules: logical name -> mesh axis.
 
-  Quantized params shard their codes like the float kernel and replicate
-  their scales; a dim that a mesh axis does not divide is replicated
+  Quantized params shard their codes (a prepared 4-bit weight its packed
+  bytes) like the float kernel and replicate their scales; a dim that a mesh axis does not divide is replicated
   (:func:`fit_pspec`).
   """
 
@@ -161,7 +161,10 @@ class ParamShardings:
       path = key_path(kp)
       spec = to_pspec(axes.get(path), rules)
       if is_quantized(leaf):
-        shape = tuple(leaf.codes.shape)
+        # the codes, or a prepared 4-bit weight's packed bytes (K/2, N):
+        # sharded like the float kernel, its dims permitting
+        codes = getattr(leaf, "codes", None)
+        shape = tuple((leaf.packed if codes is None else codes).shape)
         spec = fit_pspec(spec, shape, mesh)
         self.specs[path] = (spec, shape)
         return jax.tree.map(

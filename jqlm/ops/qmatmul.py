@@ -166,11 +166,11 @@ def _layout(q) -> tuple[int, int] | None:
   """``(bits, group)`` if ``q``'s format and scale layout are what the
   kernel computes (per output channel, or groups along K), else None."""
   spec = q.spec
-  if len(q.shape) != 2 or spec.format.value not in _KERNEL_FORMATS:
-    return None
+  if len(q.shape) < 2 or spec.format.value not in _KERNEL_FORMATS:
+    return None  # (a scanned stack (layers, K, N) is judged per layer)
   if getattr(q, "outlier_values", None) is not None:
     return None
-  k = q.shape[0]
+  k = q.shape[-2]
   if spec.granularity is quant.Granularity.CHANNEL and spec.axis % 2 == 1:
     return spec.bits, k
   if spec.granularity is quant.Granularity.GROUP and spec.axis % 2 == 0:
@@ -186,7 +186,7 @@ def is_prepared(q) -> bool:
   if _layout(q) is None:
     return False
   if isinstance(q, quant.PackedQArray):
-    return q.axis % 2 == 0
+    return q.axis == -2
   return q.spec.bits == 8
 
 
@@ -195,7 +195,7 @@ def prepare(q):
   along K. Other weights are returned unchanged. Call it once, at
   quantization time: :func:`qmatmul` on an unprepared 4-bit weight repacks
   it on every call."""
-  if isinstance(q, quant.PackedQArray) and q.axis % 2 == 0:
+  if isinstance(q, quant.PackedQArray) and q.axis == -2:
     return q
   if _layout(q) is None or q.spec.bits != 4:
     return q

@@ -272,3 +272,106 @@ def step_memory_table(preset: str = "llama_350m", *,
   rows = [step_memory(memory_config(preset, overrides=sets, **kw), name=name)
           for name, sets in (STEP_CASES if cases is None else cases).items()]
   return base, rows
+
+
+# ---------------------------------------------------------------------------
+# throughput of the real train step
+
+
+THROUGHPUT_CASES: dict[str, tuple[str, ...]] = {
+  "bf16 AdamW": ("optimizer=adamw",),
+  "Q-GaLore (int8 W through the W8A16 kernel)": ("optimizer=q_galore",),
+}
+"""The rows of :func:`train_throughput`: ``--set`` overrides per case; the
+first is the baseline."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepThroughput:
+  """One row of :func:`train_throughput`."""
+
+  name: str
+  seconds: float  # median wall time of one step
+  tokens_per_s: float
+  flops_per_token: float  # 6 N + attention (fwd + bwd)
+  mfu: float | None  # model FLOP/s / the device's bf16 peak
+  vs_base: float  # this tokens/s / the first case's
+
+
+def flops_per_token(cfg: TrainConfig, n_params: int) -> float:
+  """Training FLOPs per token: ``6 N`` for the matmuls of the forward and
+  backward passes plus the attention scores and values, ``12 L d T``
+  (PaLM's accounting, arXiv 2204.02311 App. B; no remat recompute)."""
+  m = jstate.model_config(cfg)
+  width = m.num_heads * (m.head_dim or m.hidden_size // m.num_heads)
+  return 6.0 * n_params + 12.0 * m.num_layers * width * cfg.data.seq_len
+
+
+def train_throughput(preset: str = "llama_tiny", *, batch_size: int = 8,
+                     seq_len: int = 256, steps: int = 5,
+                     dtype: str = "bfloat16", remat: bool = False,
+                     cases: dict[str, tuple[str, ...]] | None = None,
+                     rank: int | None = None,
+                     peak_flops: float | None = None
+                     ) -> list[StepThroughput]:
+  """Tokens/s and MFU of the real train step (:func:`step_function`: the
+  run's jitted step, state donated, random tokens) per case, the first case
+  (default bf16 AdamW) measured in the same run as the baseline.
+
+  Args:
+    preset: the model preset (official vocabulary of 32000).
+    batch_size, seq_len: tokens per step ``batch_size * seq_len``.
+    steps: timed steps (median kept), after two warm-up steps.
+    dtype: compute and param dtype.
+    remat: rematerialize each block (the FLOPs counted stay ``6N``).
+    cases: name -> ``--set`` overrides (default :data:`THROUGHPUT_CASES`).
+    rank: the GaLore-family rank (default the config's; small presets need
+      one below their narrowest linear).
+    peak_flops: the device's dense bf16 FLOP/s, for the MFU column.
+  """
+  mesh = _single_mesh()
+  rows = []
+  for name, sets in (THROUGHPUT_CASES if cases is None else cases).items():
+    if rank is not None and any("galore" in x for x in sets):
+      sets = (*sets, f"optimizer.rank={rank}")
+    cfg = memory_config(preset, batch_size=batch_size, seq_len=seq_len,
+                        dtype=dtype, remat=remat, overrides=sets)
+    s = jstate.setup(cfg, mesh)
+    state = jstate.init_state(s)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
+      state.params, is_leaf=models.is_quantized))
+    step = jax.jit(step_function(cfg, s), donate_argnums=(0,))
+    tokens = jax.random.randint(jax.random.key(0),
+                                (batch_size, seq_len + 1), 0, 32000,
+                                jnp.int32)
+    for _ in range(2):
+      state, _ = step(state, tokens)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, metrics = step(state, tokens)
+      jax.block_until_ready((state, metrics))
+      times.append(time.perf_counter() - t0)
+    secs = sorted(times)[len(times) // 2]
+    tps = batch_size * seq_len / secs
+    fpt = flops_per_token(cfg, n_params)
+    rows.append(StepThroughput(
+      name, secs, tps, fpt, None if peak_flops is None else
+      fpt * tps / peak_flops, 1.0))
+    del state
+  base = rows[0].tokens_per_s
+  return [dataclasses.replace(r, vs_base=r.tokens_per_s / base) for r in rows]
+
+
+def format_throughput(rows: list[StepThroughput], title: str) -> str:
+  """The :func:`train_throughput` table."""
+  head = (f"{'case':<44} {'ms/step':>9} {'tokens/s':>10} "
+          f"{'GFLOP/token':>11} {'MFU %':>6} {'x base':>7}")
+  lines = [title, head, "-" * len(head)]
+  for r in rows:
+    mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}"
+    lines.append(f"{r.name:<44} {r.seconds * 1e3:>9.1f} "
+                 f"{r.tokens_per_s:>10.1f} {r.flops_per_token / 1e9:>11.3f} "
+                 f"{mfu:>6} {r.vs_base:>7.2f}")
+  return "\n".join(lines)

@@ -191,29 +191,25 @@ def test_layered_state_needs_a_scanned_model():
 
 def test_layerwise_run_resumes_exactly(tmp_path):
   """SPAM (spike counts summed over the stacked per-layer states by the
-  logged diagnostics) on a 2 x 4 data x fsdp mesh, killed after step 4 and
-  resumed from its step-3 checkpoint."""
+  logged diagnostics) on a 2 x 4 data x fsdp mesh, killed after step 3 and
+  resumed from its step-2 checkpoint: the resumed step 3 repeats the killed
+  run's step 3 bit for bit."""
   cfg = _cfg("spam", layerwise=True).replace(
     model={"vocab_size": 300}, data={"max_bytes": 60_000}, run={
-      "steps": 6, "ckpt_every": 3, "log_every": 1, "eval_every": 6,
+      "steps": 4, "ckpt_every": 2, "log_every": 1, "eval_every": 4,
       "eval_batches": 1, "mesh_data": 2, "mesh_fsdp": 4,
       "workdir": str(tmp_path / "lw")})
-  full = train.run(cfg.replace(run={"workdir": str(tmp_path / "full")}),
-                   progress=False)
-  train.run(cfg, progress=False, stop_after=4)
+  killed = train.run(cfg, progress=False, stop_after=3)
   resumed = train.run(cfg, resume=True, progress=False)
-  assert [m["loss"] for m in resumed.metrics] == [
-    m["loss"] for m in full.metrics][3:]
-  for a, b in zip(jax.tree.leaves(resumed.state.params),
-                  jax.tree.leaves(full.state.params), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert full.metrics[-1]["loss"] < full.metrics[0]["loss"]
+  assert [m["step"] for m in resumed.metrics] == [3, 4]
+  assert resumed.metrics[0]["loss"] == killed.metrics[2]["loss"]
+  assert resumed.metrics[-1]["loss"] < killed.metrics[0]["loss"]
   assert all(m["spikes"] >= 0 and m["warmup_factor"] == 1.0
-             for m in full.metrics)
+             for m in killed.metrics + resumed.metrics)
   # eval reads the scanned checkpoint (generation with a scanned model:
   # tests/models/test_scan.py)
   ev = train.evaluate(cfg.run.workdir)
-  assert ev["step"] == 6 and np.isfinite(ev["eval_loss"])
+  assert ev["step"] == 4 and np.isfinite(ev["eval_loss"])
 
 
 def test_layerwise_with_optax_adam_and_tied_embeddings():
