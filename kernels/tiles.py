@@ -10,16 +10,18 @@ Shape classes (by M, the activation rows):
 * ``large``: ``M >= 256`` (prefill, training): compute-bound, large square
   tiles.
 
-Defaults follow the anchors:
+Defaults follow the anchors (none measured here yet: no GPU or TPU has run
+these kernels; ``jqlm bench matmul --tune`` replaces them per device):
 
-* GPU (Triton lowering): Marlin's W4A16 decode tiles (16 x 256 output
-  columns by K-steps of 64 per nibble plane, 4 warps, 4 pipeline stages),
-  and Triton's matmul tutorial tiles for large M (128 x 128 x 64, 8
-  warps, 3 stages), as in the jax Pallas ``hopper_mixed_type_matmul``
-  example (128 x 128 tiles, K-steps of 64);
-* TPU (Mosaic): tokamax's and the jax Pallas TPU matmul guide's large
-  tiles (512 x 512 x 512 for bf16, 256 for decode N), every block a
-  multiple of (8, 128).
+* GPU decode (Triton lowering): Marlin's W4A16 shape, a 16-row tile of 256
+  output columns, K-steps of 64 per nibble plane, 256 threads (8 warps)
+  and a 4-stage pipeline, with split-K to fill the SMs;
+* GPU mid and large: the search space of the jax Pallas
+  ``hopper_mixed_type_matmul_mgpu`` example (tile_m in {64, 128, 256},
+  tile_n and tile_k in {64, 128}, 4 concurrent steps) and Triton's matmul
+  tutorial (128 x 128 x 64, 8 warps, 3 stages for large M);
+* TPU (Mosaic): the Pallas TPU matmul guide's bf16 blocks (512 and up),
+  every block a multiple of (8, 128), and narrow M blocks for decode.
 
 ``block_k`` is the codes per K-step (for a 4-bit weight, half from each
 nibble plane, so 128 means 64 rows of each). The dispatcher shrinks a tile
@@ -61,7 +63,7 @@ def shape_class(m: int) -> str:
 
 DEFAULTS: dict[tuple[str, str, str], Tiles] = {
   # weight-only: forward
-  ("wxa16", "gpu", "decode"): Tiles(16, 256, 128, 4, 4),
+  ("wxa16", "gpu", "decode"): Tiles(16, 256, 128, 8, 4),
   ("wxa16", "gpu", "mid"): Tiles(64, 128, 128, 4, 3),
   ("wxa16", "gpu", "large"): Tiles(128, 128, 128, 8, 3),
   ("wxa16", "tpu", "decode"): Tiles(8, 256, 512),
