@@ -47,6 +47,27 @@ def round_up(a: int, multiple: int) -> int:
   return cdiv(a, multiple) * multiple
 
 
+def gpu_export_target(device_kind: str = "NVIDIA H200", num_cores: int = 132):
+  """A context for lowering GPU kernels on a machine without one
+  (``jax.export`` for ``cuda``): Pallas' Triton lowering reads the target's
+  compute capability from the device, and newer jax (>= 0.12) takes it from
+  an abstract device of the abstract mesh when no GPU is attached; older
+  jax needs nothing. Use as ``with gpu_export_target(): export(...)``."""
+  import contextlib  # noqa: PLC0415
+
+  sharding = jax.sharding
+  if not hasattr(sharding, "AbstractDevice") or not hasattr(
+      sharding, "use_abstract_mesh"):
+    return contextlib.nullcontext()
+  try:
+    mesh = sharding.AbstractMesh(
+      (1,), ("_export",), abstract_device=sharding.AbstractDevice(
+        device_kind=device_kind, num_cores=num_cores, platform="gpu"))
+  except TypeError:  # an AbstractMesh without abstract devices
+    return contextlib.nullcontext()
+  return sharding.use_abstract_mesh(mesh)
+
+
 def triton_params(num_warps: int = 4, num_stages: int = 3):
   """Compiler params that select Pallas' Triton lowering on GPU (its
   default since jax 0.10 is Mosaic GPU, which these kernels do not

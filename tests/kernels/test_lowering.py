@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
+from jqlm_kernels import common
 
 from jqlm import ops, quant
 
@@ -31,9 +32,20 @@ K = N = 2048
 M_CASES = [1, 16, 256]
 
 
+def _export(fn, platform, *args):
+  """``jax.export`` for ``platform``; a GPU target is named by an abstract
+  device where the jax version needs one (no GPU here)."""
+  import contextlib  # noqa: PLC0415
+
+  ctx = common.gpu_export_target() if platform == "gpu" else \
+    contextlib.nullcontext()
+  with ctx:
+    return export.export(jax.jit(fn), platforms=[_BACKEND[platform]],
+                         disabled_checks=_CHECKS)(*args)
+
+
 def _lower(fn, platform, *args):
-  exp = export.export(jax.jit(fn), platforms=[_BACKEND[platform]],
-                      disabled_checks=_CHECKS)(*args)
+  exp = _export(fn, platform, *args)
   calls = [ln for ln in exp.mlir_module().splitlines()
            if "stablehlo.custom_call" in ln and _TARGET[platform] in ln]
   assert calls, f"no {_TARGET[platform]} custom call in the lowered module"
@@ -96,35 +108,36 @@ def test_scaled_kernels_lower_forward_and_backward(platform, m, fmt):
 
 
 def test_lowering_catches_a_kernel_that_would_not_compile():
-  """The check has teeth: a block spanning all of K on the default Mosaic
-  GPU lowering (no Triton params) overflows shared memory, and a
-  (1, 64) block breaks the TPU (8, 128) rule."""
+  """The check has teeth: a kernel body that slices a loaded value (what
+  the old W4A16 kernel's row concatenate needed) fails Pallas' Triton
+  lowering, and a (1, 64) block breaks the TPU (8, 128) rule."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
 
   def kernel(x_ref, o_ref):
-    o_ref[...] = x_ref[...] * 2
+    x = x_ref[...]
+    o_ref[...] = jnp.concatenate([x[:8], x[8:]], axis=0) * 2
 
-  def whole_k(x):
+  def rows(x):
     return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(4,),
-      in_specs=[pl.BlockSpec((64, 8192), lambda i: (i, 0))],
-      out_specs=pl.BlockSpec((64, 8192), lambda i: (i, 0)))(x)
+      in_specs=[pl.BlockSpec((16, 64), lambda i: (i, 0))],
+      out_specs=pl.BlockSpec((16, 64), lambda i: (i, 0)),
+      compiler_params=common.triton_params())(x)
 
-  x = jax.ShapeDtypeStruct((256, 8192), jnp.float32)
-  with pytest.raises(Exception, match="shared memory"):
-    export.export(jax.jit(whole_k), platforms=["cuda"],
-                  disabled_checks=_CHECKS)(x)
+  with pytest.raises(Exception, match="Pallas Triton lowering"):
+    _export(rows, "gpu", jax.ShapeDtypeStruct((64, 64), jnp.float32))
+
+  def double(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2
 
   def narrow(x):
     return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(4,),
+      double, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(4,),
       in_specs=[pl.BlockSpec((1, 64), lambda i: (i, 0))],
       out_specs=pl.BlockSpec((1, 64), lambda i: (i, 0)))(x)
 
   with pytest.raises(Exception, match="divisible by 8 and 128"):
-    export.export(jax.jit(narrow), platforms=["tpu"],
-                  disabled_checks=_CHECKS)(jax.ShapeDtypeStruct((4, 128),
-                                                                jnp.float32))
+    _export(narrow, "tpu", jax.ShapeDtypeStruct((4, 128), jnp.float32))
 
 
 def test_dispatcher_never_picks_a_kernel_that_cannot_lower():
