@@ -177,7 +177,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{cfg.optimizer.kind.value}, {cfg.run.steps} steps of "
         f"{d.batch_size}x{d.seq_len} tokens on {d.source!r}; work dir "
         f"{cfg.run.workdir}")
-  res = train.run(cfg, resume=args.resume, progress=not args.no_progress)
+  res = train.run(cfg, resume=args.resume, progress=not args.no_progress,
+                  allow_change=args.allow_change)
+  if res.complete_at is not None:
+    print(f"jqlm train: the run in {cfg.run.workdir} is complete at step "
+          f"{res.complete_at} (run.steps={cfg.run.steps}); nothing to do. "
+          "Raise run.steps (--set run.steps=N) to train further.")
+    return 0
   if res.metrics:
     first, last = res.metrics[0], res.metrics[-1]
     print(f"loss {first['loss']:.3f} (step {first['step']}) -> "
@@ -258,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     prog="jqlm",
     description="jqlm: low-bit LLM training research in JAX.",
   )
+  parser.add_argument("--debug", action="store_true",
+                      help="show tracebacks of errors (or JQLM_DEBUG=1)")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   demo = sub.add_parser(
     "demo",
@@ -362,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
   tr.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                   help="override a config field, e.g. optimizer.lr=1e-3 "
                   "(repeatable; applied in order)")
+  tr.add_argument("--allow-change", action="append", default=[],
+                  metavar="SECTION.FIELD",
+                  help="with --resume: a hyper-parameter (e.g. "
+                  "optimizer.lr) that may differ from the saved config "
+                  "(repeatable; see jqlm.train.resume)")
   tr.add_argument("--resume", action="store_true",
                   help="continue from the newest checkpoint of the work dir")
   tr.add_argument("--no-progress", action="store_true",
@@ -405,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 for no top-k filtering")
   gen.add_argument("--seed", type=int, default=0)
   gen.set_defaults(func=_cmd_generate)
+  for p in sub.choices.values():  # `jqlm train --debug` as well
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks of errors (or JQLM_DEBUG=1)")
   return parser
 
 
@@ -415,13 +431,39 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not getattr(args, "func", None):
     parser.print_help()
     return 0
+  debug = args.debug or os.environ.get("JQLM_DEBUG", "") not in ("", "0")
   try:
     return args.func(args)
-  except (ValueError, FileNotFoundError) as e:
-    if args.command not in ("train", "eval", "generate", "compare", "bench"):
+  except KeyboardInterrupt:
+    print(f"jqlm {args.command}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 - one line per error (JQLM_DEBUG)
+    if debug:
       raise
-    print(f"jqlm {args.command}: error: {e}", file=sys.stderr)
-    return 2
+    print(f"jqlm {args.command}: error: {_describe(e)}", file=sys.stderr)
+    return _exit_code(e)
+
+
+# Errors of the user's input (exit 2); every other error is a runtime one
+# (exit 1). Both print one message without a traceback unless --debug.
+_USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError,
+                 IsADirectoryError)
+
+
+def _exit_code(e: BaseException) -> int:
+  return 2 if isinstance(e, _USAGE_ERRORS) else 1
+
+
+def _describe(e: BaseException) -> str:
+  """The error's message; its type too when the message alone does not say
+  what went wrong (errors jqlm did not anticipate)."""
+  msg = str(e).strip() or type(e).__name__
+  anticipated = isinstance(e, _USAGE_ERRORS) or type(e).__module__.startswith(
+    "jqlm")
+  if not anticipated:
+    msg = f"{type(e).__name__}: {msg} (run with --debug or JQLM_DEBUG=1 for " \
+      "the traceback)"
+  return msg
 
 
 if __name__ == "__main__":

@@ -22,7 +22,12 @@ Modules, one concern each:
 * :mod:`~jqlm.train.compare`: suites, their runner and report.
 """
 
-from jqlm.train.checkpoint import Checkpointer, CheckpointError
+from jqlm.train.checkpoint import (
+  Checkpointer,
+  CheckpointError,
+  CheckpointMismatchError,
+  CorruptCheckpointError,
+)
 from jqlm.train.config import (
   OPTIMIZERS,
   AdamWConfig,
@@ -48,6 +53,7 @@ from jqlm.train.inference import evaluate, load_run, sample
 from jqlm.train.loop import NonFiniteError, RunResult, distributed_init, run
 from jqlm.train.optimizer import build_optimizer, lr_schedule
 from jqlm.train.presets import CONFIGS, demo_config, official_c4
+from jqlm.train.resume import ResumeConfigError
 from jqlm.train.state import Setup, init_state, model_config, setup
 from jqlm.train.step import (
   LayeredState,
@@ -60,7 +66,8 @@ from jqlm.train.step import (
 )
 
 __all__ = [
-  "CONFIGS", "OPTIMIZERS", "AdamWConfig", "CheckpointError", "Checkpointer",
+  "CONFIGS", "OPTIMIZERS", "AdamWConfig", "CheckpointError", "CheckpointMismatchError", "Checkpointer",
+  "CorruptCheckpointError", "ResumeConfigError",
   "DataConfig", "GaLoreConfig", "LayeredState", "ModelConfig", "NanPolicy",
   "NonFiniteError", "OptimizerConfig", "OptimizerKind", "QGaLoreConfig",
   "RunConfig", "RunResult", "ScheduleKind", "Setup", "SpamConfig",

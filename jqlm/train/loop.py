@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import time
@@ -22,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jqlm import data as jdata
 from jqlm import models
+from jqlm.train import resume as jresume
 from jqlm.train import state as jstate
 from jqlm.train.checkpoint import Checkpointer
 from jqlm.train.config import NanPolicy, TrainConfig
@@ -34,6 +36,8 @@ from jqlm.train.step import (
   eval_loss,
   step_diagnostics,
 )
+
+_log = logging.getLogger("jqlm")
 
 
 class NonFiniteError(FloatingPointError):
@@ -49,6 +53,7 @@ class RunResult:
   evals: list[dict]
   state: TrainState
   skipped: int
+  complete_at: int | None = None  # a resumed run that had already finished
 
 
 def distributed_init(cfg: TrainConfig) -> None:
@@ -79,7 +84,8 @@ def data_for(cfg: TrainConfig):
 
 def _open_workdir(cfg: TrainConfig, resume: bool) -> Checkpointer:
   """The run's checkpointer; refuses a fresh run into a work dir holding
-  checkpoints before anything is written, then saves ``config.json``."""
+  checkpoints before anything is written, then saves ``config.json`` (a
+  resume rewrites it only after its restore succeeded)."""
   os.makedirs(cfg.run.workdir, exist_ok=True)
   ckpt = Checkpointer(os.path.join(cfg.run.workdir, "checkpoints"),
                       keep=cfg.run.keep_checkpoints)
@@ -89,9 +95,8 @@ def _open_workdir(cfg: TrainConfig, resume: bool) -> Checkpointer:
       f"{cfg.run.workdir} already holds checkpoints (steps {done}) of an "
       "earlier run. Resume it (resume=True, jqlm train --resume), or use "
       "another workdir, or delete that one.")
-  if jax.process_index() == 0:
-    with open(os.path.join(cfg.run.workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json())
+  if not resume and jax.process_index() == 0:
+    jresume.write_config(cfg.run.workdir, cfg)
   return ckpt
 
 
@@ -152,7 +157,7 @@ def _compile(cfg: TrainConfig, s: jstate.Setup, mesh: Mesh) -> _Compiled:
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-        stop_after: int | None = None) -> RunResult:
+        stop_after: int | None = None, allow_change=()) -> RunResult:
   """Trains per ``cfg``; see the module docstring.
 
   Args:
@@ -163,17 +168,52 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     progress: show a progress bar.
     stop_after: stop (as if killed) after this many steps, after writing
       that step's checkpoint if one is due; for tests.
+    allow_change: with ``resume``, the hyper-parameters (``optimizer.lr``,
+      or ``lr``) that may differ from the saved config
+      (:mod:`jqlm.train.resume`).
 
   Raises:
+    ResumeConfigError: ``resume`` with a config that changes a fixed field
+      or an unallowed hyper-parameter of the saved run (nothing is
+      written).
+    CheckpointError: ``resume`` with no good checkpoint.
     NonFiniteError: a non-finite loss or gradient with
       ``nan_policy="stop"``, or ``max_skip_streak`` skipped steps in a row.
   """
+  changes = {}
+  if resume:
+    saved = jresume.saved_config(cfg.run.workdir)
+    if saved is not None:
+      changes = jresume.check(saved, cfg, allow_change)
   ckpt = _open_workdir(cfg, resume)
   mesh = _mesh(cfg)
   s = jstate.setup(cfg, mesh)
   _, train_data, eval_data = _prepare_data(cfg)
+  restored = 0
   if resume:
-    state, position, _ = restore(cfg, s, ckpt)
+    try:
+      state, position, restored = restore(cfg, s, ckpt)
+    except BaseException:
+      ckpt.close()
+      raise
+    if jax.process_index() == 0:
+      if changes:
+        path = jresume.record(cfg.run.workdir, restored, changes)
+        _log.warning("jqlm: resuming from step %d with %s (recorded in %s).",
+                     restored, ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n)
+                                         in changes.items()), path)
+      jresume.write_config(cfg.run.workdir, cfg)
+    if restored >= cfg.run.steps:
+      ckpt.close()
+      log = MetricsLog(cfg.run.workdir, fresh=False, writer=False,
+                       keep_until=restored)
+      _log.warning("jqlm: the run in %s is complete at step %d "
+                   "(run.steps=%d); raise run.steps to train further.",
+                   cfg.run.workdir, restored, cfg.run.steps)
+      metrics, evals = log.whole()
+      log.close()
+      return RunResult(metrics=metrics, evals=evals, state=state,
+                       skipped=0, complete_at=restored)
   else:
     state, position = jstate.init_state(s), jdata.DataPosition()
   fns = _compile(cfg, s, mesh)
@@ -185,7 +225,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
   eval_batches = [device_batch(rows) for rows in eval_rows(
     cfg.data, eval_data, cfg.run.eval_batches, mesh.shape["data"], pid,
     pcount)]
-  log = MetricsLog(cfg.run.workdir, fresh=not resume, writer=pid == 0)
+  log = MetricsLog(cfg.run.workdir, fresh=not resume, writer=pid == 0,
+                   keep_until=restored if resume else None)
   try:
     state, skipped = _loop(cfg, s, fns, state, position, train_data,
                            eval_batches, device_batch, ckpt, log,
@@ -194,8 +235,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
   finally:
     ckpt.close()
     log.close()
-  if pid == 0 and log.metrics:
-    plot_curves(log.metrics, log.evals,
+  if pid == 0 and log.metrics:  # the whole run's curves, resumed or not
+    plot_curves(*log.whole(),
                 os.path.join(cfg.run.workdir, "curves.png"))
   return RunResult(metrics=log.metrics, evals=log.evals, state=state,
                    skipped=skipped)

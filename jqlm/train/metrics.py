@@ -39,21 +39,61 @@ def quant_error(params, mcfg: models.LlamaConfig) -> float | None:
 
 class MetricsLog:
   """Appends records to ``metrics.jsonl`` (only process 0 writes) and keeps
-  them in memory: ``metrics`` (train steps) and ``evals``."""
+  them in memory: ``metrics`` (train steps) and ``evals``.
 
-  def __init__(self, workdir: str, *, fresh: bool, writer: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl") if writer \
-      else os.devnull
-    if fresh and writer and os.path.exists(self.path):
-      os.remove(self.path)
-    self._f = open(self.path, "a")  # noqa: SIM115 - closed by close()
+  Args:
+    workdir: the run's directory.
+    fresh: start a new log (an old one is removed).
+    writer: this process writes the file.
+    keep_until: resuming from this step: the records of later steps (those
+      a killed run logged after its last checkpoint, which the resumed run
+      logs again) are dropped from the file, atomically (a temporary file,
+      then a rename), and the kept ones are loaded into ``earlier_metrics``
+      and ``earlier_evals``, so :meth:`whole` (and the curves drawn from
+      it) covers the whole run; ``metrics`` and ``evals`` hold this
+      session's records.
+  """
+
+  def __init__(self, workdir: str, *, fresh: bool, writer: bool = True,
+               keep_until: int | None = None):
+    path = os.path.join(workdir, "metrics.jsonl")
+    self.path = path if writer else os.devnull
     self.metrics: list[dict] = []
     self.evals: list[dict] = []
+    self.earlier_metrics: list[dict] = []
+    self.earlier_evals: list[dict] = []
+    if fresh and writer and os.path.exists(path):
+      os.remove(path)
+    if not fresh and keep_until is not None and os.path.exists(path):
+      kept = []
+      with open(path) as f:
+        for line in f:
+          try:
+            rec = json.loads(line)
+          except json.JSONDecodeError:
+            continue  # a line cut by a kill
+          if isinstance(rec, dict) and rec.get("step", 0) <= keep_until:
+            kept.append(rec)
+      for rec in kept:
+        (self.earlier_evals if "eval_loss" in rec
+         else self.earlier_metrics).append(rec)
+      if writer:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+          f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, path)
+    self._f = open(self.path, "a")  # noqa: SIM115 - closed by close()
 
   def write(self, rec: dict) -> None:
     (self.evals if "eval_loss" in rec else self.metrics).append(rec)
     self._f.write(json.dumps(rec) + "\n")
     self._f.flush()
+
+  def whole(self) -> tuple[list[dict], list[dict]]:
+    """``(metrics, evals)`` of the whole run: the earlier sessions' kept
+    records, then this session's."""
+    return (self.earlier_metrics + self.metrics,
+            self.earlier_evals + self.evals)
 
   def close(self) -> None:
     self._f.close()

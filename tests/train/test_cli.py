@@ -36,3 +36,28 @@ def test_cli_errors_are_clear(tmp_path, capsys):
   assert "divisible by the data-parallel" in capsys.readouterr().err
   assert cli.main(["eval", "--checkpoint", str(tmp_path)]) == 2
   assert "config.json" in capsys.readouterr().err
+
+
+def test_runtime_errors_are_one_line_with_exit_1(tmp_path, capsys,
+                                                 monkeypatch):
+  """A runtime error (no checkpoint to resume) is one line on stderr, exit
+  1, no traceback; --debug (or JQLM_DEBUG=1) shows the traceback."""
+  import pytest  # noqa: PLC0415
+
+  from jqlm import train  # noqa: PLC0415
+  args = ["train", "--resume", "--no-progress", "--set",
+          f"run.workdir={tmp_path / 'none'}", "--set", "model.vocab_size=300",
+          "--set", "data.max_bytes=60000"]
+  assert cli.main(args) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("jqlm train: error: No checkpoint")
+  assert "Traceback" not in err and err.count("\n") == 1
+  monkeypatch.setenv("JQLM_DEBUG", "1")
+  with pytest.raises(train.CheckpointError):
+    cli.main(args)
+  monkeypatch.delenv("JQLM_DEBUG")
+  with pytest.raises(train.CheckpointError):
+    cli.main([*args, "--debug"])
+  # an error jqlm did not anticipate names its type and how to see more
+  assert "ZeroDivisionError: boom (run with --debug" in cli._describe(
+    ZeroDivisionError("boom"))

@@ -76,6 +76,14 @@ def test_kill_and_resume_reproduces_the_run_exactly(tmp_path, baseline):
   by_step = {m["step"]: m["loss"] for m in first.metrics + second.metrics}
   want = {m["step"]: m["loss"] for m in res0.metrics}
   assert by_step == want  # bit-identical losses, step for step
+  # the log holds each step once: the killed run's steps 5-6 (after its
+  # step-4 checkpoint) were dropped on resume and logged again
+  lines = [json.loads(x) for x in open(os.path.join(cfg.run.workdir,
+                                                    "metrics.jsonl"))]
+  train_steps = [x["step"] for x in lines if "loss" in x]
+  assert train_steps == list(range(1, 13))
+  assert [x["loss"] for x in lines if "loss" in x] == [
+    want[i] for i in range(1, 13)]
   for a, b in zip(jax.tree.leaves(second.state.params),
                   jax.tree.leaves(res0.state.params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -495,3 +503,37 @@ def test_a_run_saved_by_the_previous_version_resumes(tmp_path, qgalore):
   res = train.run(loaded, resume=True, progress=False)
   assert [m["step"] for m in res.metrics] == [2, 3, 4]
   assert np.isfinite(res.metrics[-1]["loss"])
+
+
+def test_resume_checks_the_saved_config(tmp_path, baseline):
+  """A finished run says so; a changed fixed field or an unallowed
+  hyper-parameter is refused before anything is written; allowed changes
+  are applied and recorded."""
+  cfg0, _ = baseline
+  work = str(tmp_path / "run")
+  shutil.copytree(cfg0.run.workdir, work)
+  cfg = cfg0.replace(run={"workdir": work})
+  done = train.run(cfg, resume=True, progress=False)
+  assert done.complete_at == 12 and len(done.metrics) == 12
+  saved = open(os.path.join(work, "config.json")).read()  # new workdir
+  assert json.loads(saved)["run"]["workdir"] == work
+  with pytest.raises(train.ResumeConfigError) as e:
+    train.run(cfg.replace(model={"vocab_size": 500},
+                          optimizer={"lr": 1e-3}, run={"steps": 14}),
+              resume=True, progress=False)
+  msg = str(e.value)
+  assert "model.vocab_size: saved 400, now 500" in msg
+  assert "optimizer.lr: saved 0.003, now 0.001" in msg
+  assert "--allow-change optimizer.lr" in msg
+  assert "run.steps" not in msg  # free: not refused
+  assert open(os.path.join(work, "config.json")).read() == saved
+  res = train.run(cfg.replace(optimizer={"lr": 1e-3}, run={"steps": 13}),
+                  resume=True, progress=False, allow_change=("lr",))
+  assert [m["step"] for m in res.metrics] == [13]
+  hist = [json.loads(x) for x in open(os.path.join(work,
+                                                   "config_history.jsonl"))]
+  assert hist[-1]["from_step"] == 12
+  assert hist[-1]["changes"]["optimizer.lr"] == {"old": 0.003, "new": 0.001}
+  assert hist[-1]["changes"]["run.steps"] == {"old": 12, "new": 13}
+  assert json.load(open(os.path.join(work, "config.json")))["optimizer"][
+    "lr"] == 1e-3
