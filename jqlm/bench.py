@@ -27,6 +27,7 @@ import fnmatch
 import functools
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -466,7 +467,8 @@ def _matmul_cases(m, k, n, weights, on_device, interpret):
 
 
 def bench_matmul(ms=KERNEL_MS, shapes=None, iters: int = 20,
-                 interpret: bool = False) -> list[MatmulRow]:
+                 interpret: bool = False, progress: bool = True
+                 ) -> list[MatmulRow]:
   """Low-bit matmuls against XLA's bf16 dot and XLA's own
   dequantize-then-dot, all through :mod:`jqlm.ops` (what the models call).
 
@@ -480,14 +482,18 @@ def bench_matmul(ms=KERNEL_MS, shapes=None, iters: int = 20,
   interpreter, which is for correctness, not speed).
 
   ``shapes`` maps a row name to ``(K, N)``; default :func:`kernel_shapes`
-  (the LLaMA-7B and LLaMA-3-8B block linears).
+  (the LLaMA-7B and LLaMA-3-8B block linears). ``progress`` prints a line
+  per shape on stderr.
   """
   shapes = kernel_shapes() if shapes is None else shapes
   on_device = jax.default_backend() in ("gpu", "tpu") or interpret
   peaks = device_peaks()
   rows = []
   key = jax.random.key(0)
-  for name, (k, n) in shapes.items():
+  for i, (name, (k, n)) in enumerate(shapes.items()):
+    if progress:
+      print(f"[{i + 1}/{len(shapes)}] {name}: M in {tuple(ms)}",
+            file=sys.stderr, flush=True)
     w = jax.random.normal(key, (k, n), jnp.float32) * 0.02
     weights = (
       w.astype(jnp.bfloat16),

@@ -47,6 +47,18 @@ def _bench_shapes(bench, which: str):
   return {"tiny 256x512": (256, 512), "tiny 512x256": (512, 256)}
 
 
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+  """Comma-separated positive ints, or a ValueError naming ``flag``."""
+  try:
+    out = tuple(int(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    out = ()
+  if not out or min(out) < 1:
+    raise ValueError(f"{flag} expects comma-separated positive integers "
+                     f"such as 1,16,256; got {text!r}.")
+  return out
+
+
 def _bench_out(args: argparse.Namespace, text: str, rows) -> int:
   """Prints a benchmark table and writes its rows as JSON with ``--json``
   (and the table as markdown beside it)."""
@@ -77,8 +89,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     title = (f"one jitted update, LLaMA-130M shapes (scale {args.scale}), "
              f"ratio vs optax.adamw; {device}, jax {jax.__version__}")
   elif args.which in ("matmul", "kernels"):
-    shapes = _bench_shapes(bench, args.shapes)
-    ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else None
+    on_device = jax.default_backend() in ("gpu", "tpu")
+    which = args.shapes or ("all" if on_device else "tiny")
+    if args.shapes is None and not on_device:
+      print("jqlm bench matmul: no GPU/TPU here, so the tiny shapes (the "
+            "kernels run only with --interpret); --shapes all for the LLaMA "
+            "shapes through XLA.", file=sys.stderr)
+    shapes = _bench_shapes(bench, which)
+    ms = _int_list(args.ms, "--ms") if args.ms else None
+    if ms is None and not on_device:
+      ms = (1, 16, 256)
     if args.tune:
       rows, path = bench.tune_matmul(
         shapes, **({"ms": ms} if ms else {}), iters=args.iters,
@@ -98,7 +118,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
   elif args.which == "generate":
     on_device = jax.default_backend() in ("gpu", "tpu")
     preset = args.preset or ("llama3_8b" if on_device else "llama_tiny")
-    batches = tuple(int(v) for v in args.batches.split(","))
+    batches = _int_list(args.batches, "--batches")
     rows = bench.bench_generate(preset, batches=batches,
                                 prompt_len=args.prompt_len,
                                 new_tokens=args.new_tokens,
@@ -227,12 +247,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
       for a in suite.arms))
   if args.arms:
     suite = suite.select([x.strip() for x in args.arms.split(",")])
-  out = args.out or f"runs/compare/{suite.name}"
+  changed = any(x is not None for x in (args.steps, args.seeds, args.set,
+                                        args.arms))
+  # other settings go to another directory: nothing of an earlier
+  # comparison is replaced (unless --overwrite)
+  out = args.out or (f"runs/compare/{suite.name}-{compare.settings_tag(suite)}"
+                     if changed else f"runs/compare/{suite.name}")
   c = suite.arms[0].config
   print(f"jqlm compare {suite.name}: {len(suite.arms)} arms x "
         f"{len(suite.seeds)} seeds, {c.run.steps} steps of "
         f"{c.data.batch_size}x{c.data.seq_len} tokens; output {out}")
-  result = compare.run_suite(suite, out, reuse=not args.fresh)
+  result = compare.run_suite(suite, out, reuse=not args.fresh,
+                             overwrite=args.overwrite or args.fresh)
   command = "jqlm " + " ".join(shlex.quote(a) for a in args.argv)
   paths = result.save(out, command=command)
   print()
@@ -257,6 +283,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                      seed=args.seed, temperature=args.temperature,
                      top_k=args.top_k or None))
   return 0
+
+
+def _positive_int(text: str) -> int:
+  """An argparse type: an int >= 1 (else a usage error naming the value)."""
+  try:
+    v = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if v < 1:
+    raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+  return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,9 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("which", choices=["optim", "quant", "memory", "matmul",
                                       "kernels", "generate", "train"],
                      help="kernels is an alias of matmul")
-  bench.add_argument("--iters", type=int, default=5,
+  bench.add_argument("--iters", type=_positive_int, default=5,
                      help="timed iterations per round (median kept)")
-  bench.add_argument("--rounds", type=int, default=5,
+  bench.add_argument("--rounds", type=_positive_int, default=5,
                      help="round-robin rounds over the cases; ratios are "
                      "per round against the same round's baseline, median "
                      "reported (optim only)")
@@ -310,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="memory --step (default llama_350m), generate "
                      "(default llama3_8b on a GPU/TPU, llama_tiny on CPU) and "
                      "train (llama_1b / llama_tiny): the model preset")
-  bench.add_argument("--batch", type=int, default=1,
+  bench.add_argument("--batch", type=_positive_int, default=1,
                      help="memory --step, train: sequences per step")
-  bench.add_argument("--seq-len", type=int, default=256,
+  bench.add_argument("--seq-len", type=_positive_int, default=256,
                      help="memory --step, train: tokens per sequence")
   bench.add_argument("--tune", action="store_true",
                      help="matmul: time the kernels' candidate tiles and "
@@ -325,9 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate: comma-separated KV-cache dtypes")
   bench.add_argument("--tiles", default=None,
                      help="matmul --tune: the tile table to write")
-  bench.add_argument("--shapes", choices=("all", "8b", "tiny"), default="all",
-                     help="matmul: LLaMA-7B and LLaMA-3-8B linears (all), "
-                     "LLaMA-3-8B only, or two tiny shapes (CPU smoke runs)")
+  bench.add_argument("--shapes", choices=("all", "8b", "tiny"), default=None,
+                     help="matmul: LLaMA-7B and LLaMA-3-8B linears (all, the "
+                     "default on a GPU/TPU), LLaMA-3-8B only, or two tiny "
+                     "shapes (the default on CPU, where the kernel rows "
+                     "cannot run)")
   bench.add_argument("--ms", default=None,
                      help="matmul: comma-separated M (rows of x), e.g. "
                      "1,16,256")
@@ -336,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(CPU; correctness, not speed)")
   bench.add_argument("--batches", default="1,8",
                      help="generate: comma-separated batch sizes")
-  bench.add_argument("--prompt-len", type=int, default=128,
+  bench.add_argument("--prompt-len", type=_positive_int, default=128,
                      help="generate: prompt tokens")
-  bench.add_argument("--new-tokens", type=int, default=128,
+  bench.add_argument("--new-tokens", type=_positive_int, default=128,
                      help="generate: decoded tokens")
   bench.add_argument("--rank", type=int, default=None,
                      help="train: the Q-GaLore rank (small presets need one "
@@ -393,26 +432,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dir (default runs/compare/<suite>)")
   cmp.add_argument("--seeds", default=None,
                    help="comma-separated seeds (default the suite's)")
-  cmp.add_argument("--steps", type=int, default=None,
+  cmp.add_argument("--steps", type=_positive_int, default=None,
                    help="run every arm for this many steps (LR warmup in proportion)")
   cmp.add_argument("--arms", default=None,
                    help="comma-separated subset of the arms")
   cmp.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a config field of every arm (repeatable)")
   cmp.add_argument("--fresh", action="store_true",
-                   help="retrain runs that already finished")
+                   help="retrain runs that already finished (replaces them; "
+                   "implies --overwrite)")
+  cmp.add_argument("--overwrite", action="store_true",
+                   help="replace runs in the output directory that hold "
+                   "another config (by default nothing is replaced)")
   cmp.set_defaults(func=_cmd_compare)
   ev = sub.add_parser("eval", help="held-out loss of a run's checkpoint")
   ev.add_argument("--checkpoint", required=True,
                   help="the run's work dir (or its checkpoints dir)")
-  ev.add_argument("--batches", type=int, default=None,
+  ev.add_argument("--batches", type=_positive_int, default=None,
                   help="eval batches (default the run's eval_batches)")
   ev.set_defaults(func=_cmd_eval)
   gen = sub.add_parser("generate", help="sample from a run's checkpoint")
   gen.add_argument("--checkpoint", required=True,
                    help="the run's work dir (or its checkpoints dir)")
   gen.add_argument("--prompt", required=True)
-  gen.add_argument("--max-new-tokens", type=int, default=64)
+  gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
   gen.add_argument("--temperature", type=float, default=0.8)
   gen.add_argument("--top-k", type=int, default=40,
                    help="0 for no top-k filtering")

@@ -77,6 +77,11 @@ def quant_error_table(
   """Quantizes a Gaussian ``(rows, cols)`` matrix with planted outliers."""
   if rows < 1 or cols < 1:
     raise ValueError(f"rows and cols must be positive, got {rows}x{cols}.")
+  if not 0 <= outliers <= rows * cols:
+    raise ValueError(
+      f"outliers={outliers} must be in [0, rows * cols = {rows * cols}]: "
+      "each is planted in a distinct element. Plant fewer, or use a larger "
+      "matrix (--rows, --cols).")
   key_x, key_o, key_h = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(key_x, (rows, cols), jnp.float32)
   if outliers:

@@ -44,12 +44,12 @@ export JQLM_TILES="$OUT/tiles.json"
 
 if [[ $DRY == 1 ]]; then
   export JAX_PLATFORMS=cpu
-  TESTS=(tests/kernels/test_lowering.py -k "int8 and 16")
+  TESTS=(tests/kernels/test_lowering.py -k "int8 and channel-16")
   TUNE=(--shapes tiny --ms 1 --interpret --iters 1 --budget 4)
   MATMUL=(--shapes tiny --ms 16 --interpret --iters 1)
   GEN=(--preset llama_tiny --batches 1 --prompt-len 16 --new-tokens 8
        --iters 1 --caches bfloat16)
-  TRAIN=(--preset llama_tiny --batch 2 --seq-len 32 --iters 2 --rank 8)
+  TRAIN=(--preset llama_tiny --batch 2 --seq-len 16 --iters 1 --rank 8)
   LIMITS=(120 120 120 120 120)
 else
   TESTS=(-m gpu tests)

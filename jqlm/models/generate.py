@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jqlm.models.llama import KVCache, Llama, init_cache
+from jqlm.models.llama import KVCache, Llama, check_token_ids, init_cache
 
 
 def sample_logits(logits_BxV: jax.Array, key: jax.Array, *,
@@ -83,6 +83,7 @@ def generate(model: Llama, prompt_ids: jax.Array, max_new_tokens: int, *,
   Returns:
     int32 ``(B, P + max_new_tokens)``: the prompt followed by the samples.
   """
+  check_token_ids(prompt_ids, model.cfg.vocab_size)
   prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
   if prompt_ids.ndim != 2:
     raise ValueError(f"prompt_ids must be (batch, length), got shape "

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jqlm.models.layers import (
@@ -475,7 +476,16 @@ class Llama(nnx.Module):
                positions: jax.Array | None = None,
                cache: KVCache | None = None):
     cfg = self.cfg
+    if tokens_BxT.ndim != 2:
+      raise ValueError(f"Llama expects token ids of shape (batch, length), "
+                       f"got {tuple(tokens_BxT.shape)}.")
     b, t = tokens_BxT.shape
+    if t > cfg.max_seq_len:
+      raise ValueError(
+        f"{t} tokens exceed the model's max_seq_len={cfg.max_seq_len} (its "
+        "rotary table); shorten the sequence or build the model with a "
+        "larger max_seq_len.")
+    check_token_ids(tokens_BxT, cfg.vocab_size)
     start = None if cache is None else cache.length
     if positions is None:
       base = jnp.zeros((), jnp.int32) if start is None else start
@@ -602,6 +612,25 @@ def linear_shapes(cfg: LlamaConfig,
     if on:
       out[module_path(kp)] = tuple(leaf.shape)
   return out
+
+
+def check_token_ids(tokens, vocab_size: int) -> None:
+  """Raises ValueError for token ids outside ``[0, vocab_size)`` (whose
+  embedding lookup would silently clamp or give NaN logits). Runs where the
+  ids are concrete (eager calls, :func:`jqlm.models.generate`, the data
+  loaders); under ``jit`` the ids are traced and the check is skipped."""
+  try:
+    ids = np.asarray(tokens)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"token ids must be integers, got {ids.dtype}.")
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    raise ValueError(
+      f"token ids must be in [0, vocab_size={vocab_size}), got ids in "
+      f"[{int(ids.min())}, {int(ids.max())}]. Use the tokenizer the model "
+      "was trained with, or a model with a larger vocab_size.")
 
 
 def param_count(model: Llama) -> int:

@@ -484,6 +484,7 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
     raise ValueError(f"qmatmul expects a QArray or PackedQArray weight, got "
                      f"{type(qweight).__name__}.")
   plat = _platform(interpret, platform)
+  _check_k("qmatmul", x, qweight.shape)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   if impl is None:
@@ -495,7 +496,7 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
     else:
       chosen = Impl.XLA
   else:
-    chosen = Impl(impl)
+    chosen = _impl(impl)
     if chosen is Impl.PALLAS:
       reason = _why_no_pallas(x2, qweight, plat)
       if reason is not None:
@@ -518,9 +519,27 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
   return y.reshape(*lead, y.shape[-1])
 
 
+def _check_k(name: str, x, wshape) -> None:
+  if len(wshape) != 2 or x.shape[-1] != wshape[0]:
+    raise ValueError(
+      f"{name}: x of shape {tuple(x.shape)} cannot multiply a weight of "
+      f"shape {tuple(wshape)}: the weight must be (K, N) with K = "
+      f"x.shape[-1] = {x.shape[-1]} (a Flax kernel layout, (in, out)).")
+
+
+def _impl(impl) -> Impl:
+  """``impl`` as an :class:`Impl`, or a ValueError listing the choices."""
+  try:
+    return Impl(impl)
+  except ValueError:
+    raise ValueError(
+      f"impl={impl!r} is not an implementation; choose one of "
+      f"{[i.value for i in Impl]} or None (automatic).") from None
+
+
 def _xla_or_pallas(impl, name: str) -> Impl:
   """``impl`` as an :class:`Impl`; only XLA and Pallas serve ``name``."""
-  chosen = Impl(impl)
+  chosen = _impl(impl)
   if chosen not in (Impl.XLA, Impl.PALLAS):
     raise ValueError(f"{name} has XLA and Pallas implementations; got "
                      f"impl={impl!r}. Use 'xla', 'pallas' or None.")
@@ -696,6 +715,7 @@ def qmatmul_w8a8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
     raise ValueError(
       "qmatmul_w8a8 needs a symmetric int8 weight quantized per output "
       "channel: QuantSpec(format='int8', granularity='channel').")
+  _check_k("qmatmul_w8a8", x, qweight.shape)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   n = qweight.codes.shape[1]
@@ -743,6 +763,7 @@ def qmatmul_fp8(x: jax.Array, qweight, *, impl: Impl | str | None = None,
       "qmatmul_fp8 needs an e4m3 weight quantized per output channel or per "
       "tensor: QuantSpec(format='fp8_e4m3', granularity='channel' or "
       "'tensor').")
+  _check_k("qmatmul_fp8", x, qweight.shape)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   n = qweight.codes.shape[1]

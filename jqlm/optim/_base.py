@@ -37,6 +37,15 @@ def check(name: str, value: Any, ok, expected: str, fix: str = "") -> None:
     )
 
 
+def check_learning_rate(value: Any, name: str = "learning_rate") -> None:
+  """Raises ValueError for a negative or non-finite learning rate (a
+  schedule, or a traced value, is checked by its user)."""
+  if callable(value):
+    return
+  check(name, value, lambda v: v >= 0, "a finite number >= 0",
+        "Learning rates such as 1e-3; pass an optax schedule to vary it.")
+
+
 def check_beta(name: str, value: Any) -> None:
   check(name, value, lambda v: 0.0 <= v < 1.0, "in [0, 1)",
         "Betas are EMA decay rates, e.g. 0.9 or 0.999.")

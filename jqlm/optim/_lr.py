@@ -43,6 +43,7 @@ def scale_by_learning_rate_post_decay(
   evaluated at the update count (0 for the first update, as the official
   ``LambdaLR`` is).
   """
+  _base.check_learning_rate(learning_rate)
   _base.check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
 
   def init_fn(params):

@@ -348,6 +348,7 @@ def stable_spam(
   References:
     Huang et al., `Stable-SPAM <https://arxiv.org/abs/2502.17055>`_, 2025.
   """
+  _base.check_learning_rate(learning_rate)
   _base.check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
   return optax.chain(
     scale_by_stable_spam(

@@ -599,7 +599,7 @@ class RunConfig(_Section):
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "run": RunConfig}
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, init=False)
 class TrainConfig:
   """Everything a run needs, as four frozen sub-configs; saved as
   ``config.json`` in the work dir.
@@ -621,6 +621,28 @@ class TrainConfig:
   optimizer: OptimizerConfig = dataclasses.field(
     default_factory=StableSpamConfig)
   run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+  def __init__(self, *, model=None, data=None, optimizer=None, run=None,
+               **unknown):
+    if unknown:
+      hints = []
+      for k in unknown:
+        home = _flat_home(k)
+        sec, field = home.split(".") if home else ("", "")
+        hints.append(f"{k!r} (it is {home}: set it with TrainConfig()."
+                     f"replace({sec}={{{field!r}: ...}}))" if home
+                     else f"{k!r}")
+      raise ValueError(
+        f"TrainConfig has no field {', '.join(hints)}; its sections are "
+        "model, data, optimizer and run, each a config or a dict of its "
+        "fields.")
+    object.__setattr__(self, "model", ModelConfig() if model is None
+                       else model)
+    object.__setattr__(self, "data", DataConfig() if data is None else data)
+    object.__setattr__(self, "optimizer", StableSpamConfig()
+                       if optimizer is None else optimizer)
+    object.__setattr__(self, "run", RunConfig() if run is None else run)
+    self.__post_init__()
 
   def __post_init__(self):
     for name, cls in _SECTIONS.items():

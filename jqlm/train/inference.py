@@ -50,7 +50,15 @@ def load_run(path: str):
 
 
 def evaluate(path: str, batches: int | None = None) -> dict:
-  """Held-out loss and perplexity of a run's newest checkpoint."""
+  """Held-out loss and perplexity of a run's newest checkpoint.
+
+  Raises:
+    ValueError: ``batches`` below 1.
+  """
+  if batches is not None and (isinstance(batches, bool) or not isinstance(
+      batches, int) or batches < 1):
+    raise ValueError(f"batches={batches!r}: evaluate needs at least one "
+                     "batch (or None for the run's eval_batches).")
   cfg, s, state, _, eval_data = load_run(path)
   fn = jax.jit(functools.partial(eval_loss, graphdef=s.graphdef,
                                  nnx_state=s.nnx_state))

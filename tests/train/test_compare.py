@@ -223,10 +223,18 @@ def test_run_suite_saves_and_reuses(tiny_result):
   again = compare.run_suite(suite, out, log=None)
   assert all(r.reused for r in again.records)
   assert again.table() == res.table()
-  # a changed config is not reused
+  # a changed config is not reused, and replaces nothing without overwrite
   changed = dataclasses.replace(suite, seeds=(0,)).with_overrides(
     optimizer={"lr": 1e-3})
-  fresh = compare.run_suite(changed, out, log=None)
+  before = open(os.path.join(out, "adam", "seed0", "metrics.jsonl")).read()
+  with pytest.raises(FileExistsError, match="--overwrite") as e:
+    compare.run_suite(changed, out, log=None)
+  assert "another config" in str(e.value) and "Nothing was deleted" in \
+    str(e.value)
+  assert open(os.path.join(out, "adam", "seed0", "metrics.jsonl")).read() \
+    == before
+  assert compare.settings_tag(changed) != compare.settings_tag(suite)
+  fresh = compare.run_suite(changed, out, log=None, overwrite=True)
   assert not any(r.reused for r in fresh.records)
   assert math.isfinite(fresh.summary()[0].eval_loss)
 

@@ -21,7 +21,7 @@ from jqlm.train.compare.report import (
   SuiteResult,
   crossing_step,
 )
-from jqlm.train.compare.runner import run_suite
+from jqlm.train.compare.runner import run_suite, settings_tag
 from jqlm.train.compare.suites import (
   CPU_DATA,
   CPU_MODEL,
@@ -39,6 +39,7 @@ from jqlm.train.compare.suites import (
 __all__ = [
   "CPU_DATA", "CPU_MODEL", "SUITES", "Arm", "ArmSummary", "RunRecord",
   "Suite", "SuiteResult", "crossing_step", "load_suite", "q_galore_suite",
-  "rescale_steps", "run_suite", "scale_down", "spam_suite",
+  "rescale_steps", "run_suite", "scale_down", "settings_tag",
+  "spam_suite",
   "stable_spam_suite",
 ]

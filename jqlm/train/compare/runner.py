@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -49,7 +50,24 @@ def _read_metrics(path: str) -> tuple[list[dict], list[dict]]:
   return metrics, evals
 
 
+def _config_in(workdir: str) -> TrainConfig | None:
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return TrainConfig.from_json(f.read())
+  except (OSError, ValueError, TypeError):
+    return None
+
+
+def settings_tag(suite: Suite) -> str:
+  """8 hex digits naming a suite's settings (every arm's config and the
+  seeds): comparisons with other settings go to other directories."""
+  blob = json.dumps({"seeds": list(suite.seeds), "arms": [
+    [a.name, a.config.to_dict()] for a in suite.arms]}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
 def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
+              overwrite: bool = False,
               log: Callable[[str], None] | None = print) -> SuiteResult:
   """Trains every arm of ``suite`` with every seed under ``out_dir``.
 
@@ -57,7 +75,16 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
   built once in ``out_dir/cache``. With ``reuse``, a run whose directory
   holds a finished run of the identical config is read back instead of
   trained again (so an interrupted comparison continues where it
-  stopped).
+  stopped); an unfinished run of the identical config is trained anew.
+
+  Nothing else is deleted: a run directory that holds a run of another
+  config (a comparison with other settings in the same ``out_dir``), or a
+  finished run when ``reuse`` is off, raises FileExistsError before
+  anything is trained, unless ``overwrite``.
+
+  Raises:
+    FileExistsError: runs that would be replaced, without ``overwrite``
+      (the message lists them and the ways out).
 
   Returns:
     A :class:`SuiteResult`; also written as ``results.md``,
@@ -67,29 +94,45 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
   from jqlm.train.loop import run  # noqa: PLC0415
 
   os.makedirs(out_dir, exist_ok=True)
+  plan = [(seed, arm, arm.config.replace(
+    run={"seed": seed,
+         "workdir": os.path.join(out_dir, arm.name, f"seed{seed}")},
+    data={"cache_dir": os.path.join(out_dir, "cache")}))
+    for seed in suite.seeds for arm in suite.arms]
+  if not overwrite:
+    clash = []
+    for _, arm, cfg in plan:
+      old = _config_in(cfg.run.workdir)
+      if old is None:
+        continue
+      if old != cfg:
+        clash.append(f"{cfg.run.workdir} (another config)")
+      elif not reuse and _finished(arm.name, cfg) is not None:
+        clash.append(f"{cfg.run.workdir} (finished)")
+    if clash:
+      raise FileExistsError(
+        f"{len(clash)} runs in {out_dir} would be replaced: "
+        f"{'; '.join(clash[:3])}{' ...' if len(clash) > 3 else ''}. Nothing "
+        "was deleted. Write to another directory (--out), or pass "
+        "--overwrite to replace them.")
   records = []
-  total = len(suite.arms) * len(suite.seeds)
-  for seed in suite.seeds:
-    for arm in suite.arms:
-      cfg = arm.config.replace(
-        run={"seed": seed,
-             "workdir": os.path.join(out_dir, arm.name, f"seed{seed}")},
-        data={"cache_dir": os.path.join(out_dir, "cache")})
-      rec = _finished(arm.name, cfg) if reuse else None
-      if rec is None:
-        # the suite owns this directory: a stale or changed run is replaced
-        shutil.rmtree(cfg.run.workdir, ignore_errors=True)
-        t0 = time.perf_counter()
-        res = run(cfg, progress=False)
-        wall = time.perf_counter() - t0
-        with open(os.path.join(cfg.run.workdir, "run.json"), "w") as f:
-          json.dump({"wall_s": wall, "skipped": res.skipped}, f)
-        rec = RunRecord(arm=arm.name, seed=seed, metrics=res.metrics,
-                        evals=res.evals, wall_s=wall)
-      records.append(rec)
-      if log is not None:
-        ev = rec.evals[-1]["eval_loss"] if rec.evals else float("nan")
-        log(f"[{len(records)}/{total}] {arm.name} seed {seed}: held-out "
-            f"loss {ev:.4f} ({'reused' if rec.reused else 'trained'}, "
-            f"{rec.wall_s:.0f} s)")
+  total = len(plan)
+  for seed, arm, cfg in plan:
+    rec = _finished(arm.name, cfg) if reuse else None
+    if rec is None:
+      # an unfinished run of this config, or one overwrite allows
+      shutil.rmtree(cfg.run.workdir, ignore_errors=True)
+      t0 = time.perf_counter()
+      res = run(cfg, progress=False)
+      wall = time.perf_counter() - t0
+      with open(os.path.join(cfg.run.workdir, "run.json"), "w") as f:
+        json.dump({"wall_s": wall, "skipped": res.skipped}, f)
+      rec = RunRecord(arm=arm.name, seed=seed, metrics=res.metrics,
+                      evals=res.evals, wall_s=wall)
+    records.append(rec)
+    if log is not None:
+      ev = rec.evals[-1]["eval_loss"] if rec.evals else float("nan")
+      log(f"[{len(records)}/{total}] {arm.name} seed {seed}: held-out "
+          f"loss {ev:.4f} ({'reused' if rec.reused else 'trained'}, "
+          f"{rec.wall_s:.0f} s)")
   return SuiteResult(suite=suite, records=records)
