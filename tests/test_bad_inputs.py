@@ -8,6 +8,8 @@ import pytest
 from flax import nnx
 
 from jqlm import cli, demo, models, ops, optim, quant, train
+from jqlm.data.pipeline import load_texts
+from jqlm.models import hf
 from jqlm.train import inference
 
 NAN, INF = float("nan"), float("inf")
@@ -72,6 +74,14 @@ API = {
     jnp.zeros((4, 8), jnp.int8), jnp.ones((4, 1)),
     jnp.zeros((8, 4), jnp.float8_e4m3fn), jnp.ones((1, 4))),
     ValueError, "the same"),
+  # data and checkpoints
+  "mistyped data path": (lambda f: next(load_texts("data/no_such.txt")),
+                         FileNotFoundError, "No such file"),
+  "binary file as text": (lambda f: next(load_texts(f["binary"])),
+                          ValueError, "not UTF-8"),
+  "HF config missing fields": (lambda f: hf.config_from_hf(
+    {"model_type": "llama", "hidden_size": 8}), ValueError,
+    "lacks vocab_size"),
   # tools
   "demo outliers": (lambda f: demo.quant_error_table(rows=2, cols=2,
                                                      outliers=100),
@@ -82,10 +92,12 @@ API = {
 
 
 @pytest.mark.parametrize("case", list(API))
-def test_api_bad_input_is_named(case, tiny, q8):
+def test_api_bad_input_is_named(case, tiny, q8, tmp_path):
   fn, exc, needle = API[case]
+  binary = tmp_path / "weights.txt"
+  binary.write_bytes(bytes(range(256)) * 4)
   with pytest.raises(exc) as e:
-    fn({"tiny": tiny, "q8": q8})
+    fn({"tiny": tiny, "q8": q8, "binary": str(binary)})
   assert needle in str(e.value), str(e.value)
 
 

@@ -136,10 +136,46 @@ def _local_files(source) -> list[str] | None:
   return files
 
 
+def _looks_like_a_path(source: str) -> bool:
+  """A local path, not a hub name (``owner/name``): it starts like a path,
+  has a file extension, or its parent directory exists here."""
+  if source.startswith(("/", "./", "../", "~", ".\\")):
+    return True
+  ext = os.path.splitext(source)[1]
+  if ext and ext.lower() in {*_LOCAL_BUILDERS, ".csv", ".gz", ".zst",
+                             ".bin", ".npy"}:
+    return True
+  parent = os.path.dirname(source)
+  return bool(parent) and os.path.isdir(parent)
+
+
+def _check_text_files(files) -> None:
+  """Raises ValueError naming a file of a text source that is not UTF-8
+  text (``datasets`` fails inside its reader otherwise)."""
+  for f in files:
+    with open(f, "rb") as fh:
+      head = fh.read(1 << 16)
+    try:
+      head.decode("utf-8")
+    except UnicodeDecodeError as e:
+      if e.start < len(head) - 4:  # not a multi-byte char cut at the end
+        raise ValueError(
+          f"{f} is not UTF-8 text (byte {e.start}: {head[e.start]:#04x}); a "
+          "text source must be text files. Convert it, or pass json, jsonl "
+          "or parquet records.") from None
+    if b"\x00" in head:
+      raise ValueError(f"{f} holds NUL bytes: a binary file, not text. Pass "
+                       "text, json, jsonl or parquet files.")
+
+
 def _hf_texts(source, *, split, text_field, config, cache_dir):
   import datasets  # noqa: PLC0415
 
   files = _local_files(source)
+  if files is None and _looks_like_a_path(os.path.expanduser(source)):
+    raise FileNotFoundError(
+      f"No such file or directory: {source!r} (a local data source; hub "
+      "datasets are named like 'allenai/c4'). Check the path.")
   if files is None:  # a hub name
     if _offline():
       raise RuntimeError(
@@ -158,6 +194,8 @@ def _hf_texts(source, *, split, text_field, config, cache_dir):
       f"Local sources must all be one kind among {sorted(_LOCAL_BUILDERS)}; "
       f"got {sorted(os.path.splitext(f)[1] for f in files)}.")
   builder = kinds.pop()
+  if builder == "text":
+    _check_text_files(files)
   kw = {"sample_by": "document"} if builder == "text" else {}
   ds = datasets.load_dataset(builder, data_files=files, split="train",
                              cache_dir=cache_dir, **kw)

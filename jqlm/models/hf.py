@@ -103,9 +103,19 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> LlamaConfig:
     ValueError: features jqlm's LLaMA does not have (biases, non-linear
       RoPE scaling, another activation).
   """
+  if not isinstance(hf, dict):
+    raise ValueError(f"A HF config is a dict (config.json), got "
+                     f"{type(hf).__name__}.")
   if hf.get("model_type", "llama") != "llama":
     raise ValueError(f"Expected a LLaMA config (model_type 'llama'), got "
                      f"{hf.get('model_type')!r}.")
+  required = ("vocab_size", "hidden_size", "intermediate_size",
+              "num_hidden_layers", "num_attention_heads")
+  missing = [k for k in required if k not in hf]
+  if missing:
+    raise ValueError(
+      f"The HF config lacks {', '.join(missing)} (a LLaMA config.json "
+      f"needs {', '.join(required)}); is this the model's config.json?")
   if hf.get("attention_bias") or hf.get("mlp_bias"):
     raise ValueError("HF config has attention/MLP biases; jqlm's LLaMA is "
                      "bias-free.")
