@@ -54,6 +54,12 @@ def _median_time(fn: Callable, args: tuple, iters: int, warmup: int = 2):
   return statistics.median(times), args
 
 
+def _wall(fn: Callable[[], object], iters: int) -> float:
+  """Median wall time (s) of ``fn()`` (no args fed back), one warm-up."""
+  return time_fn(lambda: (jax.block_until_ready(fn()), ())[1], iters=iters,
+                 warmup=1)
+
+
 def time_fn(fn: Callable, *args, iters: int = 10, warmup: int = 2) -> float:
   """Median wall time (s) of ``fn(*args)``; ``fn`` returns its next args.
 
@@ -740,16 +746,6 @@ def _decode(graphdef, state, tok_B, cache, n):
   return tok
 
 
-def _median_wall(fn, iters: int) -> float:
-  jax.block_until_ready(fn())  # compile, warm up
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
-
-
 def bench_generate(preset: str = "llama_tiny", *, batches=(1, 8),
                    prompt_len: int = 128, new_tokens: int = 128,
                    iters: int = 3, weights=None,
@@ -789,9 +785,9 @@ def bench_generate(preset: str = "llama_tiny", *, batches=(1, 8),
                                     cfg.vocab_size, jnp.int32)
         meta = (prompt_len + new_tokens, cache)
         pre = functools.partial(_prefill, graphdef, state, prompt, meta)
-        t_pre = _median_wall(pre, iters)
+        t_pre = _wall(pre, iters)
         tok, filled = pre()
-        t_dec = _median_wall(functools.partial(
+        t_dec = _wall(functools.partial(
           _decode, graphdef, state, tok, filled, new_tokens), iters)
         rows.append(GenerateRow(wname, cache, b, t_pre, t_dec,
                                 b * new_tokens / t_dec, 1.0, wbytes))

@@ -83,13 +83,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
   from jqlm import bench  # noqa: PLC0415
 
   device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+  on_device = jax.default_backend() in ("gpu", "tpu")
   if args.which == "optim":
     rows = bench.bench_optim(iters=args.iters, scale=args.scale,
                              rounds=args.rounds)
     title = (f"one jitted update, LLaMA-130M shapes (scale {args.scale}), "
              f"ratio vs optax.adamw; {device}, jax {jax.__version__}")
   elif args.which in ("matmul", "kernels"):
-    on_device = jax.default_backend() in ("gpu", "tpu")
     which = args.shapes or ("all" if on_device else "tiny")
     if args.shapes is None and not on_device:
       print("jqlm bench matmul: no GPU/TPU here, so the tiny shapes (the "
@@ -116,7 +116,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"roofline time / time); {device}, jax {jax.__version__}")
     return _bench_out(args, text, rows)
   elif args.which == "generate":
-    on_device = jax.default_backend() in ("gpu", "tpu")
     preset = args.preset or ("llama3_8b" if on_device else "llama_tiny")
     batches = _int_list(args.batches, "--batches")
     rows = bench.bench_generate(preset, batches=batches,
@@ -133,7 +132,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
   elif args.which == "train":
     from jqlm.train import plan  # noqa: PLC0415
 
-    on_device = jax.default_backend() in ("gpu", "tpu")
     preset = args.preset or ("llama_1b" if on_device else "llama_tiny")
     peaks = bench.device_peaks()
     rows = plan.train_throughput(

@@ -196,7 +196,8 @@ class Checkpointer:
 
   # -- helpers --------------------------------------------------------------
 
-  def _items(self, step: int) -> set[str]:
+  def _metadata(self, step: int):
+    """The checkpoint's item metadata (read once per restore attempt)."""
     try:
       meta = self._mgr.item_metadata(step)
     except Exception as e:  # noqa: BLE001 - unreadable metadata
@@ -205,13 +206,12 @@ class Checkpointer:
     names = set(meta.keys()) if hasattr(meta, "keys") else set()
     if "state" not in names or meta["state"] is None:
       raise CorruptCheckpointError("no state item (half-written?)")
-    return names
+    return meta
 
-  def _check_fit(self, step: int, target) -> None:
+  def _check_fit(self, step: int, saved_state_meta, target) -> None:
     """Raises CheckpointMismatchError if the saved arrays' shapes and tree
     do not fit ``target``."""
-    meta = self._mgr.item_metadata(step)["state"]
-    saved = _shape_map(meta)
+    saved = _shape_map(saved_state_meta)
     want = _shape_map(target)
     if saved == want:
       return
@@ -225,17 +225,18 @@ class Checkpointer:
       "it was saved with (the run's config.json), or start a new workdir.")
 
   def _restore_verified(self, step: int, target, legacy):
-    items = self._items(step)
+    meta = self._metadata(step)
+    items = set(meta.keys())
     try:
-      self._check_fit(step, target)
+      self._check_fit(step, meta["state"], target)
       use, convert = target, None
-    except CheckpointMismatchError:
+    except CheckpointMismatchError as mismatch:
       if legacy is None:
         raise
       try:
-        self._check_fit(step, legacy[0])
+        self._check_fit(step, meta["state"], legacy[0])
       except CheckpointMismatchError:
-        self._check_fit(step, target)  # report against the current layout
+        raise mismatch from None  # reported against the current layout
       use, convert = legacy
     args = {"state": ocp.args.StandardRestore(use),
             "data": ocp.args.JsonRestore()}
