@@ -18,7 +18,12 @@ from jqlm.ops.qmatmul import (
   scaled_matmul,
   split_taps,
 )
+from jqlm.ops.quantized_dot import (
+  native_recipes,
+  native_supported,
+  quantized_dot,
+)
 
 __all__ = ["Impl", "KernelWeight", "TappedWeight", "is_prepared",
-           "kernel_weight", "prepare", "qmatmul", "qmatmul_fp8",
-           "qmatmul_w8a8", "scaled_matmul", "split_taps"]
+           "kernel_weight", "native_recipes", "native_supported", "prepare", "qmatmul", "qmatmul_fp8",
+           "qmatmul_w8a8", "quantized_dot", "scaled_matmul", "split_taps"]

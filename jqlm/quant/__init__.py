@@ -2,13 +2,29 @@
 
 See :class:`QuantSpec` for the formats and granularities, :func:`quantize`,
 :func:`dequantize` and :func:`fake_quant` for the maths, and
-:func:`stochastic_round` for unbiased rounding.
+:func:`stochastic_round` for unbiased rounding, and :func:`recipe` for the
+low-precision training recipes (per-GEMM quantization, ``jqlm.quant.recipes``).
 """
 
 from jqlm.quant.hadamard import hadamard
 from jqlm.quant.metrics import QuantError, quantization_error, tree_nbytes
 from jqlm.quant.ops import dequantize, fake_quant, group_layout, quantize
 from jqlm.quant.qarray import PackedQArray, QArray
+from jqlm.quant.recipes import (
+  RECIPES,
+  Elem,
+  Mask,
+  Operand,
+  OperandQuant,
+  Recipe,
+  Rotation,
+  Scale,
+  Signs,
+  Source,
+  check_shapes,
+  quantize_operand,
+  recipe,
+)
 from jqlm.quant.reference import qmatmul_reference
 from jqlm.quant.rounding import hash_bits, pack, stochastic_round, unpack
 from jqlm.quant.spec import (
@@ -24,6 +40,19 @@ from jqlm.quant.spec import (
 )
 
 __all__ = [
+  "RECIPES",
+  "Elem",
+  "Mask",
+  "Operand",
+  "OperandQuant",
+  "Recipe",
+  "Rotation",
+  "Scale",
+  "Signs",
+  "Source",
+  "check_shapes",
+  "quantize_operand",
+  "recipe",
   "E1M2_VALUES",
   "NF4_VALUES",
   "Format",

@@ -76,3 +76,74 @@ def hadamard(
   if signs is not None and inverse:
     v = v * signs
   return jnp.moveaxis(v, -1, axis).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Blockwise transforms of the low-precision training recipes
+# (../shared/spec/lowp_training.md §1.3, §6.3, §7, §8, §10).
+
+TE_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+"""Transformer Engine's hard-coded random-Hadamard sign vector for NVFP4
+(``nvfp4_tensor.py:49-60``; JAX ``quantize/hadamard.py:8-10``): computed
+once, shared by every layer, never redrawn (spec §6.3)."""
+
+
+def hadamard_matrix(n: int, dtype=jnp.float32) -> jax.Array:
+  """The normalized Sylvester Hadamard matrix :math:`H_n / \\sqrt{n}`
+  (symmetric, orthogonal), built in float32 and cast to ``dtype``: in
+  bfloat16 the entries of :math:`H_{128}` round to ±0.08837890625, so
+  :math:`H H^\\top = 0.999786\\,I` (QuEST's and Quartet-II's matrix,
+  spec §8.3, §10)."""
+  if n < 1 or n & (n - 1):
+    raise ValueError(f"hadamard_matrix needs a power-of-two size, got {n}.")
+  h = jnp.ones((1, 1), jnp.float32)
+  while h.shape[0] < n:
+    h = jnp.block([[h, h], [h, -h]])
+  return (h * (1.0 / float(n) ** 0.5)).astype(dtype)
+
+
+def block_hadamard(
+  x: jax.Array,
+  axis: int,
+  block: int,
+  *,
+  signs: jax.Array | None = None,
+  sign_side: str = "pre",
+  matrix_dtype=jnp.float32,
+  transpose: bool = False,
+) -> jax.Array:
+  r"""Multiplies every ``block``-chunk of ``x`` along ``axis`` by ``T``.
+
+  .. math:: T = \mathrm{diag}(s)\,H_b \;(\text{"pre"}) \quad\text{or}\quad
+            T = H_b\,\mathrm{diag}(s) \;(\text{"post"})
+
+  with :math:`H_b` from :func:`hadamard_matrix` in ``matrix_dtype`` and
+  ``signs`` :math:`s` (length ``block``; none: the identity). Each chunk
+  ``c`` (a row vector) becomes ``c T``, or ``c T^\top`` with ``transpose``
+  (the inverse when ``T`` is exactly orthogonal). "pre" flips then
+  rotates (TE, Quartet-II); "post" rotates then flips (the original
+  Quartet, whose flips cancel in the GEMM: spec §1.3, §7.3 quirk 1). The
+  product runs in float32 (a bf16 matrix is upcast exactly); the result
+  is float32.
+  """
+  x = jnp.asarray(x)
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  if block < 1 or block & (block - 1) or n % block:
+    raise ValueError(
+      f"block_hadamard: axis {axis} has length {n}, which needs to be a "
+      f"multiple of the power-of-two block {block}. Pad that dim, or keep "
+      "this layer in high precision.")
+  if sign_side not in ("pre", "post"):
+    raise ValueError(f"sign_side must be 'pre' or 'post', got {sign_side!r}.")
+  t = hadamard_matrix(block, matrix_dtype).astype(jnp.float32)
+  if signs is not None:
+    s = jnp.asarray(signs, jnp.float32)
+    t = s[:, None] * t if sign_side == "pre" else t * s[None, :]
+  if transpose:
+    t = t.T
+  v = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
+  lead = v.shape[:-1]
+  v = v.reshape(*lead, n // block, block)
+  v = jnp.einsum("...b,bc->...c", v, t, precision="highest")
+  return jnp.moveaxis(v.reshape(*lead, n), -1, axis)

@@ -367,3 +367,142 @@ def unpack(packed: jax.Array, dtype, *, axis: int = -1) -> jax.Array:
   if dtype == jnp.float4_e2m1fn:
     return jax.lax.bitcast_convert_type(v.astype(jnp.uint4), dtype)
   return v.astype(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Element rounding of the low-precision training recipes
+# (../shared/spec/lowp_training.md §1.1-§1.2). Inputs are already-scaled
+# float32 values; outputs are the rounded values as float32.
+
+FP4_TIES = ("even", "away", "zero")
+"""The three round-to-nearest tie rules of official FP4 code (spec §1.1):
+``"even"`` (IEEE RNE: TE, torchao), ``"away"`` (``>=`` thresholds:
+Quartet-II's Triton code), ``"zero"`` (``>`` thresholds: Quartet's)."""
+
+FP4_SR_VARIANTS = ("exact", "quartet2", "te")
+"""The stochastic rounding variants onto E2M1 (spec §1.2): ``"exact"`` (up
+iff ``u < p_up``, grid points kept: Quartet), ``"quartet2"`` (a grid point
+``0 < g < 6`` moves to a neighbour with probability 1/2 each: unbiased with
+more variance), ``"te"`` (PTX ``cvt.rs``: 8 random bits, biased toward zero
+by up to 1/256 step)."""
+
+
+def check_choice(value, choices, what: str) -> str:
+  """Returns ``value`` if it is one of ``choices``, else raises a ValueError
+  that lists them (``what`` names the argument)."""
+  if value not in choices:
+    raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))};"
+                     f" got {value!r}.")
+  return value
+
+
+def _signed(mag: jax.Array, v: jax.Array) -> jax.Array:
+  out = jnp.where(v < 0, -mag, mag)
+  return jnp.where(jnp.isnan(v), jnp.nan, out)
+
+
+def round_fp4(v: jax.Array, tie: str = "even") -> jax.Array:
+  """Round-to-nearest onto the signed E2M1 grid {0, ±0.5, ..., ±6},
+  saturating at ±6, with one of the tie rules :data:`FP4_TIES`.
+
+  * ``"even"``: a midpoint goes to the neighbour with an even code
+    (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4);
+  * ``"away"``: to the larger magnitude (thresholds ``|v| >= mid``);
+  * ``"zero"``: to the smaller magnitude (thresholds ``|v| > mid``).
+
+  NaN stays NaN.
+  """
+  check_choice(tie, FP4_TIES, "tie")
+  a = jnp.minimum(jnp.abs(v.astype(jnp.float32)), 6.0)
+  table = FP4_E2M1_MAGNITUDES
+  if tie == "even":
+    idx = nearest_index_table(a, table)
+  else:
+    mid = jnp.asarray((table[1:] + table[:-1]) / 2, jnp.float32)
+    side = "right" if tie == "away" else "left"
+    idx = jnp.searchsorted(mid, a, side=side, method="compare_all")
+  return _signed(jnp.asarray(table)[idx], v)
+
+
+def _fp4_step(a: jax.Array) -> jax.Array:
+  return jnp.where(a < 2.0, 0.5, jnp.where(a < 4.0, 1.0, 2.0))
+
+
+def sr_fp4(v: jax.Array, u: jax.Array, variant: str = "exact") -> jax.Array:
+  """Stochastic rounding onto the signed E2M1 grid given uniforms ``u`` in
+  [0, 1) of ``v``'s shape; magnitudes above 6 become 6, the sign is kept.
+
+  Variants (:data:`FP4_SR_VARIANTS`, spec §1.2):
+
+  * ``"exact"``: ``hi`` iff ``u < (|v| - lo) / (hi - lo)``; grid points are
+    kept (Quartet, ``mxfp4_triton.py:70-129``). Unbiased inside [-6, 6].
+  * ``"quartet2"``: ``hi`` is the grid point above by ``>=`` thresholds and
+    ``lo`` the one below by ``>`` thresholds (``nvfp4_triton.py:48-113``), so
+    a grid point ``0 < g < 6`` moves to one of its neighbours, up with
+    ``p_up = (g - lo) / (hi - lo)`` (1/2 where the grid is evenly spaced):
+    unbiased, with extra variance on every exact hit.
+  * ``"te"``: PTX ``cvt.rs``: ``r = floor(256 u)`` (8 random bits),
+    ``t = |v| + (r / 256) step(|v|)``, ``q = floor(t / step(t)) step(t)``,
+    capped at 6, with ``step`` 0.5 below 2, 1 in [2, 4), 2 from 4 up. This
+    gives ``p_up = floor(256 f) / 256`` for fractional position ``f``: a
+    bias toward zero of up to 1/256 step (``ptx.cuh:532-550``).
+  """
+  check_choice(variant, FP4_SR_VARIANTS, "variant")
+  a = jnp.abs(v.astype(jnp.float32))
+  if variant == "te":
+    r = jnp.floor(u * 256.0) / 256.0
+    am = jnp.minimum(a, 6.0)
+    t = am + r * _fp4_step(am)
+    st = _fp4_step(t)
+    mag = jnp.minimum(jnp.floor(t / st) * st, 6.0)
+    return _signed(mag, v)
+  if variant == "exact":
+    return _signed(sr_magnitude_table(a, FP4_E2M1_MAGNITUDES, u), v)
+  # quartet2: thresholds as in the Triton kernel
+  g = jnp.asarray(FP4_E2M1_MAGNITUDES)
+  hi_idx = jnp.clip(jnp.searchsorted(g, a, side="right",
+                                     method="compare_all"), 1, 7)
+  lo_idx = jnp.clip(jnp.searchsorted(g, a, side="left",
+                                     method="compare_all") - 1, 0, 6)
+  hi, lo = g[hi_idx], g[lo_idx]
+  hi = jnp.where(a >= 4.0, 6.0, hi)
+  lo = jnp.where(a > 4.0, 4.0, lo)
+  p_up = (a - lo) / (hi - lo)
+  mag = jnp.where(u < p_up, hi, lo)
+  return _signed(mag, v)
+
+
+_FLOAT_ELEMS = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2,
+                "bf16": jnp.bfloat16}
+
+
+def round_float(v: jax.Array, elem: str, *, u: jax.Array | None = None,
+                tie: str = "even", sr: str = "exact") -> jax.Array:
+  """Rounds scaled float32 ``v`` onto an element format and returns the
+  rounded values as float32.
+
+  ``elem``: ``"e4m3"``/``"e5m2"`` (RNE or exact SR, saturating at ±448 /
+  ±57344 as PTX ``satfinite`` does: spec §1.1), ``"e2m1"`` (with ``tie`` or
+  the SR ``sr`` variant), ``"bf16"``, or ``"int8"`` (round half to even, no
+  clamp: HALO's INT8, whose scale maps the max to 127). With ``u`` (uniforms
+  of ``v``'s shape) the rounding is stochastic.
+  """
+  v = v.astype(jnp.float32)
+  if elem == "e2m1":
+    return round_fp4(v, tie) if u is None else sr_fp4(v, u, sr)
+  if elem == "int8":
+    return jnp.round(v) if u is None else jnp.floor(v + u)
+  check_choice(elem, ("e4m3", "e5m2", "e2m1", "bf16", "int8"), "elem")
+  dtype = jnp.dtype(_FLOAT_ELEMS[elem])
+  if elem != "bf16":
+    fmax = float(ml_dtypes.finfo(dtype).max)
+    v = jnp.clip(v, -fmax, fmax)  # NaN passes through clip
+  if u is None:
+    return v.astype(dtype).astype(jnp.float32)
+  return sr_float_bits(v, dtype, u).astype(jnp.float32)
+
+
+def uniforms(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """U[0, 1) float32 of ``shape`` from :func:`hash_bits` (24 random bits
+  each): the noise of the low-precision recipes' stochastic rounding."""
+  return _uniform(key, shape, "hash")
