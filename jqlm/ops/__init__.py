@@ -22,8 +22,9 @@ from jqlm.ops.quantized_dot import (
   native_recipes,
   native_supported,
   quantized_dot,
+  quantized_dot_noise,
 )
 
 __all__ = ["Impl", "KernelWeight", "TappedWeight", "is_prepared",
            "kernel_weight", "native_recipes", "native_supported", "prepare", "qmatmul", "qmatmul_fp8",
-           "qmatmul_w8a8", "quantized_dot", "scaled_matmul", "split_taps"]
+           "qmatmul_w8a8", "quantized_dot", "quantized_dot_noise", "scaled_matmul", "split_taps"]

@@ -121,10 +121,6 @@ def _wrap(kd, impl):
   return jax.random.wrap_key_data(kd, impl=impl)
 
 
-def _fold(key, i):
-  return None if key is None else jax.random.fold_in(key, i)
-
-
 def quantized_dot(x: jax.Array, w: jax.Array, recipe, *,
                   key: jax.Array | None = None,
                   impl: str | None = None) -> jax.Array:
@@ -189,10 +185,62 @@ def quantized_dot(x: jax.Array, w: jax.Array, recipe, *,
 # ---------------------------------------------------------------------------
 
 
-def _quant(t, q, axis, key, signs=None, what="operand"):
+# the key schedule: forward operands fold in 0 (x) and 1 (w); the backward
+# folds in 2, then 0-3 for its operands and 10/11 for the sign vectors
+_FOLDS = {"x": (0,), "w": (1,), "dgrad_dy": (2, 0), "dgrad_w": (2, 1),
+          "wgrad_x": (2, 2), "wgrad_dy": (2, 3)}
+
+
+def _layouts(n, k, m):
+  """Each operand's [other, contraction] shape."""
+  return {"x": (n, k), "w": (m, k), "dgrad_dy": (n, m), "dgrad_w": (k, m),
+          "wgrad_x": (k, n), "wgrad_dy": (m, n)}
+
+
+def _noise(recipe, key, name, shape):
+  q = getattr(recipe, name)
+  if q is None or key is None:
+    return None
+  for i in _FOLDS[name]:
+    key = jax.random.fold_in(key, i)
+  return qr.operand_noise(key, q, shape)
+
+
+def _signs(recipe, key):
+  """The backward's sign vectors (dgrad, wgrad): one per call, shared by
+  the two GEMMs when their rotations are the same."""
+  if key is None:
+    return None, None
+  kb = jax.random.fold_in(key, 2)
+  rot_d = recipe.dgrad_dy or recipe.dgrad_w
+  rot_d = rot_d.rotation if rot_d is not None else None
+  rot_w = recipe.wgrad_x or recipe.wgrad_dy
+  rot_w = rot_w.rotation if rot_w is not None else None
+  signs_d = qr.draw_signs(jax.random.fold_in(kb, 10), rot_d)
+  signs_w = signs_d if rot_w == rot_d else qr.draw_signs(
+    jax.random.fold_in(kb, 11), rot_w)
+  return signs_d, signs_w
+
+
+def quantized_dot_noise(recipe, key: jax.Array, n: int, k: int,
+                        m: int) -> dict:
+  """The random numbers :func:`quantized_dot` draws from ``key`` for x
+  ``[n, k]`` and w ``[k, m]``: for each operand of :data:`jqlm.quant.
+  recipes.OPERANDS` its :class:`jqlm.quant.recipes.OperandNoise` (or
+  ``None``) in the operand's ``[other, contraction]`` layout, and the
+  backward's sign vectors ``"signs_dgrad"``, ``"signs_wgrad"`` (``None``
+  without random signs). For oracles and for reproducing one call."""
+  recipe = _as_recipe(recipe)
+  out = {name: _noise(recipe, key, name, shape)
+         for name, shape in _layouts(n, k, m).items()}
+  out["signs_dgrad"], out["signs_wgrad"] = _signs(recipe, key)
+  return out
+
+
+def _quant(t, q, axis, noise, signs=None, what="operand"):
   if q is None:
     return qr.Operand(t)
-  return qr.quantize_operand(t, q, axis=axis, key=key, signs=signs,
+  return qr.quantize_operand(t, q, axis=axis, noise=noise, signs=signs,
                              what=what)
 
 
@@ -231,8 +279,12 @@ def _forward(recipe, impl, kimpl, x2, w, kd):
   if recipe.rotation is not None:
     xr = qr.rotate(xr, 1, recipe.rotation)
     wr = qr.rotate(wr, 0, recipe.rotation)
-  xo = _quant(xr, recipe.x, 1, _fold(key, 0), what="x (forward, along K)")
-  wo = _quant(wr, recipe.w, 0, _fold(key, 1), what="w (forward, along K)")
+  n, k = x2.shape
+  m = w.shape[1]
+  xo = _quant(xr, recipe.x, 1, _noise(recipe, key, "x", (n, k)),
+              what="x (forward, along K)")
+  wo = _quant(wr, recipe.w, 0, _noise(recipe, key, "w", (m, k)),
+              what="w (forward, along K)")
   y = _gemm(xo, wo, _NN, impl, recipe.x, recipe.w)
   return y, (xr, wr, xo, wo)
 
@@ -258,24 +310,21 @@ def _qdot_fwd(recipe, impl, kimpl, dtypes, x2, w, kd):
 def _qdot_bwd(recipe, impl, kimpl, dtypes, res, g):
   x_src, w_src, mask_x, mask_w, kd = res
   _, x_dtype, w_dtype = dtypes
-  key = _fold(_wrap(kd, kimpl), 2)
+  key = _wrap(kd, kimpl)
   dy = g.astype(jnp.float32)
   r = recipe
-  rot_d = (r.dgrad_dy or r.dgrad_w)
-  rot_d = rot_d.rotation if rot_d is not None else None
-  rot_w = (r.wgrad_x or r.wgrad_dy)
-  rot_w = rot_w.rotation if rot_w is not None else None
-  signs_d = qr.draw_signs(_fold(key, 10), rot_d)
-  signs_w = signs_d if rot_w == rot_d else qr.draw_signs(_fold(key, 11),
-                                                         rot_w)
+  (n, m), k = dy.shape, w_src.values.shape[0]
+  lay = _layouts(n, k, m)
+  nz = {name: _noise(r, key, name, lay[name]) for name in lay}
+  signs_d, signs_w = _signs(r, key)
   # dgrad: dx = dy W^T, contraction over M
   dyd = dy
   if r.token_rotation is not None:
     dyd = qr.rotate(dyd, 0, r.token_rotation)
-  a = _quant(dyd, r.dgrad_dy, 1, _fold(key, 0), signs_d,
+  a = _quant(dyd, r.dgrad_dy, 1, nz["dgrad_dy"], signs_d,
              "dy (dgrad, along M)")
   b = w_src if r.dgrad_w is None and r.dgrad_w_source is qr.Source.FORWARD \
-    else _quant(w_src.values, r.dgrad_w, 1, _fold(key, 1), signs_d,
+    else _quant(w_src.values, r.dgrad_w, 1, nz["dgrad_w"], signs_d,
                 "w (dgrad, along M)")
   qb = r.dgrad_w or (r.w if r.dgrad_w_source is qr.Source.FORWARD else None)
   dx = _gemm(a, b, _NT, impl, r.dgrad_dy, qb)
@@ -283,10 +332,10 @@ def _qdot_bwd(recipe, impl, kimpl, dtypes, res, g):
     dx = qr.rotate(dx, 0, r.token_rotation, transpose=True)
   # wgrad: dW = x^T dy, contraction over N
   c = x_src if r.wgrad_x is None and r.wgrad_x_source is qr.Source.FORWARD \
-    else _quant(x_src.values, r.wgrad_x, 0, _fold(key, 2), signs_w,
+    else _quant(x_src.values, r.wgrad_x, 0, nz["wgrad_x"], signs_w,
                 "x (wgrad, along N)")
   qc = r.wgrad_x or (r.x if r.wgrad_x_source is qr.Source.FORWARD else None)
-  d = _quant(dy, r.wgrad_dy, 0, _fold(key, 3), signs_w,
+  d = _quant(dy, r.wgrad_dy, 0, nz["wgrad_dy"], signs_w,
              "dy (wgrad, along N)")
   dw = _gemm(c, d, _TN, impl, qc, r.wgrad_dy)
   if mask_x is not None:

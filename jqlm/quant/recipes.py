@@ -488,18 +488,9 @@ def _poison(values, v, q: OperandQuant):
   return jnp.where(bad, jnp.nan, values)
 
 
-def _elem_round(y, q: OperandQuant, u):
-  if q.elem is Elem.E2M1 and q.scale in (Scale.NVFP4_Q2, Scale.EDEN) and (
-      u is None):
-    return rnd.round_fp4(y, "away")
-  return rnd.round_float(y, q.elem.value, u=u, tie=q.tie, sr=q.sr)
-
-
-def _quantize_2d(v, q: OperandQuant, key):
+def _quantize_2d(v, q: OperandQuant, noise: OperandNoise):
   """v: float32 [R, C], contraction along C (already rotated)."""
-  elem_u = None
-  if q.rounding is Rounding.STOCHASTIC:
-    elem_u = rnd.uniforms(jax.random.fold_in(key, 1), v.shape)
+  elem_u = noise.u
   sc_rule = q.scale
   if sc_rule in (Scale.TENSOR, Scale.AXIS):
     m = ELEM_MAX[q.elem]
@@ -580,7 +571,7 @@ def _quantize_2d(v, q: OperandQuant, key):
       den = jnp.sum(ys * qs, axis=-1, keepdims=True)
       corr = jnp.where(den == 0, 1.0, num / jnp.where(den == 0, 1.0, den))
       cs = (s_b.reshape(a, bn // per, per) * corr).reshape(a, bn, 1)
-      u_b = rnd.uniforms(jax.random.fold_in(key, 2), cs.shape)
+      u_b = noise.u_scale.reshape(cs.shape)
       out = qv * sc.e4m3_scale(cs, u=u_b) * s_dec
   elif sc_rule is Scale.QUARTET_FWD:
     mean = jnp.mean(g, axis=-1, keepdims=True)
@@ -602,8 +593,36 @@ def _quantize_2d(v, q: OperandQuant, key):
   return Operand(_unblocks(out, v.shape, q.block, q.tile), mask)
 
 
+class OperandNoise(NamedTuple):
+  """The random numbers of one operand's quantization, in its
+  ``[other, contraction]`` layout (the transpose of a W [K, M] quantized
+  along K, say): ``u``, one uniform in [0, 1) per element (stochastic
+  rounding), and ``u_scale``, one per block ``[R, C / block]`` (EDEN's
+  stochastic E4M3 scale rounding)."""
+
+  u: jax.Array | None = None
+  u_scale: jax.Array | None = None
+
+
+def operand_noise(key: jax.Array | None, q: OperandQuant,
+                  shape: tuple[int, int]) -> OperandNoise:
+  """Draws the :class:`OperandNoise` of ``q`` for an operand whose
+  ``[other, contraction]`` shape is ``shape``: element uniforms from
+  ``fold_in(key, 1)`` and EDEN's block uniforms from ``fold_in(key, 2)``
+  (:func:`jqlm.quant.rounding.uniforms`). Deterministic ``q`` draws
+  nothing and needs no key."""
+  u = u_scale = None
+  if q.rounding is Rounding.STOCHASTIC:
+    u = rnd.uniforms(jax.random.fold_in(key, 1), shape)
+  if q.scale is Scale.EDEN:
+    u_scale = rnd.uniforms(jax.random.fold_in(key, 2),
+                           (shape[0], shape[1] // q.block))
+  return OperandNoise(u, u_scale)
+
+
 def quantize_operand(t: jax.Array, q: OperandQuant, *, axis: int,
                      key: jax.Array | None = None,
+                     noise: OperandNoise | None = None,
                      signs: jax.Array | None = None,
                      what: str = "operand") -> Operand:
   """Quantizes a 2-D GEMM operand ``t`` along its contraction ``axis``
@@ -612,23 +631,35 @@ def quantize_operand(t: jax.Array, q: OperandQuant, *, axis: int,
   and element rules. Returns an :class:`Operand` in ``t``'s layout, values
   in float32 (in the rotated basis when rotated).
 
-  ``key`` feeds stochastic rounding (elements: one uniform per element;
-  EDEN: one per block). ``what`` names the operand in error messages.
+  The random numbers come from ``noise`` when given, else from ``key``
+  (:func:`operand_noise`); a stochastic ``q`` needs one of them. ``what``
+  names the operand in error messages.
   """
   if t.ndim != 2 or axis not in (0, 1):
     raise ValueError(f"quantize_operand expects a 2-D operand and axis 0 or "
                      f"1, got shape {tuple(t.shape)}, axis={axis}.")
-  if q.stochastic and key is None:
-    rnd.require_key(key, f"{what} (stochastic rounding)")
   v = t.astype(jnp.float32)
   if axis == 0:
     v = v.T
   _check_dims(v, q, what)
+  if noise is None:
+    if q.stochastic and key is None:
+      rnd.require_key(key, f"{what} (stochastic rounding)")
+    noise = operand_noise(key, q, v.shape)
+  if (q.rounding is Rounding.STOCHASTIC and noise.u is None) or (
+      q.scale is Scale.EDEN and noise.u_scale is None):
+    raise ValueError(f"{what}: {q.rounding.value} rounding with scale "
+                     f"{q.scale.value!r} needs noise.u"
+                     + (" and noise.u_scale" if q.scale is Scale.EDEN else "")
+                     + " (operand_noise), or a key.")
   if q.rotation is not None:
+    if q.rotation.random and signs is None:
+      raise ValueError(f"{what}: a random-sign rotation needs its signs "
+                       "(draw_signs).")
     v = rotate(v, 1, q.rotation, signs=signs)
   if q.bf16:
     v = v.astype(jnp.bfloat16).astype(jnp.float32)
-  op = _quantize_2d(v, q, key)
+  op = _quantize_2d(v, q, noise)
   values = _poison(op.values, v, q)
   op = op._replace(values=values)
   if axis == 0:
