@@ -18,6 +18,7 @@ Sub-commands:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -77,10 +78,88 @@ def _bench_out(args: argparse.Namespace, text: str, rows) -> int:
   return 0
 
 
+def _check_out_file(path: str | None, flag: str,
+                    overwrite: bool = False) -> None:
+  """Refuses, before any benchmark runs, a ``path`` that cannot be written
+  as a file (a directory, under a file, or ending in ``.md``: the table is
+  written beside it as ``.md``), and one whose JSON or markdown already
+  exists unless ``overwrite`` (FileExistsError: nothing is replaced)."""
+  if path is None:
+    return
+  if os.path.isdir(path):
+    raise ValueError(f"{flag} {path!r} is a directory; pass a file path "
+                     "such as results/bench.json.")
+  if os.path.splitext(path)[1].lower() == ".md":
+    raise ValueError(f"{flag} {path!r} ends in .md, the name of the "
+                     "markdown table written beside it; pass a .json path "
+                     "such as results/bench.json.")
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"{flag} {path!r}: {parent!r} is a file, not a "
+                     "directory. Pass another path.")
+  md = os.path.splitext(path)[0] + ".md"
+  there = [p for p in (path, md) if os.path.exists(p)]
+  if there and not overwrite:
+    raise FileExistsError(
+      f"{flag} {path!r}: {' and '.join(repr(p) for p in there)} already "
+      "exist(s), from an earlier benchmark; nothing was written. Pass "
+      "another path, or --overwrite to replace them.")
+
+
+# The sub-benchmarks each `jqlm bench` option applies to ("memory --step"
+# is memory with --step); another option given to a sub-benchmark that
+# would ignore it is refused (ValueError naming the option).
+_BENCH_APPLIES = {
+  "iters": ("optim", "quant", "matmul", "generate", "train"),
+  "rounds": ("optim",), "scale": ("optim",), "step": ("memory",),
+  "preset": ("memory --step", "generate", "train"),
+  "batch": ("memory --step", "train"), "seq_len": ("memory --step", "train"),
+  "tune": ("matmul",), "budget": ("matmul --tune",),
+  "tiles": ("matmul --tune",), "shapes": ("matmul",), "ms": ("matmul",),
+  "interpret": ("matmul",), "caches": ("generate",),
+  "batches": ("generate",), "prompt_len": ("generate",),
+  "new_tokens": ("generate",), "rank": ("train",), "remat": ("train",),
+  "json": ("matmul", "generate", "train"),
+  "overwrite": ("matmul", "generate", "train"),
+  "case": ("memory --step",), "baseline": ("memory --step",),
+}
+
+
+def _check_bench_flags(args: argparse.Namespace) -> None:
+  """A ValueError naming an option that ``jqlm bench WHICH`` would ignore
+  (e.g. ``bench optim --json out.json`` writing nothing)."""
+  which = "matmul" if args.which == "kernels" else args.which
+  modes = {which}
+  if which == "memory" and args.step:
+    modes.add("memory --step")
+  if which == "matmul" and args.tune:
+    modes.add("matmul --tune")
+  for dest, applies in _BENCH_APPLIES.items():
+    if getattr(args, dest) == args.bench_defaults[dest] or modes & set(
+        applies):
+      continue
+    flag = "--" + dest.replace("_", "-")
+    raise ValueError(
+      f"{flag} applies to bench {' and '.join(applies)} only; bench "
+      f"{args.which}{' --step' if 'memory --step' in modes else ''} would "
+      f"ignore it. Drop {flag}, or run the sub-benchmark it belongs to.")
+  if args.overwrite and not args.json:
+    raise ValueError("--overwrite replaces an earlier --json output; it "
+                     "needs --json PATH.")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
   import jax  # noqa: PLC0415
 
-  from jqlm import bench  # noqa: PLC0415
+  from jqlm import bench, models  # noqa: PLC0415
+
+  _check_bench_flags(args)
+  if args.preset is not None and args.preset not in models.PRESETS:
+    raise ValueError(f"--preset {args.preset!r} is not a LLaMA preset; "
+                     f"choose one of {sorted(models.PRESETS)}.")
+  _check_out_file(args.json, "--json", args.overwrite)
 
   device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
   on_device = jax.default_backend() in ("gpu", "tpu")
@@ -258,7 +337,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
   result = compare.run_suite(suite, out, reuse=not args.fresh,
                              overwrite=args.overwrite or args.fresh)
   command = "jqlm " + " ".join(shlex.quote(a) for a in args.argv)
-  paths = result.save(out, command=command)
+  paths = result.save(out, command=command,
+                      overwrite=args.overwrite or args.fresh)
   print()
   print(result.table())
   print(f"\nwrote {paths['md']}, {paths['json']}, {paths['png']}")
@@ -283,19 +363,71 @@ def _cmd_generate(args: argparse.Namespace) -> int:
   return 0
 
 
-def _positive_int(text: str) -> int:
-  """An argparse type: an int >= 1 (else a usage error naming the value)."""
-  try:
-    v = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if v < 1:
-    raise argparse.ArgumentTypeError(f"{v} must be >= 1")
-  return v
+def _int_type(low: int):
+  """An argparse type: an int ``>= low`` (else a usage error naming the
+  value)."""
+
+  def parse(text: str) -> int:
+    try:
+      v = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+        f"{text!r} is not an integer") from None
+    if v < low:
+      raise argparse.ArgumentTypeError(f"{v} must be >= {low}")
+    return v
+
+  return parse
+
+
+_positive_int = _int_type(1)
+_non_negative_int = _int_type(0)
+
+
+def _float_type(low: float, strict: bool):
+  """An argparse type: a finite float ``> low`` (``strict``) or ``>= low``."""
+
+  def parse(text: str) -> float:
+    try:
+      v = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or (v <= low if strict else v < low):
+      raise argparse.ArgumentTypeError(
+        f"{text} must be a finite number {'>' if strict else '>='} {low:g}")
+    return v
+
+  return parse
+
+
+_positive_float = _float_type(0.0, strict=True)
+_non_negative_float = _float_type(0.0, strict=False)
+
+_CACHE_DTYPES = ("bfloat16", "float16", "float32", "int8")
+
+
+def _cache_dtypes(text: str) -> str:
+  """An argparse type: comma-separated KV-cache dtypes."""
+  names = [v.strip() for v in text.split(",") if v.strip()]
+  bad = [n for n in names if n not in _CACHE_DTYPES]
+  if not names or bad:
+    raise argparse.ArgumentTypeError(
+      f"{text!r}: expected comma-separated KV-cache dtypes among "
+      f"{', '.join(_CACHE_DTYPES)}")
+  return ",".join(names)
+
+
+class _Parser(argparse.ArgumentParser):
+  """An ArgumentParser whose usage errors are one line on stderr (what was
+  wrong and where the help is), exit 2, like jqlm's other errors."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} "
+              "--help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
     prog="jqlm",
     description="jqlm: low-bit LLM training research in JAX.",
   )
@@ -308,8 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     description="Quantize random data in every jqlm format and print the "
     "storage bits per element, MSE, max error and SQNR.",
   )
-  demo.add_argument("--rows", type=int, default=256, help="matrix rows")
-  demo.add_argument("--cols", type=int, default=1024, help="matrix columns")
+  demo.add_argument("--rows", type=_positive_int, default=256,
+                    help="matrix rows")
+  demo.add_argument("--cols", type=_positive_int, default=1024,
+                    help="matrix columns")
   demo.add_argument("--seed", type=int, default=0, help="PRNG seed")
   demo.add_argument(
     "--outliers",
@@ -334,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "per round against the same round's baseline, median "
                      "reported (optim only)")
   bench.add_argument(
-    "--scale", type=float, default=1.0,
+    "--scale", type=_positive_float, default=1.0,
     help="width scale of the LLaMA-130M shapes (optim only; 1.0 = full)")
   bench.add_argument(
     "--step", action="store_true",
@@ -353,10 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="matmul: time the kernels' candidate tiles and "
                      "write the fastest to the tile table the dispatcher "
                      "reads (jqlm_kernels.tiles; --tiles or $JQLM_TILES)")
-  bench.add_argument("--budget", type=float, default=None,
+  bench.add_argument("--budget", type=_positive_float, default=None,
                      help="matmul --tune: stop trying candidates after this "
                      "many seconds")
-  bench.add_argument("--caches", default="bfloat16,int8",
+  bench.add_argument("--caches", type=_cache_dtypes, default="bfloat16,int8",
                      help="generate: comma-separated KV-cache dtypes")
   bench.add_argument("--tiles", default=None,
                      help="matmul --tune: the tile table to write")
@@ -377,14 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate: prompt tokens")
   bench.add_argument("--new-tokens", type=_positive_int, default=128,
                      help="generate: decoded tokens")
-  bench.add_argument("--rank", type=int, default=None,
+  bench.add_argument("--rank", type=_positive_int, default=None,
                      help="train: the Q-GaLore rank (small presets need one "
                      "below their narrowest linear)")
   bench.add_argument("--remat", action="store_true",
                      help="train: rematerialize each block")
   bench.add_argument("--json", default=None,
                      help="matmul, generate, train: also write the rows as "
-                     "JSON here (and the table as markdown beside it)")
+                     "JSON here (and the table as markdown beside it); an "
+                     "existing file is refused unless --overwrite")
+  bench.add_argument("--overwrite", action="store_true",
+                     help="with --json: replace the JSON and markdown of an "
+                     "earlier benchmark (by default nothing is replaced)")
   bench.add_argument("--case", action="append", default=[],
                      help="memory --step: only the cases whose name "
                      "contains this (repeatable; e.g. 'layer-wise')")
@@ -393,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     help="memory --step: the minimal optax AdamW step on the unrolled "
     "model (default, the tightest), on the preset's own layer layout, or "
     "none (LLaMA-7B's unrolled baseline compiles for minutes)")
-  bench.set_defaults(func=_cmd_bench)
+  bench.set_defaults(func=_cmd_bench, bench_defaults={
+    a.dest: a.default for a in bench._actions if a.dest in _BENCH_APPLIES})
   tr = sub.add_parser(
     "train", help="train a model (jqlm.train.run)",
     description="Train per a config: a preset name (default, demo) or a "
@@ -454,8 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run's work dir (or its checkpoints dir)")
   gen.add_argument("--prompt", required=True)
   gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
-  gen.add_argument("--temperature", type=float, default=0.8)
-  gen.add_argument("--top-k", type=int, default=40,
+  gen.add_argument("--temperature", type=_non_negative_float, default=0.8,
+                   help="0 for greedy decoding")
+  gen.add_argument("--top-k", type=_non_negative_int, default=40,
                    help="0 for no top-k filtering")
   gen.add_argument("--seed", type=int, default=0)
   gen.set_defaults(func=_cmd_generate)

@@ -124,7 +124,7 @@ def load_texts(source: str | Sequence[str], *, split: str = "train",
 def _local_files(source) -> list[str] | None:
   paths = [source] if isinstance(source, str) else list(source)
   files = []
-  for p in paths:
+  for p in map(os.path.expanduser, paths):
     if os.path.isdir(p):
       for dirpath, _, names in sorted(os.walk(p)):
         files += [os.path.join(dirpath, n) for n in sorted(names)
@@ -147,6 +147,15 @@ def _looks_like_a_path(source: str) -> bool:
     return True
   parent = os.path.dirname(source)
   return bool(parent) and os.path.isdir(parent)
+
+
+def missing_local_path(source) -> bool:
+  """Whether ``source`` names a local file or directory (not ``"stdlib"``
+  nor a hub dataset such as ``"allenai/c4"``) that does not exist: the
+  check :func:`load_texts` makes, without reading anything."""
+  return (isinstance(source, str) and source != "stdlib"
+          and _local_files(source) is None
+          and _looks_like_a_path(os.path.expanduser(source)))
 
 
 def _check_text_files(files) -> None:

@@ -13,6 +13,9 @@ import os
 from collections.abc import Iterable
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+"""The smallest vocabulary :func:`train_tokenizer` trains: 256 bytes and
+the special tokens."""
 
 
 def _require():
@@ -42,9 +45,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *,
   _require()
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415, I001
 
-  if not isinstance(vocab_size, int) or vocab_size < 258:
-    raise ValueError(f"vocab_size must be an int >= 258 (256 bytes + 2 "
-                     f"special tokens), got {vocab_size!r}.")
+  if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+    raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 "
+                     f"bytes + {len(SPECIAL_TOKENS)} special tokens), got "
+                     f"{vocab_size!r}.")
   path = None
   if cache_dir is not None:
     if fingerprint is None:
@@ -77,18 +81,24 @@ def load_tokenizer(path: str):
 
   Raises:
     FileNotFoundError: a local-looking path that does not exist.
+    ValueError: a file that is not a tokenizer.json.
     RuntimeError: a hub name while ``HF_HUB_OFFLINE`` is set.
   """
   _require()
   from tokenizers import Tokenizer  # noqa: PLC0415
 
+  path = os.path.expanduser(path)
   if os.path.isdir(path):
     path = os.path.join(path, "tokenizer.json")
   if os.path.exists(path):
-    return Tokenizer.from_file(path)
-  looks_local = (path.endswith(".json") or path.startswith((".", "/", "~"))
-                 or path.count("/") > 1)
-  if looks_local:
+    try:
+      return Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - the Rust reader's own error
+      raise ValueError(
+        f"{path!r} is not a tokenizers tokenizer.json ({e}). Pass the "
+        "tokenizer.json a tokenizers Tokenizer saved, or leave the "
+        "tokenizer unset to train one.") from None
+  if missing_local_tokenizer(path):
     raise FileNotFoundError(f"No tokenizer.json at {path!r}.")
   if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
     raise RuntimeError(
@@ -96,6 +106,17 @@ def load_tokenizer(path: str):
       "Hugging Face hub needs the network, but HF_HUB_OFFLINE is set. Pass "
       "a local tokenizer.json, or leave tokenizer unset to train one.")
   return Tokenizer.from_pretrained(path)
+
+
+def missing_local_tokenizer(path: str) -> bool:
+  """Whether ``path`` names a local ``tokenizer.json`` (or a directory of
+  one), not a hub tokenizer such as ``"t5-base"``, that does not exist."""
+  path = os.path.expanduser(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, "tokenizer.json")
+  looks_local = (path.endswith(".json") or path.startswith((".", "/", "~"))
+                 or path.count("/") > 1)
+  return looks_local and not os.path.exists(path)
 
 
 def eos_id(tokenizer) -> int:

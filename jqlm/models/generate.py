@@ -9,12 +9,27 @@ explicit key (``temperature=0`` is greedy).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jqlm.models.llama import KVCache, Llama, check_token_ids, init_cache
+
+
+def _check_temperature(temperature) -> None:
+  if isinstance(temperature, jax.core.Tracer):
+    raise ValueError("temperature must be a static Python float (it picks "
+                     "greedy or sampled decoding), not a traced value.")
+  try:
+    t = float(temperature)
+  except (TypeError, ValueError):
+    t = math.nan
+  if not (math.isfinite(t) and t >= 0):
+    raise ValueError(f"temperature must be a finite number >= 0 (0 for "
+                     f"greedy decoding), got {temperature!r}.")
 
 
 def sample_logits(logits_BxV: jax.Array, key: jax.Array, *,
@@ -22,7 +37,17 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, *,
                   top_k: int | None = None) -> jax.Array:
   """One token per row: greedy at ``temperature == 0``, else a categorical
   draw from ``softmax(logits / temperature)`` restricted to the ``top_k``
-  largest logits."""
+  largest logits.
+
+  Raises:
+    ValueError: a negative or non-finite ``temperature`` or a ``top_k``
+      outside ``[1, V]`` (static checks; they run under ``jit`` too).
+  """
+  _check_temperature(temperature)
+  if top_k is not None and (isinstance(top_k, bool) or not isinstance(
+      top_k, (int, np.integer)) or not 1 <= top_k <= logits_BxV.shape[-1]):
+    raise ValueError(f"top_k must be an int in [1, vocab_size="
+                     f"{logits_BxV.shape[-1]}] or None, got {top_k!r}.")
   logits = logits_BxV.astype(jnp.float32)
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -75,7 +100,7 @@ def generate(model: Llama, prompt_ids: jax.Array, max_new_tokens: int, *,
     model: a :class:`jqlm.models.Llama` (float, QAT or quantized weights).
     prompt_ids: int32 ``(B, P)``; all prompts have length P (no padding).
     max_new_tokens: tokens to add (P + max_new_tokens <= max_seq_len).
-    key: PRNG key of the sampling.
+    key: PRNG key of the sampling (may be None for greedy decoding).
     temperature: 0 for greedy decoding.
     top_k: keep only the k most likely tokens (None: all).
     cache_dtype: KV-cache storage: bfloat16, float32 or int8.
@@ -88,18 +113,28 @@ def generate(model: Llama, prompt_ids: jax.Array, max_new_tokens: int, *,
   if prompt_ids.ndim != 2:
     raise ValueError(f"prompt_ids must be (batch, length), got shape "
                      f"{prompt_ids.shape}.")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+  if isinstance(max_new_tokens, bool) or not isinstance(
+      max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an int >= 1, got "
+                     f"{max_new_tokens!r}.")
   total = prompt_ids.shape[1] + max_new_tokens
   if total > model.cfg.max_seq_len:
     raise ValueError(
       f"prompt length {prompt_ids.shape[1]} + max_new_tokens "
       f"{max_new_tokens} = {total} exceeds max_seq_len "
       f"{model.cfg.max_seq_len}.")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}.")
-  if top_k is not None and not 1 <= top_k <= model.cfg.vocab_size:
-    raise ValueError(f"top_k must be in [1, vocab_size], got {top_k}.")
+  _check_temperature(temperature)
+  if top_k is not None and (isinstance(top_k, bool) or not isinstance(
+      top_k, (int, np.integer)) or not 1 <= top_k <= model.cfg.vocab_size):
+    raise ValueError(f"top_k must be an int in [1, vocab_size="
+                     f"{model.cfg.vocab_size}] or None, got {top_k!r}.")
+  if key is None:
+    if temperature > 0:
+      raise ValueError("Sampling (temperature > 0) needs an explicit PRNG "
+                       "key: pass key=jax.random.key(seed), or "
+                       "temperature=0 for greedy decoding.")
+    key = jax.random.key(0)  # greedy decoding draws nothing
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompt_ids, int(max_new_tokens), key,
-                   float(temperature), top_k, jnp.dtype(cache_dtype))
+                   float(temperature), None if top_k is None else int(top_k),
+                   jnp.dtype(cache_dtype))

@@ -47,8 +47,13 @@ def quantize_model(model: nnx.Module, spec: quant.QuantSpec, *,
       kernels' layout).
 
   Raises:
-    ValueError: a stochastic spec, or no linear matching ``patterns``.
+    ValueError: ``spec`` not a QuantSpec, a stochastic spec, or no linear
+      matching ``patterns``.
   """
+  if not isinstance(spec, quant.QuantSpec):
+    raise ValueError(f"quantize_model: spec must be a QuantSpec, got "
+                     f"{type(spec).__name__} ({spec!r}); e.g. QuantSpec("
+                     "format='int8', granularity='channel').")
   if spec.rounding is quant.Rounding.STOCHASTIC:
     raise ValueError("quantize_model needs a round-to-nearest spec: a "
                      "stochastic one would need a key and is not what "

@@ -69,6 +69,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   """A ``(data, fsdp, tensor)`` mesh; ``-1`` takes the remaining devices."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
+  for name, v in zip(MESH_AXES, sizes, strict=True):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or (
+        v < 1 and v != -1):
+      raise ValueError(f"Mesh axis {name}={v!r} must be an int >= 1, or -1 "
+                       "for the remaining devices.")
   known = int(np.prod([s for s in sizes if s != -1]))
   if sizes.count(-1) > 1:
     raise ValueError("At most one mesh axis may be -1.")

@@ -520,6 +520,11 @@ def qmatmul(x: jax.Array, qweight, *, impl: Impl | str | None = None,
 
 
 def _check_k(name: str, x, wshape) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+      f"{name}: x must be floating-point activations, got dtype {x.dtype}. "
+      "Cast it (x.astype(jnp.bfloat16)); token ids go through the model's "
+      "embedding first.")
   if len(wshape) != 2 or x.shape[-1] != wshape[0]:
     raise ValueError(
       f"{name}: x of shape {tuple(x.shape)} cannot multiply a weight of "

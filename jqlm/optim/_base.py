@@ -18,19 +18,25 @@ def concrete(value: Any) -> float | None:
   Hyper-parameters may arrive as jnp arrays (``optax.inject_hyperparams``)
   or tracers; they are validated whenever their value is known.
   """
-  if value is None:
+  if value is None or isinstance(value, jax.core.Tracer):
     return None
   try:
     return float(np.asarray(value))
-  except (jax.errors.ConcretizationTypeError, TypeError):
+  except (jax.errors.ConcretizationTypeError, TypeError, ValueError):
     return None
 
 
 def check(name: str, value: Any, ok, expected: str, fix: str = "") -> None:
-  """Raises ValueError when a concrete hyper-parameter fails ``ok``."""
-  v = concrete(value)
-  if v is None:
+  """Raises ValueError when a concrete hyper-parameter fails ``ok``, or is
+  not a number at all (a string, a container). ``None`` and traced values
+  pass (their users check them)."""
+  if value is None or isinstance(value, jax.core.Tracer):
     return
+  v = None if isinstance(value, (str, bytes)) else concrete(value)
+  if v is None:
+    raise ValueError(
+      f"`{name}` must be a number ({expected}), got {value!r} of type "
+      f"{type(value).__name__}." + (f" {fix}" if fix else ""))
   if not math.isfinite(v) or not ok(v):
     raise ValueError(
       f"`{name}` must be {expected}, got {value!r}." + (f" {fix}" if fix else "")
@@ -42,6 +48,9 @@ def check_learning_rate(value: Any, name: str = "learning_rate") -> None:
   schedule, or a traced value, is checked by its user)."""
   if callable(value):
     return
+  if value is None:
+    raise ValueError(f"`{name}` must be a finite number >= 0 or an optax "
+                     "schedule, got None.")
   check(name, value, lambda v: v >= 0, "a finite number >= 0",
         "Learning rates such as 1e-3; pass an optax schedule to vary it.")
 
@@ -80,6 +89,22 @@ def check_int(name: str, value: Any, lo: int = 1,
             f"traced hyper-parameter: under optax.inject_hyperparams, list "
             f"it in static_args, e.g. static_args=({name!r},).")
   raise ValueError(msg)
+
+
+def check_state_dtype(state_dtype) -> None:
+  """Raises ValueError unless ``state_dtype`` is None (the params' dtype)
+  or a floating dtype: moments are running averages of gradients."""
+  if state_dtype is None:
+    return
+  try:
+    dt = jnp.dtype(state_dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(
+      f"`state_dtype` must be a floating dtype (float32, bfloat16, ...) or "
+      f"None for the params' dtype, got {state_dtype!r}. For 8-bit or "
+      "4-bit moments pass state_quant=8 or 4.")
 
 
 def compute_dtype(dtype) -> jnp.dtype:

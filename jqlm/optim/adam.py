@@ -99,6 +99,7 @@ def scale_by_adam(
   _base.check_beta("b1", b1)
   _base.check_beta("b2", b2)
   _base.check("eps", eps, lambda v: v >= 0, ">= 0")
+  _base.check_state_dtype(state_dtype)
   style = _eps_style(eps_style)
   squant = qstate.as_state_quant(state_quant)
 

@@ -167,6 +167,11 @@ def as_state_quant(value: Any) -> StateQuant | None:
   if value is None or isinstance(value, StateQuant):
     return value
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if int(value) not in (8, 4):
+      raise ValueError(
+        f"state_quant={int(value)}: the moments are stored in 8 or 4 bits "
+        "(or None for float); pass state_quant=8, 4 or a "
+        "jqlm.optim.StateQuant.")
     return StateQuant(bits=int(value))
   hint = ""
   if isinstance(value, jax.Array):

@@ -261,6 +261,7 @@ def scale_by_spam(
               "an int >= 0")
   _base.check("grace_steps", grace_steps, lambda v: v >= 0 and v == int(v),
               "an int >= 0")
+  _base.check_state_dtype(state_dtype)
   squant = qstate.as_state_quant(state_quant)
 
   def init_fn(params):

@@ -89,6 +89,7 @@ def clip_spikes(
   _base.check("grace_steps", grace_steps, lambda v: v >= 0 and v == int(v),
               "an int >= 0")
   _base.check_interval("reset_interval", reset_interval)
+  _base.check_state_dtype(state_dtype)
 
   def init_fn(params):
     return _base.follow_params(ClipSpikesState(

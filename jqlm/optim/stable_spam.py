@@ -226,6 +226,7 @@ def scale_by_stable_spam(
   _base.check_interval("reset_interval", reset_interval)
   _base.check_interval("total_steps", total_steps)
   _base.check("eta_min", eta_min, lambda v: 0 <= v <= 1, "in [0, 1]")
+  _base.check_state_dtype(state_dtype)
   try:
     mode = ResetMode(reset_on_step)
   except ValueError:

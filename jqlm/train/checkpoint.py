@@ -124,6 +124,14 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+      raise ValueError(f"keep={keep!r}: a Checkpointer keeps at least the "
+                       "newest checkpoint; pass an int >= 1 "
+                       "(run.keep_checkpoints).")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+      raise NotADirectoryError(
+        f"Checkpoint directory {directory!r} is a file, not a directory. "
+        "Pass another directory (run.workdir).")
     self.directory = os.path.abspath(directory)
     self._mgr = ocp.CheckpointManager(
       self.directory,
@@ -285,6 +293,15 @@ class Checkpointer:
   def close(self) -> None:
     self._mgr.wait_until_finished()
     self._mgr.close()
+
+
+def has_checkpoints(directory: str) -> bool:
+  """Whether ``directory`` holds a finished checkpoint (a ``<step>``
+  sub-directory; orbax's temporary and ``<step>.corrupt`` ones do not
+  count), read without opening a checkpoint manager."""
+  return os.path.isdir(directory) and any(
+    n.isdigit() and os.path.isdir(os.path.join(directory, n))
+    for n in os.listdir(directory))
 
 
 def _key_name(k) -> str:

@@ -73,6 +73,18 @@ def _allowed(field: str, allow: set[str]) -> bool:
   return field in allow or field.split(".", 1)[1] in allow
 
 
+def check_allow(cfg: TrainConfig, allow_change) -> None:
+  """Raises ResumeConfigError for a name in ``allow_change`` that is no
+  field of ``cfg`` (``section.field`` or the bare field name)."""
+  b = flat(cfg)
+  unknown = [f for f in set(allow_change) if not any(
+    f == k or f == k.split(".", 1)[1] for k in b)]
+  if unknown:
+    raise ResumeConfigError(
+      f"--allow-change {', '.join(sorted(unknown))}: no such config field "
+      "(use section.field names such as optimizer.lr).")
+
+
 def check(saved: TrainConfig, new: TrainConfig,
           allow_change=()) -> dict[str, tuple[Any, Any]]:
   """The changes ``new`` makes to ``saved`` that a resume applies,
@@ -84,15 +96,10 @@ def check(saved: TrainConfig, new: TrainConfig,
       how to proceed.
   """
   allow = set(allow_change)
+  check_allow(new, allow)
   a, b = flat(saved), flat(new)
   changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
              if a.get(k) != b.get(k)}
-  unknown = [f for f in allow if not any(
-    f == k or f == k.split(".", 1)[1] for k in b)]
-  if unknown:
-    raise ResumeConfigError(
-      f"--allow-change {', '.join(sorted(unknown))}: no such config field "
-      "(use section.field names such as optimizer.lr).")
   fixed = {k: v for k, v in changed.items() if kind_of(k) == "fixed"}
   hyper = {k: v for k, v in changed.items()
            if kind_of(k) == "hyper" and not _allowed(k, allow)}

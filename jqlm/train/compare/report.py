@@ -206,16 +206,27 @@ class SuiteResult:
     plt.close(fig)
 
   def to_json(self) -> dict:
-    return {"suite": self.suite.name, "title": self.suite.title,
-            "seeds": list(self.suite.seeds),
-            "configs": {a.name: json.loads(a.config.to_json())
-                        for a in self.suite.arms},
+    s = _settings(self.suite)
+    return {"suite": s["suite"], "title": self.suite.title,
+            "seeds": s["seeds"], "configs": s["configs"],
             "summary": [dataclasses.asdict(s) for s in self.summary()],
             "runs": [dataclasses.asdict(r) for r in self.records]}
 
-  def save(self, out_dir: str, command: str | None = None) -> dict[str, str]:
+  def save(self, out_dir: str, command: str | None = None, *,
+           overwrite: bool = False) -> dict[str, str]:
     """Writes ``results.md`` (table, command, settings), ``results.json``
-    and ``curves.png``; returns their paths."""
+    and ``curves.png``; returns their paths.
+
+    Raises:
+      FileExistsError: ``out_dir`` holds the results of a comparison with
+        other settings (suite, seeds or arm configs), unless
+        ``overwrite``; nothing is written then. Results of the same
+        settings are rewritten.
+    """
+    if not overwrite and (why := results_clash(out_dir, self.suite)):
+      raise FileExistsError(
+        f"{why}; nothing was written. Save to another directory, or pass "
+        "overwrite=True (jqlm compare --overwrite) to replace them.")
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f) for k, f in (
       ("md", "results.md"), ("json", "results.json"),
@@ -240,6 +251,31 @@ class SuiteResult:
       json.dump(self.to_json(), f, indent=1)
     self.plot(paths["png"])
     return paths
+
+
+def _settings(suite: Suite) -> dict:
+  """The settings that ``results.json`` records of a comparison."""
+  return {"suite": suite.name, "seeds": list(suite.seeds),
+          "configs": {a.name: json.loads(a.config.to_json())
+                      for a in suite.arms}}
+
+
+def results_clash(out_dir: str, suite: Suite) -> str | None:
+  """Why saving ``suite``'s results in ``out_dir`` would replace another
+  comparison's (its ``results.json`` records other settings, or cannot be
+  read), or None (no results yet, or of the same settings)."""
+  path = os.path.join(out_dir, "results.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return f"{path} (unreadable results)"
+  new = _settings(suite)
+  if not isinstance(old, dict) or {k: old.get(k) for k in new} != new:
+    return f"{path} (the results of a comparison with other settings)"
+  return None
 
 
 def _zoom_to_late_steps(ax, frac: float = 0.2) -> None:

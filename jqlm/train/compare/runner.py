@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable
 
-from jqlm.train.compare.report import RunRecord, SuiteResult
+from jqlm.train.compare.report import RunRecord, SuiteResult, results_clash
 from jqlm.train.compare.suites import Suite
 from jqlm.train.config import TrainConfig
 
@@ -78,9 +78,11 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
   stopped); an unfinished run of the identical config is trained anew.
 
   Nothing else is deleted: a run directory that holds a run of another
-  config (a comparison with other settings in the same ``out_dir``), or a
-  finished run when ``reuse`` is off, raises FileExistsError before
-  anything is trained, unless ``overwrite``.
+  config (a comparison with other settings in the same ``out_dir``) or no
+  readable ``config.json``, a finished run when ``reuse`` is off, or
+  ``results.json`` of other settings (which :meth:`SuiteResult.save`
+  would replace) raises FileExistsError before anything is trained,
+  unless ``overwrite``.
 
   Raises:
     FileExistsError: runs that would be replaced, without ``overwrite``
@@ -93,6 +95,9 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
   """
   from jqlm.train.loop import run  # noqa: PLC0415
 
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise NotADirectoryError(f"The output directory {out_dir!r} is a file. "
+                             "Pass another --out (out_dir).")
   os.makedirs(out_dir, exist_ok=True)
   plan = [(seed, arm, arm.config.replace(
     run={"seed": seed,
@@ -101,9 +106,14 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
     for seed in suite.seeds for arm in suite.arms]
   if not overwrite:
     clash = []
+    if (why := results_clash(out_dir, suite)) is not None:
+      clash.append(why)
     for _, arm, cfg in plan:
       old = _config_in(cfg.run.workdir)
       if old is None:
+        if os.path.isdir(cfg.run.workdir) and os.listdir(cfg.run.workdir):
+          clash.append(f"{cfg.run.workdir} (no readable config.json: not a "
+                       "run of this comparison)")
         continue
       if old != cfg:
         clash.append(f"{cfg.run.workdir} (another config)")

@@ -323,6 +323,10 @@ def load_suite(spec: str) -> Suite:
                                                       spec)
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_suite"):
+      raise ValueError(f"{spec} defines no get_suite(); a suite file's "
+                       "get_suite() returns a jqlm.train.compare.Suite "
+                       "(see experiments/suites/).")
     suite = mod.get_suite()
     if not isinstance(suite, Suite):
       raise ValueError(f"{spec}: get_suite() must return a "
