@@ -5,7 +5,9 @@
   LLaMA-3-8B shapes, and :func:`llama_tiny` for tests.
 * Quantization policies by module-path pattern (:class:`QuantPolicy`):
   Stable-SPAM's INT4 and FP4 QAT recipes, W8A8, W4A16, Hadamard W4A4; real
-  int8 / int4 / NF4 weights (:func:`quantize_model`).
+  int8 / int4 / NF4 weights (:func:`quantize_model`); fully quantized
+  training recipes (:func:`training_recipe`: FP8, MX, NVFP4, Quartet,
+  Quartet-II, HALO, QuEST).
 * :func:`generate` with a bf16 or int8 KV cache.
 * Local Hugging Face checkpoints: :func:`load_hf_llama`,
   :func:`save_hf_llama`.
@@ -27,6 +29,7 @@ from jqlm.models.layers import (
   module_path,
   stable_spam_fp4,
   stable_spam_int4,
+  training_recipe,
   w4a16,
   w8a8,
 )
@@ -61,5 +64,5 @@ __all__ = [
   "check_token_ids", "hadamard_w4a4", "init_cache", "load_hf_llama", "llama2_7b", "llama3_8b", "llama_130m",
   "llama_1b", "llama_350m", "llama_60m", "llama_7b", "llama_tiny",
   "make_mesh", "param_count", "quantize_model", "sample_logits", "save_hf_llama", "stable_spam_fp4", "stack_layers", "unstack_layers",
-  "stable_spam_int4", "to_pspec", "w4a16", "w8a8", "weight_bytes",
+  "stable_spam_int4", "to_pspec", "training_recipe", "w4a16", "w8a8", "weight_bytes",
 ]

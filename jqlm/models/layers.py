@@ -19,9 +19,17 @@ input activation. The model code is the same for every mode:
   (a Pallas kernel on GPU/TPU when one serves the format, else
   dequantize-then-dot).
 
+* **Fully quantized training**: a rule's ``recipe`` (a
+  :class:`jqlm.quant.Recipe`) runs the layer's three GEMMs, forward,
+  dgrad and wgrad, through :func:`jqlm.ops.quantized_dot` with the
+  recipe's formats, roundings, Hadamard transforms and masks (FP8, MX,
+  NVFP4, Quartet, Quartet-II, HALO, QuEST: ../shared/spec/
+  lowp_training.md). The linear then takes a PRNG key per call.
+
 Presets: :func:`stable_spam_int4` and :func:`stable_spam_fp4` (the
 Stable-SPAM 4-bit experiments, spec §3.4), :func:`w8a8`, :func:`w4a16` and
-:func:`hadamard_w4a4`.
+:func:`hadamard_w4a4`; :func:`training_recipe` for the low-precision
+training recipes with each recipe's layer selection.
 """
 
 from __future__ import annotations
@@ -119,16 +127,32 @@ class QuantRule:
     act: QAT spec of the input activation, or ``None``.
     hadamard: rotate input and kernel by a Walsh-Hadamard matrix before
       quantizing (needs a power-of-two ``in_features``).
+    recipe: a low-precision training recipe (a :class:`jqlm.quant.Recipe`
+      or a name of :data:`jqlm.quant.RECIPES`) for all three GEMMs of the
+      linear; excludes the QAT fields above. A rule with none of the
+      fields keeps its linears in high precision.
   """
 
   patterns: tuple[str, ...] = BLOCK_LINEARS
   weight: quant.QuantSpec | None = None
   act: quant.QuantSpec | None = None
   hadamard: bool = False
+  recipe: quant.Recipe | None = None
 
   def __post_init__(self):
     if isinstance(self.patterns, str):
       object.__setattr__(self, "patterns", (self.patterns,))
+    if isinstance(self.recipe, str):
+      object.__setattr__(self, "recipe", quant.recipe(self.recipe))
+    if self.recipe is not None:
+      if not isinstance(self.recipe, quant.Recipe):
+        raise ValueError(f"QuantRule.recipe must be a jqlm.quant.Recipe, a "
+                         f"recipe name or None, got {self.recipe!r}.")
+      if self.weight is not None or self.act is not None or self.hadamard:
+        raise ValueError(
+          "QuantRule: a recipe quantizes the weight, the activations and "
+          "the gradients itself; drop weight/act/hadamard (QAT) or the "
+          "recipe.")
     for name in ("weight", "act"):
       v = getattr(self, name)
       if v is not None and not isinstance(v, quant.QuantSpec):
@@ -210,6 +234,55 @@ def hadamard_w4a4(patterns: Sequence[str] = BLOCK_LINEARS) -> QuantPolicy:
     act=quant.QuantSpec(format="int4", granularity="channel", axis=0)),))
 
 
+def _nvfp4_kept(num_layers: int) -> tuple[str, ...]:
+  """NVIDIA's NVFP4 recipe keeps about 16% of the linears in BF16, from
+  the first and last blocks (arXiv 2509.25149; spec §6.4): here
+  ``round(0.16 L)`` blocks, a fifth of them (rounded down) first and the
+  rest last (2 and 8 of the paper's 62)."""
+  n = round(0.16 * num_layers)
+  first = n // 5
+  ids = list(range(first)) + list(range(num_layers - (n - first),
+                                        num_layers))
+  return tuple(f"layers.{i}.*" for i in ids)
+
+
+def training_recipe(name: str, *, num_layers: int,
+                    keep_high_precision: Sequence[str] | None = None,
+                    patterns: Sequence[str] = BLOCK_LINEARS,
+                    **switches) -> QuantPolicy:
+  """The :class:`QuantPolicy` of a low-precision training recipe
+  (:func:`jqlm.quant.recipe`) with its default layer selection.
+
+  Every recipe quantizes the block linears (attention q, k, v, o and the
+  MLP; ``patterns``); embeddings, norms, attention's BMMs and softmax and
+  the LM head stay in high precision (Quartet, Quartet-II and QuEST
+  quantize attention and MLP linears only; HALO wraps every linear but
+  ``lm_head``; torchao has no built-in exclusion: spec §2-§10). NVFP4
+  also keeps the first and last blocks in BF16 (:func:`_nvfp4_kept`).
+
+  Args:
+    name: a recipe name (:data:`jqlm.quant.RECIPES`).
+    num_layers: the model's blocks (for per-layer defaults).
+    keep_high_precision: ``fnmatch`` patterns of linears kept in high
+      precision, replacing the recipe's default (``()`` quantizes them
+      all; ``["layers.0.*"]`` keeps the first block).
+    patterns: the linears the recipe applies to.
+    **switches: the recipe's switches (``stochastic_rounding=False``...).
+
+  Per-layer selections (NVFP4's default on a model with 7+ blocks) need
+  ``scan_layers=False``.
+  """
+  r = quant.recipe(name, **switches)
+  if keep_high_precision is None:
+    keep_high_precision = _nvfp4_kept(num_layers) if name == "nvfp4" else ()
+  rules = []
+  if keep_high_precision:
+    rules.append(QuantRule(patterns=tuple(keep_high_precision)))
+  if r.quantized:
+    rules.append(QuantRule(patterns=tuple(patterns), recipe=r))
+  return QuantPolicy(tuple(rules))
+
+
 POLICIES = {
   "none": lambda: None,
   "int4": stable_spam_int4,
@@ -276,14 +349,29 @@ class QLinear(nnx.Module):
     self.path = path
     self.rule = policy.rule_for(path) if policy is not None else None
     self.dtype = dtype
+    if self.rule is not None and self.rule.recipe is not None:
+      try:  # the tokens' count is checked per call
+        quant.check_shapes(self.rule.recipe, 1 << 16, in_features,
+                           out_features)
+      except ValueError as e:
+        raise ValueError(
+          f"{path} ({in_features} -> {out_features}): {e} Or exclude it: "
+          "training_recipe(..., keep_high_precision=[...]).") from None
     if self.rule is not None and self.rule.hadamard and (
         in_features & (in_features - 1)):
       raise ValueError(
         f"{path}: a Hadamard rule needs a power-of-two in_features, got "
         f"{in_features}. Exclude this linear from the rule's patterns.")
 
-  def __call__(self, x_BxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxD: jax.Array, *,
+               key: jax.Array | None = None) -> jax.Array:
+    """``x @ W`` per the rule. ``key`` feeds a recipe's random numbers
+    (stochastic rounding, random signs); others ignore it."""
     rule = self.rule
+    if rule is not None and rule.recipe is not None:
+      w_DxF = kernel_value(self.kernel, self.dtype)
+      return ops.quantized_dot(x_BxD.astype(self.dtype), w_DxF, rule.recipe,
+                               key=key).astype(self.dtype)
     w = self.kernel.get_value()
     if rule is None and isinstance(w, _LOW_BIT):
       # real low-bit weights: the dispatcher picks a Pallas kernel on

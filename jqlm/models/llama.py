@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -47,8 +48,16 @@ from jqlm.models.layers import (
 )
 
 
-def _dtype(value) -> jnp.dtype:
-  return jnp.dtype(value)
+def _dtype(value, name: str) -> jnp.dtype:
+  """``value`` as a floating dtype, or a ValueError naming the field."""
+  try:
+    dt = None if value is None else jnp.dtype(value)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"LlamaConfig.{name} must be a floating dtype "
+                     f"(float32, bfloat16, float16), got {value!r}.")
+  return dt
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,7 +116,7 @@ class LlamaConfig:
     for name in ("vocab_size", "hidden_size", "intermediate_size",
                  "num_layers", "num_heads", "max_seq_len"):
       v = getattr(self, name)
-      if not isinstance(v, int) or v < 1:
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"LlamaConfig.{name} must be a positive int, got "
                          f"{v!r}.")
     if self.head_dim is None:
@@ -117,8 +126,18 @@ class LlamaConfig:
           f"{self.hidden_size} (or set head_dim explicitly).")
       object.__setattr__(self, "head_dim",
                          self.hidden_size // self.num_heads)
+    elif isinstance(self.head_dim, bool) or not isinstance(
+        self.head_dim, (int, np.integer)) or self.head_dim < 1:
+      raise ValueError(f"LlamaConfig.head_dim must be a positive int or None "
+                       f"(hidden_size // num_heads), got {self.head_dim!r}.")
+    else:
+      object.__setattr__(self, "head_dim", int(self.head_dim))
     if self.num_kv_heads is None:
       object.__setattr__(self, "num_kv_heads", self.num_heads)
+    if isinstance(self.num_kv_heads, bool) or not isinstance(
+        self.num_kv_heads, int):
+      raise ValueError(f"LlamaConfig.num_kv_heads must be a positive int or "
+                       f"None (= num_heads), got {self.num_kv_heads!r}.")
     if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"num_kv_heads={self.num_kv_heads} must divide num_heads="
@@ -126,10 +145,19 @@ class LlamaConfig:
         "among num_heads // num_kv_heads query heads).")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
-    if self.rope_scaling <= 0 or self.rope_base <= 0:
-      raise ValueError("rope_base and rope_scaling must be > 0.")
-    object.__setattr__(self, "dtype", _dtype(self.dtype))
-    object.__setattr__(self, "param_dtype", _dtype(self.param_dtype))
+    for name, low in (("rope_base", 0.0), ("rope_scaling", 0.0),
+                      ("norm_eps", None), ("init_std", None)):
+      v = getattr(self, name)
+      ok = (isinstance(v, (int, float, np.integer, np.floating))
+            and not isinstance(v, bool)
+            and math.isfinite(v) and (v > low if low is not None else v >= 0))
+      if not ok:
+        raise ValueError(f"LlamaConfig.{name} must be a finite number "
+                         f"{'> 0' if low is not None else '>= 0'}, got "
+                         f"{v!r}.")
+    object.__setattr__(self, "dtype", _dtype(self.dtype, "dtype"))
+    object.__setattr__(self, "param_dtype",
+                       _dtype(self.param_dtype, "param_dtype"))
     if self.quant is not None and not isinstance(self.quant, QuantPolicy):
       raise ValueError(f"LlamaConfig.quant must be a QuantPolicy or None, "
                        f"got {self.quant!r}.")
@@ -270,6 +298,10 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None,
   bf16 cache's memory).
   """
   max_len = cfg.max_seq_len if max_len is None else max_len
+  for name, v in (("batch", batch), ("max_len", max_len)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"init_cache: {name} must be a positive int, got "
+                       f"{v!r}.")
   dtype = jnp.dtype(dtype)
   shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   if dtype == jnp.int8:
@@ -366,12 +398,15 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_BxTxD, positions_BxT, cache: LayerCache | None = None,
-               start=None):
+               start=None, *, key=None):
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
-    q = self.q(x_BxTxD).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = self.k(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = self.v(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q = self.q(x_BxTxD, key=_fold(key, 0)).reshape(b, t, cfg.num_heads,
+                                                     cfg.head_dim)
+    k = self.k(x_BxTxD, key=_fold(key, 1)).reshape(b, t, cfg.num_kv_heads,
+                                                     cfg.head_dim)
+    v = self.v(x_BxTxD, key=_fold(key, 2)).reshape(b, t, cfg.num_kv_heads,
+                                                     cfg.head_dim)
     rope = dict(base=cfg.rope_base, scaling=cfg.rope_scaling)
     q = apply_rope(q, positions_BxT, **rope)
     k = apply_rope(k, positions_BxT, **rope)
@@ -387,7 +422,7 @@ class Attention(nnx.Module):
       mask = key_pos[None, None, :] <= positions_BxT[:, :, None]
       out = _attention(q, k_all, v_all, mask=mask[:, None, :, :])
     out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
-    return self.o(out), new_cache
+    return self.o(out, key=_fold(key, 3)), new_cache
 
 
 class MLP(nnx.Module):
@@ -403,8 +438,10 @@ class MLP(nnx.Module):
     self.down = QLinear(f, d, path=f"{path}.down", axes=("mlp", "embed"),
                         **common)
 
-  def __call__(self, x):
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+  def __call__(self, x, *, key=None):
+    h = jax.nn.silu(self.gate(x, key=_fold(key, 0))) * self.up(
+      x, key=_fold(key, 1))
+    return self.down(h, key=_fold(key, 2))
 
 
 class Block(nnx.Module):
@@ -418,10 +455,13 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, **norm)
     self.mlp = MLP(cfg, path=f"{path}.mlp", rngs=rngs)
 
-  def __call__(self, x, positions, cache=None, start=None):
-    h, cache = self.attn(self.attn_norm(x), positions, cache, start)
+  def __call__(self, x, positions, cache=None, start=None, *, key=None):
+    """``key`` (a low-precision recipe's randomness) folds in 0 for the
+    attention and 1 for the MLP, then each linear its index."""
+    h, cache = self.attn(self.attn_norm(x), positions, cache, start,
+                         key=_fold(key, 0))
     x = x + h
-    return x + self.mlp(self.mlp_norm(x)), cache
+    return x + self.mlp(self.mlp_norm(x), key=_fold(key, 1)), cache
 
 
 class Llama(nnx.Module):
@@ -474,7 +514,14 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens_BxT: jax.Array, *,
                positions: jax.Array | None = None,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None,
+               key: jax.Array | None = None):
+    """Logits (and the updated cache when ``cache`` is given).
+
+    ``key`` feeds the random numbers of a low-precision training recipe
+    (:func:`jqlm.models.training_recipe`): layer ``i`` folds in ``i``, the
+    same in the scanned and the unrolled model. Recipes that round the
+    gradients stochastically need it to be differentiated."""
     cfg = self.cfg
     if tokens_BxT.ndim != 2:
       raise ValueError(f"Llama expects token ids of shape (batch, length), "
@@ -495,16 +542,18 @@ class Llama(nnx.Module):
     if cfg.scan_layers:
       x, new_layers = scan_blocks(self.layers, x, positions,
                                   None if cache is None else cache.layers,
-                                  start, remat=cfg.remat and cache is None)
+                                  start, remat=cfg.remat and cache is None,
+                                  key=key)
     else:
       new_layers = []
       for i, block in enumerate(self.layers):
         layer_cache = None if cache is None else cache.layers[i]
+        lkey = _fold(key, i)
         if cfg.remat and cache is None:
-          x, _ = nnx.remat(lambda blk, x_, p_: blk(x_, p_))(block, x,
-                                                            positions)
+          x, _ = nnx.remat(lambda blk, x_, p_, k_: blk(x_, p_, key=k_))(
+            block, x, positions, lkey)
         else:
-          x, layer_cache = block(x, positions, layer_cache, start)
+          x, layer_cache = block(x, positions, layer_cache, start, key=lkey)
         new_layers.append(layer_cache)
       new_layers = tuple(new_layers)
     logits = self.head(x)
@@ -515,6 +564,10 @@ class Llama(nnx.Module):
 
 # ---------------------------------------------------------------------------
 # Scanned layers
+
+
+def _fold(key, i):
+  return None if key is None else jax.random.fold_in(key, i)
 
 
 def _linear_rules(block: Block) -> list:
@@ -549,22 +602,26 @@ def _stack_blocks(blocks: list[Block]) -> Block:
 
 def scan_blocks(stack: Block, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                 cache: LayerCache | None = None, start=None, *,
-                remat: bool = False):
+                remat: bool = False, key: jax.Array | None = None):
   """Runs a stacked block (``scan_layers``) over ``x`` with ``lax.scan``:
   layer ``i`` sees slice ``i`` of every param (and of the cache). Returns
   ``(x, stacked cache or None)``. ``remat`` rematerialises each layer in
-  the backward pass (only the layer inputs are saved)."""
+  the backward pass (only the layer inputs are saved). ``key``: layer
+  ``i`` gets ``fold_in(key, i)``, as in the unrolled model."""
   graphdef, state = nnx.split(stack)
+  n = jax.tree.leaves(state)[0].shape[0]
 
   def body(x, xs):
-    layer_state, layer_cache = xs
+    layer_state, layer_cache, i = xs
     block = nnx.merge(graphdef, layer_state)
-    x, layer_cache = block(x, positions_BxT, layer_cache, start)
+    x, layer_cache = block(x, positions_BxT, layer_cache, start,
+                           key=None if key is None else
+                           jax.random.fold_in(key, i))
     return x, layer_cache
 
   if remat:
     body = jax.checkpoint(body)
-  return jax.lax.scan(body, x_BxTxD, (state, cache))
+  return jax.lax.scan(body, x_BxTxD, (state, cache, jnp.arange(n)))
 
 
 def stack_layers(params: dict) -> dict:
@@ -573,6 +630,11 @@ def stack_layers(params: dict) -> dict:
   whose leaves have a leading layer axis). Other entries are unchanged;
   quantized leaves stack leaf by leaf."""
   layers = params["layers"]
+  if not all(isinstance(k, int) or str(k).isdigit() for k in layers):
+    raise ValueError(f"stack_layers: layer keys must be 0..n-1, got "
+                     f"{sorted(map(str, layers))} (params['layers'] of an "
+                     "unrolled model: nnx.to_pure_dict of Llama with "
+                     "scan_layers=False).")
   keys = sorted(layers, key=int)
   if [int(k) for k in keys] != list(range(len(keys))):
     raise ValueError(f"stack_layers: layer keys must be 0..n-1, got {keys}.")

@@ -133,9 +133,12 @@ def quantized_dot(x: jax.Array, w: jax.Array, recipe, *,
     recipe: a :class:`jqlm.quant.Recipe` or a recipe name
       (:func:`jqlm.quant.recipe`).
     key: a PRNG key, required when the recipe draws random numbers
-      (stochastic rounding, random Hadamard signs). Each operand folds in
-      its own index, and the backward folds in 2: the same key gives the
-      same rounding. Split it per layer and per step.
+      (stochastic rounding, random Hadamard signs): by the forward when
+      its operands do, else only by the gradient (a forward-only call,
+      such as evaluation, may omit it; differentiating such a call raises).
+      Each operand folds in its own index, and the backward folds in 2:
+      the same key gives the same rounding. Split it per layer and per
+      step.
     impl: ``None`` (native where the recipe and backend allow it, else
       emulated), ``"emulate"`` or ``"native"`` (see the module docstring).
 
@@ -173,7 +176,8 @@ def quantized_dot(x: jax.Array, w: jax.Array, recipe, *,
   if impl is None:
     impl = "native" if native and jax.default_backend() == "gpu" else \
       "emulate"
-  if recipe.needs_key and key is None:
+  if key is None and any(q is not None and q.needs_key
+                         for q in (recipe.x, recipe.w)):
     raise ValueError(f"quantized_dot: {qr.needs_key_message(recipe)}")
   kd, kimpl = _key_parts(key)
   lead = x.shape[:-1]
@@ -310,6 +314,11 @@ def _qdot_fwd(recipe, impl, kimpl, dtypes, x2, w, kd):
 def _qdot_bwd(recipe, impl, kimpl, dtypes, res, g):
   x_src, w_src, mask_x, mask_w, kd = res
   _, x_dtype, w_dtype = dtypes
+  if kimpl is None and recipe.needs_key:
+    # a forward without a key (evaluation, generation) is fine; its
+    # gradient is not
+    raise ValueError(f"quantized_dot (backward): "
+                     f"{qr.needs_key_message(recipe)}")
   key = _wrap(kd, kimpl)
   dy = g.astype(jnp.float32)
   r = recipe

@@ -39,12 +39,13 @@ import enum
 import importlib.util
 import json
 import logging
+import math
 import os
 import types
 import typing
 from typing import Any, ClassVar
 
-from jqlm import models
+from jqlm import models, quant
 
 _log = logging.getLogger("jqlm")
 
@@ -150,6 +151,9 @@ class _Section:
       if not _type_ok(v, hint):
         raise ValueError(f"{self.where(f.name)}={v!r} must be "
                          f"{_hint_name(hint)}, got {type(v).__name__}.")
+      if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{self.where(f.name)}={v!r} must be a finite "
+                         "number.")
     self._check()
 
   def _check(self) -> None:
@@ -200,6 +204,11 @@ class ModelConfig(_Section):
     quant: the QAT policy, a name of :data:`jqlm.models.POLICIES`
       (``none``; ``int4`` and ``fp4`` = Stable-SPAM's recipes; ``w8a8``,
       ``w4a16``, ``hadamard``).
+    recipe: a fully quantized training recipe, ``none`` or a name of
+      :data:`jqlm.quant.RECIPES` (``nvfp4``, ``mxfp8``, ``quest`` ...),
+      with its default layer selection (:func:`jqlm.models.
+      training_recipe`); excludes ``quant``. Switches and other layer
+      selections: build the policy in Python.
     dtype, param_dtype: compute and storage dtypes (``float32``,
       ``bfloat16``, ``float16``).
     remat: rematerialise each block in the backward pass.
@@ -217,6 +226,7 @@ class ModelConfig(_Section):
   num_heads: int | None = None
   num_kv_heads: int | None = None
   quant: str = "none"
+  recipe: str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
@@ -229,6 +239,13 @@ class ModelConfig(_Section):
     self.require("quant", self.quant in models.POLICIES,
                  f"one of {sorted(models.POLICIES)}",
                  _close(self.quant, models.POLICIES))
+    recipes = ("none", *quant.RECIPES)
+    self.require("recipe", self.recipe in recipes, f"one of {recipes}",
+                 _close(self.recipe, recipes))
+    self.require("recipe", self.recipe == "none" or self.quant == "none",
+                 "none while model.quant is set (a recipe quantizes the "
+                 "weights itself)", "Set model.quant=none, or "
+                 "model.recipe=none.")
     for name in ("dtype", "param_dtype"):
       self.require(name, getattr(self, name) in _DTYPES, f"one of {_DTYPES}")
     self.positive("vocab_size", "hidden_size", "intermediate_size",
@@ -237,6 +254,11 @@ class ModelConfig(_Section):
       self.llama(max_seq_len=2)
     except ValueError as e:  # sizes that do not fit together
       raise ValueError(f"model: {e}") from None
+
+  def _policy(self, num_layers: int):
+    if self.recipe != "none":
+      return models.training_recipe(self.recipe, num_layers=num_layers)
+    return models.POLICIES[self.quant]()
 
   def llama(self, max_seq_len: int) -> models.LlamaConfig:
     """The :class:`jqlm.models.LlamaConfig`: the preset with this config's
@@ -255,7 +277,7 @@ class ModelConfig(_Section):
     kw.update(vocab_size=self.vocab_size,
               max_seq_len=max(max_seq_len, base.max_seq_len),
               dtype=self.dtype, param_dtype=self.param_dtype,
-              remat=self.remat, quant=models.POLICIES[self.quant]())
+              remat=self.remat, quant=self._policy(kw["num_layers"]))
     if self.scan_layers is not None:
       kw["scan_layers"] = self.scan_layers
     return models.LlamaConfig(**kw)
@@ -511,14 +533,15 @@ def optimizer_config(kind: OptimizerKind | str, **fields) -> OptimizerConfig:
   except ValueError:
     raise ValueError(
       f"optimizer={kind!r} is not one of {[k.value for k in OptimizerKind]}."
-      f" {_close(kind, [k.value for k in OptimizerKind])}") from None
+      f" {_close(kind, [k.value for k in OptimizerKind])}".rstrip()
+    ) from None
   cls = OPTIMIZERS[kind]
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(fields) - known)
   if unknown:
     raise ValueError(
       f"optimizer {kind.value!r} has no field {unknown}; its fields: "
-      f"{sorted(known)}. {_close(unknown[0], known)}")
+      f"{sorted(known)}. {_close(unknown[0], known)}".rstrip())
   return cls(**fields)
 
 
@@ -590,6 +613,8 @@ class RunConfig(_Section):
                  f"in [0, num_processes={self.num_processes})")
     self.require("coordinator", self.num_processes == 1 or bool(
       self.coordinator), "host:port when num_processes > 1")
+    self.require("workdir", bool(self.workdir.strip()),
+                 "a directory path", "e.g. run.workdir=runs/my_run.")
 
 
 # ---------------------------------------------------------------------------
@@ -711,6 +736,8 @@ class TrainConfig:
           f"every block linear; model {self.model.preset} has {name}="
           f"{small}. Set optimizer.rank below {small} (the official ranks "
           "are 128-1024 for LLaMA-60M-7B).")
+      if isinstance(o, QGaLoreConfig):
+        _check_q_galore_groups(o, llama)
 
   # -- construction helpers --------------------------------------------------
 
@@ -761,7 +788,49 @@ class TrainConfig:
 
   @classmethod
   def from_json(cls, text: str) -> TrainConfig:
-    return cls.from_dict(json.loads(text))
+    """From :meth:`to_json`'s text (or a flat config of jqlm <= 0.1).
+
+    Raises:
+      ValueError: text that is not a JSON object, or invalid fields.
+    """
+    try:
+      d = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"A jqlm config must be JSON; this text is not "
+                       f"({e}).") from None
+    if not isinstance(d, dict):
+      raise ValueError(f"A jqlm config must be a JSON object of sections "
+                       f"(model, data, optimizer, run), got "
+                       f"{type(d).__name__}.")
+    return cls.from_dict(d)
+
+
+def _check_q_galore_groups(o: QGaLoreConfig, llama) -> None:
+  """Q-GaLore's int8 weights are quantized in groups of
+  ``weight_group_size`` over each block kernel, and its int4 projections
+  (``min(in, out) x rank`` for the default projection side) in groups of
+  ``proj_group_size``: both must divide. The block kernels' shapes follow
+  from the sizes (q, k, v, o, gate, up, down; :data:`jqlm.models.
+  BLOCK_LINEARS`), so no model is built."""
+  d, f = llama.hidden_size, llama.intermediate_size
+  qd = llama.num_heads * llama.head_dim
+  kvd = llama.num_kv_heads * llama.head_dim
+  shapes = {(d, qd), (d, kvd), (qd, d), (d, f), (f, d)}
+  for shape in sorted(shapes):
+    size = shape[0] * shape[1]
+    if size % o.weight_group_size:
+      raise ValueError(
+        f"optimizer.weight_group_size={o.weight_group_size} must divide the "
+        f"size {size} of every block kernel; the model has a kernel of "
+        f"shape {shape}. Use a divisor of {size}, such as 64 or 256 (the "
+        "official value).")
+    proj = min(shape) * o.rank
+    if proj % o.proj_group_size:
+      raise ValueError(
+        f"optimizer.proj_group_size={o.proj_group_size} must divide the "
+        f"size {proj} of every int4 projection (rank {o.rank} x "
+        f"{min(shape)} for the kernel of shape {shape}). Use a divisor of "
+        f"{proj}, e.g. 64.")
 
 
 def _check_keys(section: str, cls: type, changes: dict) -> None:
@@ -904,6 +973,11 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
         "model, data, optimizer or run"
         + (f"; did you mean {flat}?" if flat else ".")
         + " (optimizer=KIND switches the optimizer.)")
+    if key == "optimizer.kind":
+      raise ValueError(
+        f"--set optimizer.kind={value}: switch the optimizer with --set "
+        f"optimizer={value} (that kind's official defaults; later "
+        "optimizer.* items apply to it).")
     cls = (OPTIMIZERS[OptimizerKind(d["optimizer"]["kind"])]
            if section == "optimizer" else _SECTIONS[section])
     hints = typing.get_type_hints(cls)
@@ -926,6 +1000,20 @@ def _flat_home(name: str) -> str | None:
   return None
 
 
+def read_config(path: str) -> TrainConfig:
+  """The config saved in ``path`` (a run's ``config.json``).
+
+  Raises:
+    ValueError: the file is not a valid config (the message names it).
+  """
+  with open(path) as f:
+    text = f.read()
+  try:
+    return TrainConfig.from_json(text)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
 def load_config(spec: str | None) -> TrainConfig:
   """A preset name of :data:`jqlm.train.CONFIGS`, a ``.py`` file defining
   ``get_config()``, ``file.py:ARG`` (calls ``get_config("ARG")``, e.g.
@@ -938,8 +1026,7 @@ def load_config(spec: str | None) -> TrainConfig:
   if spec in CONFIGS:
     return CONFIGS[spec]()
   if spec.endswith(".json") and os.path.exists(spec):
-    with open(spec) as f:
-      return TrainConfig.from_json(f.read())
+    return read_config(spec)
   path, arg = spec, None
   if ".py:" in spec:
     path, arg = spec.rsplit(":", 1)

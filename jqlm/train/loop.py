@@ -23,9 +23,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jqlm import data as jdata
 from jqlm import models
+from jqlm.data import pipeline as jpipeline
+from jqlm.data import tokenizer as jtokenizer
 from jqlm.train import resume as jresume
 from jqlm.train import state as jstate
-from jqlm.train.checkpoint import Checkpointer
+from jqlm.train.checkpoint import Checkpointer, CheckpointError, has_checkpoints
 from jqlm.train.config import NanPolicy, TrainConfig
 from jqlm.train.data import eval_rows, prepare_data
 from jqlm.train.metrics import MetricsLog, plot_curves, quant_error
@@ -82,6 +84,46 @@ def data_for(cfg: TrainConfig):
                       eval_batches=cfg.run.eval_batches)
 
 
+def _check_inputs(cfg: TrainConfig, resume: bool, allow_change) -> None:
+  """The checks that need no model, data or device, made before anything
+  is written: ``allow_change`` without ``resume`` or naming no field, a
+  local data source or tokenizer that does not exist, a vocabulary too
+  small for a trained tokenizer, a work dir that is a file, and a resume
+  with no checkpoint to resume from."""
+  if allow_change and not resume:
+    raise ValueError(
+      f"--allow-change {' '.join(allow_change)} applies to a resumed run "
+      "only; add --resume (resume=True), or drop it.")
+  jresume.check_allow(cfg, allow_change)
+  d, w = cfg.data, cfg.run.workdir
+  if jpipeline.missing_local_path(d.source):
+    raise FileNotFoundError(
+      f"data.source={d.source!r}: no such file or directory. Check the "
+      "path (hub datasets are named like 'allenai/c4'; 'stdlib' is the "
+      "embedded corpus).")
+  if d.tokenizer is not None and jtokenizer.missing_local_tokenizer(
+      d.tokenizer):
+    raise FileNotFoundError(
+      f"data.tokenizer={d.tokenizer!r}: no such tokenizer.json. Check the "
+      "path, or leave data.tokenizer unset to train one on the data.")
+  if d.tokenizer is None and cfg.model.vocab_size < jtokenizer.MIN_VOCAB_SIZE:
+    raise ValueError(
+      f"model.vocab_size={cfg.model.vocab_size}: a tokenizer trained on the "
+      f"data (data.tokenizer unset) needs at least "
+      f"{jtokenizer.MIN_VOCAB_SIZE} tokens (256 bytes + special tokens). "
+      "Raise model.vocab_size, or set data.tokenizer.")
+  if os.path.exists(w) and not os.path.isdir(w):
+    raise NotADirectoryError(
+      f"run.workdir={w!r} is a file, not a directory. Choose another "
+      "run.workdir.")
+  ckpts = os.path.join(w, "checkpoints")
+  if resume and not has_checkpoints(ckpts):
+    raise CheckpointError(
+      f"No checkpoint in {os.path.abspath(ckpts)!r} to resume from "
+      f"(run.workdir={w!r}). Drop --resume to start a new run, or set "
+      "run.workdir to the run to continue.")
+
+
 def _open_workdir(cfg: TrainConfig, resume: bool) -> Checkpointer:
   """The run's checkpointer; refuses a fresh run into a work dir holding
   checkpoints before anything is written, then saves ``config.json`` (a
@@ -104,6 +146,11 @@ def _mesh(cfg: TrainConfig) -> Mesh:
   r = cfg.run
   devices = jax.devices()
   if r.mesh_devices is not None:
+    if r.mesh_devices > len(devices):
+      raise ValueError(
+        f"run.mesh_devices={r.mesh_devices} exceeds the {len(devices)} "
+        f"devices here ({devices[0].platform}). Use at most "
+        f"{len(devices)}, or unset it to use them all.")
     devices = devices[:r.mesh_devices]
   mesh = models.make_mesh(r.mesh_data, r.mesh_fsdp, r.mesh_tensor,
                           devices=devices)
@@ -176,17 +223,22 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     ResumeConfigError: ``resume`` with a config that changes a fixed field
       or an unallowed hyper-parameter of the saved run (nothing is
       written).
-    CheckpointError: ``resume`` with no good checkpoint.
+    CheckpointError: ``resume`` with no good checkpoint (with none at
+      all, before the model or data is built).
+    ValueError, FileNotFoundError, NotADirectoryError: inputs refused
+      before anything is written (:func:`_check_inputs`; a mesh that does
+      not fit the devices).
     NonFiniteError: a non-finite loss or gradient with
       ``nan_policy="stop"``, or ``max_skip_streak`` skipped steps in a row.
   """
+  _check_inputs(cfg, resume, allow_change)
   changes = {}
   if resume:
     saved = jresume.saved_config(cfg.run.workdir)
     if saved is not None:
       changes = jresume.check(saved, cfg, allow_change)
+  mesh = _mesh(cfg)  # a mesh that does not fit fails before any write
   ckpt = _open_workdir(cfg, resume)
-  mesh = _mesh(cfg)
   s = jstate.setup(cfg, mesh)
   _, train_data, eval_data = _prepare_data(cfg)
   restored = 0
@@ -278,6 +330,8 @@ def _loop(cfg, s, fns, state, position, train_data, eval_batches,
              "spikes": float(diag["spikes"]),
              "warmup_factor": float(diag["warmup_factor"]),
              "skipped_total": skipped}
+      if cfg.model.recipe != "none":
+        rec["recipe"] = cfg.model.recipe
       qe = quant_error(state.params, s.mcfg)
       if qe is not None:
         rec["quant_rel_mse"] = qe

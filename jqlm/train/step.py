@@ -83,9 +83,21 @@ def _merged(graphdef, nnx_state, params):
   return nnx.merge(graphdef, state)
 
 
-def loss_fn(params, graphdef, nnx_state, tokens_BxL):
+def loss_fn(params, graphdef, nnx_state, tokens_BxL, key=None):
+  """Mean next-token cross-entropy; ``key`` feeds a low-precision
+  training recipe's random numbers (:func:`model_key`)."""
   model = _merged(graphdef, nnx_state, params)
-  return cross_entropy(model(tokens_BxL[:, :-1]), tokens_BxL[:, 1:])
+  return cross_entropy(model(tokens_BxL[:, :-1], key=key),
+                       tokens_BxL[:, 1:])
+
+
+def model_key(step_key: jax.Array) -> jax.Array:
+  """The model's key of a step (a recipe's stochastic rounding and random
+  Hadamard signs): ``fold_in(step_key, 0x6D6F64)``, which leaves the
+  optimizer's and the weight rounding's keys (``split(step_key)``) as they
+  were. Micro-batch ``j`` of an accumulated step folds in ``j``; layer
+  ``i`` folds in ``i`` inside the model."""
+  return jax.random.fold_in(step_key, 0x6D6F64)
 
 
 def _sum_squares(tree) -> jax.Array:
@@ -326,20 +338,23 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, *, graphdef,
   diff_params, join = ops.split_taps(state.params)
   b = tokens_BxL.shape[0]
   micro = tokens_BxL.reshape(grad_accum, b // grad_accum, -1)
+  mkey = model_key(step_key)
   vg = jax.value_and_grad(
-    lambda d, mb: loss_fn(join(d), graphdef, nnx_state, mb))
+    lambda d, mb, k: loss_fn(join(d), graphdef, nnx_state, mb, k))
 
-  def body(carry, mb):
+  def body(carry, xs):
+    mb, j = xs
     loss_sum, g_sum = carry
-    loss, g = vg(diff_params, mb)
+    loss, g = vg(diff_params, mb, jax.random.fold_in(mkey, j))
     return (loss_sum + loss, jax.tree.map(jnp.add, g_sum, g)), None
 
   if grad_accum == 1:  # no accumulator: one gradient buffer per param
-    loss, grads = vg(diff_params, tokens_BxL)
+    loss, grads = vg(diff_params, tokens_BxL, mkey)
   else:
     zeros = jax.tree.map(jnp.zeros_like, diff_params)
     (loss, grads), _ = jax.lax.scan(
-      body, (jnp.zeros((), jnp.float32), zeros), micro)
+      body, (jnp.zeros((), jnp.float32), zeros),
+      (micro, jnp.arange(grad_accum)))
     inv = jnp.float32(1.0 / grad_accum)
     loss = loss * inv
     grads = jax.tree.map(lambda g: (g * inv.astype(g.dtype)), grads)
@@ -434,6 +449,7 @@ def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
       "model with scan_layers=True (init_opt_state(..., layered=True)).")
   rng, step_key = jax.random.split(state.rng)
   opt_key, round_key = jax.random.split(step_key)
+  mkey = model_key(step_key)
   rkey = round_key if stochastic_round else None
   inputs, targets = tokens_BxL[:, :-1], tokens_BxL[:, 1:]
   b, t = inputs.shape
@@ -443,10 +459,11 @@ def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
   block_gd, block_state = nnx.split(
     nnx.merge(graphdef, nnx_state).layers)
 
-  def block(layer_params, x):
+  def block(layer_params, x, i):  # layer i's key as in Llama.__call__
     st = jax.tree.map(lambda v: v, block_state)
     nnx.replace_by_pure_dict(st, layer_params)
-    return nnx.merge(block_gd, st)(x, positions)[0]
+    return nnx.merge(block_gd, st)(x, positions,
+                                   key=jax.random.fold_in(mkey, i))[0]
 
   groups = rest_groups(rest)
   tied = nnx.merge(graphdef, nnx_state).cfg.tie_embeddings
@@ -454,10 +471,11 @@ def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
     lambda e: _merged(graphdef, nnx_state, e).embed_tokens(inputs),
     groups["embed"])
 
-  def forward(x, layer_params):
-    return block(layer_params, x), x
+  def forward(x, xs):
+    layer_params, i = xs
+    return block(layer_params, x, i), x
 
-  x_last, inputs_L = jax.lax.scan(forward, x0, layers)
+  x_last, inputs_L = jax.lax.scan(forward, x0, (layers, jnp.arange(n)))
 
   def head_loss(h, e, x):  # the embedding enters only when tied
     logits = _merged(graphdef, nnx_state, {**h, **e}).head(x)
@@ -469,7 +487,7 @@ def layerwise_train_step(state: TrainState, tokens_BxL: jax.Array, *,
 
   def layer_vjp(p_i, i, dx):
     diff, join = ops.split_taps(p_i)
-    _, vjp = jax.vjp(lambda d, x: block(join(d), x), diff, inputs_L[i])
+    _, vjp = jax.vjp(lambda d, x: block(join(d), x, i), diff, inputs_L[i])
     return vjp(dx)
 
   def embed_grad(dx, g_embed_head):
