@@ -270,7 +270,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
   cfg = train.apply_overrides(train.load_config(args.config), args.set or [])
   train.distributed_init(cfg)
   m, d = cfg.model, cfg.data
-  print(f"jqlm train: {m.preset} ({m.quant} QAT), "
+  how = (f"{m.recipe} recipe" + (f" [{m.recipe_options}]"
+                                  if m.recipe_options else "")
+         if m.recipe != "none" else f"{m.quant} QAT")
+  print(f"jqlm train: {m.preset} ({how}), "
         f"{cfg.optimizer.kind.value}, {cfg.run.steps} steps of "
         f"{d.batch_size}x{d.seq_len} tokens on {d.source!r}; work dir "
         f"{cfg.run.workdir}")

@@ -190,6 +190,19 @@ class _Section:
 # model
 
 
+def _option_value(text: str):
+  """A recipe switch's value: an int, a float, a bool or the string."""
+  low = text.lower()
+  if low in ("true", "false"):
+    return low == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig(_Section):
   """The model of a run.
@@ -207,8 +220,12 @@ class ModelConfig(_Section):
     recipe: a fully quantized training recipe, ``none`` or a name of
       :data:`jqlm.quant.RECIPES` (``nvfp4``, ``mxfp8``, ``quest`` ...),
       with its default layer selection (:func:`jqlm.models.
-      training_recipe`); excludes ``quant``. Switches and other layer
-      selections: build the policy in Python.
+      training_recipe`); excludes ``quant``. Other layer selections:
+      build the policy in Python.
+    recipe_options: the recipe's switches as ``"name=value,..."``, e.g.
+      ``"hadamard_dim=64"`` for ``quest`` on a model whose widths 128 does
+      not divide, ``"stochastic_rounding=false"`` for ``nvfp4`` (values
+      are ints, floats, ``true``/``false`` or strings).
     dtype, param_dtype: compute and storage dtypes (``float32``,
       ``bfloat16``, ``float16``).
     remat: rematerialise each block in the backward pass.
@@ -227,6 +244,7 @@ class ModelConfig(_Section):
   num_kv_heads: int | None = None
   quant: str = "none"
   recipe: str = "none"
+  recipe_options: str = ""
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
@@ -246,6 +264,14 @@ class ModelConfig(_Section):
                  "none while model.quant is set (a recipe quantizes the "
                  "weights itself)", "Set model.quant=none, or "
                  "model.recipe=none.")
+    self.require("recipe_options", not self.recipe_options
+                 or self.recipe != "none", "empty without model.recipe",
+                 "Set model.recipe too, or drop model.recipe_options.")
+    if self.recipe != "none":
+      try:
+        quant.recipe(self.recipe, **self.recipe_switches())
+      except ValueError as e:
+        raise ValueError(f"model.recipe_options: {e}") from None
     for name in ("dtype", "param_dtype"):
       self.require(name, getattr(self, name) in _DTYPES, f"one of {_DTYPES}")
     self.positive("vocab_size", "hidden_size", "intermediate_size",
@@ -255,9 +281,28 @@ class ModelConfig(_Section):
     except ValueError as e:  # sizes that do not fit together
       raise ValueError(f"model: {e}") from None
 
+  def recipe_switches(self) -> dict:
+    """``recipe_options`` parsed: ``"hadamard_dim=64,trust=false"`` ->
+    ``{"hadamard_dim": 64, "trust": False}``.
+
+    Raises:
+      ValueError: an item without ``=``.
+    """
+    out = {}
+    for item in filter(None, (s.strip() for s in
+                              self.recipe_options.split(","))):
+      name, eq, text = (s.strip() for s in item.partition("="))
+      if not eq or not name:
+        raise ValueError(
+          f"{item!r} is not name=value; write e.g. "
+          "model.recipe_options=hadamard_dim=64,trust=false.")
+      out[name] = _option_value(text)
+    return out
+
   def _policy(self, num_layers: int):
     if self.recipe != "none":
-      return models.training_recipe(self.recipe, num_layers=num_layers)
+      return models.training_recipe(self.recipe, num_layers=num_layers,
+                                    **self.recipe_switches())
     return models.POLICIES[self.quant]()
 
   def llama(self, max_seq_len: int) -> models.LlamaConfig:

@@ -332,6 +332,8 @@ def _loop(cfg, s, fns, state, position, train_data, eval_batches,
              "skipped_total": skipped}
       if cfg.model.recipe != "none":
         rec["recipe"] = cfg.model.recipe
+        if cfg.model.recipe_options:
+          rec["recipe_options"] = cfg.model.recipe_options
       qe = quant_error(state.params, s.mcfg)
       if qe is not None:
         rec["quant_rel_mse"] = qe
