@@ -121,9 +121,10 @@ _BENCH_APPLIES = {
   "interpret": ("matmul",), "caches": ("generate",),
   "batches": ("generate",), "prompt_len": ("generate",),
   "new_tokens": ("generate",), "rank": ("train",), "remat": ("train",),
+  "recipes": ("train",),
   "json": ("matmul", "generate", "train"),
   "overwrite": ("matmul", "generate", "train"),
-  "case": ("memory --step",), "baseline": ("memory --step",),
+  "case": ("memory --step", "train"), "baseline": ("memory --step",),
 }
 
 
@@ -213,9 +214,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     preset = args.preset or ("llama_1b" if on_device else "llama_tiny")
     peaks = bench.device_peaks()
+    cases = plan.recipe_cases(preset) if args.recipes else None
+    if args.case:
+      if cases is None:
+        raise ValueError("--case selects rows of bench train --recipes "
+                         "(or memory --step); add --recipes.")
+      names = list(cases)
+      cases = {k: v for i, (k, v) in enumerate(cases.items()) if i == 0
+               or any(c.lower() in k.lower() for c in args.case)}
+      if len(cases) == 1:
+        raise ValueError(f"--case {args.case} matches none of {names}.")
     rows = plan.train_throughput(
       preset, batch_size=args.batch, seq_len=args.seq_len,
-      steps=args.iters, rank=args.rank, remat=args.remat,
+      steps=args.iters, rank=args.rank, remat=args.remat, cases=cases,
       peak_flops=None if peaks is None else peaks["bf16"])
     text = plan.format_throughput(
       rows, f"train step of {preset}, bf16, batch {args.batch} x "
@@ -526,16 +537,21 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--overwrite", action="store_true",
                      help="with --json: replace the JSON and markdown of an "
                      "earlier benchmark (by default nothing is replaced)")
+  bench.add_argument("--recipes", action="store_true",
+                     help="train: one row per low-precision training "
+                     "recipe (model.recipe) after the bf16 AdamW baseline")
   bench.add_argument("--case", action="append", default=[],
-                     help="memory --step: only the cases whose name "
-                     "contains this (repeatable; e.g. 'layer-wise')")
+                     help="memory --step, train --recipes: only the cases "
+                     "whose name contains this (repeatable; e.g. "
+                     "'layer-wise', 'fp8_rowwise'); train keeps its "
+                     "baseline row")
   bench.add_argument(
     "--baseline", choices=("unrolled", "same", "none"), default="unrolled",
     help="memory --step: the minimal optax AdamW step on the unrolled "
     "model (default, the tightest), on the preset's own layer layout, or "
     "none (LLaMA-7B's unrolled baseline compiles for minutes)")
   bench.set_defaults(func=_cmd_bench, bench_defaults={
-    a.dest: a.default for a in bench._actions if a.dest in _BENCH_APPLIES})
+    dest: bench.get_default(dest) for dest in _BENCH_APPLIES})
   tr = sub.add_parser(
     "train", help="train a model (jqlm.train.run)",
     description="Train per a config: a preset name (default, demo) or a "

@@ -22,13 +22,15 @@ def test_gpu_check_dry_run(tmp_path):
     timeout=600, check=False)
   summary = (out / "summary.md").read_text()
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  for step in ("tests", "tune", "matmul", "generate", "train"):
+  for step in ("tests", "tune", "matmul", "generate", "train", "recipes"):
     assert f"- {step}: ok" in summary, summary
   gen = json.loads((out / "generate.json").read_text())["rows"]
   assert {r["weights"] for r in gen} >= {"bf16", "int8 channel"}
   assert all(r["tokens_per_s"] > 0 for r in gen)
   train = json.loads((out / "train.json").read_text())["rows"]
   assert train[0]["vs_base"] == 1.0 and len(train) == 2
+  recipes = json.loads((out / "recipes.json").read_text())["rows"]
+  assert [r["name"] for r in recipes] == ["bf16 AdamW", "fp8_rowwise"]
   tiles = json.loads((out / "tiles.json").read_text())
   assert any(k.startswith("wxa16/gpu/decode@") for k in tiles)
   mm = json.loads((out / "matmul.json").read_text())["rows"]

@@ -2,7 +2,8 @@
 # One GPU check of jqlm's kernels and throughput, in at most ~8 minutes on
 # one H100/H200: the gpu-marked tests, a tile tune, `jqlm bench matmul`,
 # `jqlm bench generate` (LLaMA-3-8B shapes) and `jqlm bench train`
-# (LLaMA-1B shapes, bf16 AdamW and Q-GaLore's int8 weights). Writes JSON and
+# (LLaMA-1B shapes, bf16 AdamW and Q-GaLore's int8 weights; then bf16 vs the
+# fp8_rowwise recipe, native fp8 dots: issue 18). Writes JSON and
 # markdown tables into OUTDIR (summary.md collects them).
 #
 #   experiments/gpu/check.sh OUTDIR            # on the GPU machine
@@ -50,7 +51,8 @@ if [[ $DRY == 1 ]]; then
   GEN=(--preset llama_tiny --batches 1 --prompt-len 16 --new-tokens 8
        --iters 1 --caches bfloat16)
   TRAIN=(--preset llama_tiny --batch 2 --seq-len 16 --iters 1 --rank 8)
-  LIMITS=(120 120 120 120 120)
+  RECIPES=(--preset llama_tiny --batch 2 --seq-len 16 --iters 1)
+  LIMITS=(120 120 120 120 120 120)
 else
   TESTS=(-m gpu tests)
   TUNE=(--shapes 8b --ms 1,256 --iters 10 --budget 80)
@@ -58,7 +60,8 @@ else
   GEN=(--batches 1,8 --prompt-len 128 --new-tokens 128 --iters 3)
   TRAIN=(--preset llama_1b --batch 8 --seq-len 2048 --iters 5 --rank 256
          --remat)
-  LIMITS=(60 110 120 120 90)
+  RECIPES=(--preset llama_1b --batch 8 --seq-len 2048 --iters 3 --remat)
+  LIMITS=(60 90 120 120 90 80)
 fi
 
 SUMMARY="$OUT/summary.md"
@@ -95,10 +98,12 @@ step generate "${LIMITS[3]}" "$PY" -m jqlm.cli bench generate \
   --json "$OUT/generate.json" "${GEN[@]}"
 step train "${LIMITS[4]}" "$PY" -m jqlm.cli bench train \
   --json "$OUT/train.json" "${TRAIN[@]}"
+step recipes "${LIMITS[5]}" "$PY" -m jqlm.cli bench train --recipes \
+  --case fp8_rowwise --json "$OUT/recipes.json" "${RECIPES[@]}"
 
 {
   echo
-  for t in tune matmul generate train; do
+  for t in tune matmul generate train recipes; do
     [[ -f "$OUT/$t.md" ]] && { echo "## $t"; echo; cat "$OUT/$t.md"; echo; }
   done
 } >> "$SUMMARY"

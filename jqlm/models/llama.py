@@ -584,11 +584,16 @@ def _stack_blocks(blocks: list[Block]) -> Block:
   rules = [[r for _, r in _linear_rules(b)] for b in blocks]
   for i, r in enumerate(rules):
     if r != rules[0]:
+      diff = [".".join(map(str, name)) for (name, a), b in zip(
+        _linear_rules(blocks[i]), rules[0], strict=True) if a != b]
       raise ValueError(
         f"scan_layers=True needs one quantization rule per linear for every "
-        f"layer, but layer {i}'s rules differ from layer 0's ({r} vs "
-        f"{rules[0]}): the scanned stack runs one block program for all "
-        "layers. Use scan_layers=False for per-layer policies.")
+        f"layer, but layer {i}'s rules differ from layer 0's (for "
+        f"{', '.join(diff)}: a per-layer policy, such as NVFP4's "
+        "high-precision first/last blocks): the scanned stack runs one "
+        "block program for "
+        "all layers. Use scan_layers=False (--set model.scan_layers=false) "
+        "for per-layer policies.")
   values = [nnx.state(b, nnx.Variable) for b in blocks]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *values)
   nnx.update(template, stacked)

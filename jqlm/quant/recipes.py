@@ -41,7 +41,7 @@ from jqlm.quant import rounding as rnd
 from jqlm.quant import scales as sc
 from jqlm.quant.hadamard import TE_RHT_SIGNS, block_hadamard, hadamard
 from jqlm.quant.spec import Rounding
-from jqlm.quant.spec import _to_enum as _enum
+from jqlm.quant.spec import to_enum as _enum
 
 
 class Elem(enum.Enum):

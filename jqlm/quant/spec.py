@@ -228,7 +228,7 @@ MX_BLOCK_SIZE = 32
 
 def format_info(fmt: Format | str) -> FormatInfo:
   """Returns the static :class:`FormatInfo` of a format."""
-  return _FORMATS[_to_enum(Format, fmt, "format")]
+  return _FORMATS[to_enum(Format, fmt, "format")]
 
 
 def int_format(bits: int, *, signed: bool = True) -> Format:
@@ -245,7 +245,7 @@ def int_format(bits: int, *, signed: bool = True) -> Format:
   return Format(f"{'' if signed else 'u'}int{int(bits)}")
 
 
-def _to_enum(cls: type[enum.Enum], value: Any, field: str) -> Any:
+def to_enum(cls: type[enum.Enum], value: Any, field: str) -> Any:
   if isinstance(value, cls):
     return value
   try:
@@ -313,16 +313,16 @@ class QuantSpec:
   eps: float = 0.0
 
   def __post_init__(self):
-    fmt = _to_enum(Format, self.format, "format")
+    fmt = to_enum(Format, self.format, "format")
     info = _FORMATS[fmt]
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
     set_("format", fmt)
     if self.granularity is None:
       gran = Granularity.GROUP if info.mx else Granularity.TENSOR
     else:
-      gran = _to_enum(Granularity, self.granularity, "granularity")
+      gran = to_enum(Granularity, self.granularity, "granularity")
     set_("granularity", gran)
-    set_("rounding", _to_enum(Rounding, self.rounding, "rounding"))
+    set_("rounding", to_enum(Rounding, self.rounding, "rounding"))
 
     group_size = self.group_size
     grouped = gran in (Granularity.GROUP, Granularity.FLAT_GROUP)

@@ -231,7 +231,9 @@ class ModelConfig(_Section):
     remat: rematerialise each block in the backward pass.
     scan_layers: run the blocks as one scanned, stacked block
       (:class:`jqlm.models.LlamaConfig`); ``None`` keeps the preset's
-      default (on for the official presets, off for ``llama_tiny``).
+      default (on for the official presets, off for ``llama_tiny``), or
+      off under a recipe that keeps some blocks in high precision
+      (``nvfp4`` on 4+ blocks).
   """
 
   section: ClassVar[str] = "model"
@@ -325,6 +327,11 @@ class ModelConfig(_Section):
               remat=self.remat, quant=self._policy(kw["num_layers"]))
     if self.scan_layers is not None:
       kw["scan_layers"] = self.scan_layers
+    elif self.recipe != "none" and kw["quant"] is not None and any(
+        r.recipe is None for r in kw["quant"].rules):
+      # the recipe keeps some blocks in high precision (NVFP4's first and
+      # last): a per-layer policy, which the scanned stack cannot run
+      kw["scan_layers"] = False
     return models.LlamaConfig(**kw)
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jqlm import models
+from jqlm import models, quant
 from jqlm.train import state as jstate
 from jqlm.train.config import QGaLoreConfig, TrainConfig
 from jqlm.train.step import layerwise_train_step, loss_fn, train_step
@@ -284,6 +284,42 @@ THROUGHPUT_CASES: dict[str, tuple[str, ...]] = {
 }
 """The rows of :func:`train_throughput`: ``--set`` overrides per case; the
 first is the baseline."""
+
+
+def recipe_cases(preset: str) -> dict[str, tuple[str, ...]]:
+  """:func:`train_throughput` rows for the low-precision recipes: bf16
+  AdamW (the baseline), then AdamW under each :data:`jqlm.quant.RECIPES`
+  recipe (``model.recipe``) whose blocks divide every linear's dims.
+  Quartet-II's and QuEST's Hadamard blocks (spec default 128) shrink to
+  the largest power of two dividing them all (32 on ``llama_tiny``), named
+  in the row. Recipes whose blocks do not divide (MX's 32 on
+  ``llama_1b``'s 5461-wide MLP; HALO levels 1-2's whole-dim Hadamard
+  on a non-power-of-two width) are left out. Every row, the baseline
+  included, runs the unrolled model (NVFP4 keeps per-layer high-precision
+  blocks, which the scanned stack cannot run)."""
+  cfg = models.PRESETS[preset]()
+  g = math.gcd(cfg.hidden_size, cfg.intermediate_size,
+               cfg.num_kv_heads * (cfg.hidden_size // cfg.num_heads))
+  dim = 128
+  while g % dim:
+    dim //= 2
+  need = {"mxfp8": 32, "mxfp4": 32, "quartet": 32, "nvfp4": 16,
+          "quartet2": 16, "quest": 1}
+  base = ("optimizer=adamw", "model.scan_layers=false")
+  cases = {"bf16 AdamW": base}
+  pow2 = all(d & (d - 1) == 0 for d in (cfg.hidden_size,
+                                        cfg.intermediate_size))
+  for name in quant.RECIPES[1:]:
+    if g % need.get(name, 1) or (name[:5] in ("halo1", "halo2")
+                                 and not pow2):
+      continue
+    sets = (*base, f"model.recipe={name}")
+    if name in ("quartet2", "quest") and dim != 128:
+      cases[f"{name} (hadamard_dim={dim})"] = (
+        *sets, f"model.recipe_options=hadamard_dim={dim}")
+    else:
+      cases[name] = sets
+  return cases
 
 
 @dataclasses.dataclass(frozen=True)

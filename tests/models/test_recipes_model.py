@@ -59,8 +59,9 @@ def _compiled(name):
   return grad, params
 
 
-def _grad(name, key=jax.random.key(7)):
+def _grad(name, key=None):
   grad, params = _compiled(name)
+  key = jax.random.key(7) if key is None else key
   return np.concatenate([np.ravel(g) for g in jax.tree.leaves(
     grad(params, key))])
 

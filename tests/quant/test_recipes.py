@@ -90,7 +90,7 @@ def test_recipe_matches_the_numpy_oracle(name, sw, grid):
   noise = ops.quantized_dot_noise(r, KEY, n, k, m)
   got = _jqlm(r, x, w, dy)
   want = O.run(name, x, w, dy, noise, **sw)
-  for what, a, b in zip(("y", "dx", "dW"), got, want):
+  for what, a, b in zip(("y", "dx", "dW"), got, want, strict=True):
     assert np.all(np.isfinite(a)), what
     assert _rel(a, b) <= TOL, (what, _rel(a, b))
 
@@ -104,7 +104,7 @@ def test_quartet_post_signs_cancel_and_the_fix_does_not():
   post = _jqlm(quant.recipe("quartet"), x, w, dy)
   none = _jqlm(quant.recipe("quartet", signs="none"), x, w, dy)
   pre = _jqlm(quant.recipe("quartet", signs="random"), x, w, dy)
-  for a, b in zip(post, none):
+  for a, b in zip(post, none, strict=True):
     np.testing.assert_array_equal(a, b)
   assert _rel(pre[1], post[1]) > 1e-3 and _rel(pre[2], post[2]) > 1e-3
 
@@ -252,7 +252,7 @@ def test_native_matches_emulated(name):
   x, w, dy = _data(n, k, m, grid=False, seed=6)
   r = quant.recipe(name)
   for a, b in zip(_jqlm(r, x, w, dy, impl="native"),
-                  _jqlm(r, x, w, dy, impl="emulate")):
+                  _jqlm(r, x, w, dy, impl="emulate"), strict=True):
     assert _rel(a, b) <= TOL
 
 
@@ -270,7 +270,7 @@ def test_random_recipes_follow_their_key():
   a = _jqlm(r, x, w, dy, key=jax.random.key(1))
   b = _jqlm(r, x, w, dy, key=jax.random.key(1))
   c = _jqlm(r, x, w, dy, key=jax.random.key(2))
-  for u, v in zip(a, b):
+  for u, v in zip(a, b, strict=True):
     np.testing.assert_array_equal(u, v)
   np.testing.assert_array_equal(a[0], c[0])  # the forward is deterministic
   assert _rel(c[1], a[1]) > 1e-3
