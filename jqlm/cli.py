@@ -171,12 +171,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
              f"ratio vs optax.adamw; {device}, jax {jax.__version__}")
   elif args.which in ("matmul", "kernels"):
     which = args.shapes or ("all" if on_device else "tiny")
+    ms = _int_list(args.ms, "--ms") if args.ms else None
     if args.shapes is None and not on_device:
       print("jqlm bench matmul: no GPU/TPU here, so the tiny shapes (the "
             "kernels run only with --interpret); --shapes all for the LLaMA "
             "shapes through XLA.", file=sys.stderr)
     shapes = _bench_shapes(bench, which)
-    ms = _int_list(args.ms, "--ms") if args.ms else None
     if ms is None and not on_device:
       ms = (1, 16, 256)
     if args.tune:
@@ -646,8 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Errors of the user's input (exit 2); every other error is a runtime one
 # (exit 1). Both print one message without a traceback unless --debug.
-_USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError,
-                 IsADirectoryError)
+_USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError,
+                 NotADirectoryError, IsADirectoryError)
 
 
 def _exit_code(e: BaseException) -> int:

@@ -158,6 +158,21 @@ def missing_local_path(source) -> bool:
           and _looks_like_a_path(os.path.expanduser(source)))
 
 
+def check_online(source) -> None:
+  """Raises RuntimeError for a hub dataset name (``source`` neither
+  ``"stdlib"`` nor a local path) while ``HF_DATASETS_OFFLINE`` /
+  ``HF_HUB_OFFLINE`` is set: the check :func:`load_texts` makes, without
+  reading anything."""
+  if (isinstance(source, str) and source != "stdlib" and _offline()
+      and _local_files(source) is None
+      and not _looks_like_a_path(os.path.expanduser(source))):
+    raise RuntimeError(
+      f"{source!r} is not a local path, and loading it from the Hugging "
+      "Face hub needs the network, but HF_DATASETS_OFFLINE / "
+      "HF_HUB_OFFLINE is set. Unset them on a machine that is online, or "
+      "pass local files (text, json, jsonl, parquet) or 'stdlib'.")
+
+
 def _check_text_files(files) -> None:
   """Raises ValueError naming a file of a text source that is not UTF-8
   text (``datasets`` fails inside its reader otherwise)."""
@@ -186,12 +201,7 @@ def _hf_texts(source, *, split, text_field, config, cache_dir):
       f"No such file or directory: {source!r} (a local data source; hub "
       "datasets are named like 'allenai/c4'). Check the path.")
   if files is None:  # a hub name
-    if _offline():
-      raise RuntimeError(
-        f"{source!r} is not a local path, and loading it from the Hugging "
-        "Face hub needs the network, but HF_DATASETS_OFFLINE / "
-        "HF_HUB_OFFLINE is set. Unset them on a machine that is online, or "
-        "pass local files (text, json, jsonl, parquet) or 'stdlib'.")
+    check_online(source)
     ds = datasets.load_dataset(source, config, split=split, streaming=True,
                                cache_dir=cache_dir)
     return (r[text_field] for r in ds)

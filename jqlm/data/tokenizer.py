@@ -100,12 +100,29 @@ def load_tokenizer(path: str):
         "tokenizer unset to train one.") from None
   if missing_local_tokenizer(path):
     raise FileNotFoundError(f"No tokenizer.json at {path!r}.")
-  if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+  if _hub_offline():
     raise RuntimeError(
       f"{path!r} is not a local tokenizer.json, and loading it from the "
       "Hugging Face hub needs the network, but HF_HUB_OFFLINE is set. Pass "
       "a local tokenizer.json, or leave tokenizer unset to train one.")
   return Tokenizer.from_pretrained(path)
+
+
+def _hub_offline() -> bool:
+  return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+
+
+def check_tokenizer(path: str) -> None:
+  """The checks of :func:`load_tokenizer` that need no network: reads a
+  local ``tokenizer.json``, and raises as it does for a local path that
+  does not exist or is not a tokenizer.json, or for a hub name while
+  ``HF_HUB_OFFLINE`` is set (nothing is downloaded)."""
+  local = os.path.expanduser(path)
+  if os.path.isdir(local):
+    local = os.path.join(local, "tokenizer.json")
+  if os.path.exists(local) or missing_local_tokenizer(path) or \
+      _hub_offline():
+    load_tokenizer(path)
 
 
 def missing_local_tokenizer(path: str) -> bool:

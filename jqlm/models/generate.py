@@ -58,6 +58,16 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, *,
                                 axis=-1).astype(jnp.int32)
 
 
+def _is_key(key) -> bool:
+  """A single typed PRNG key, or a raw ``uint32`` one
+  (``jax.random.PRNGKey``)."""
+  if not isinstance(key, jax.Array):
+    return False
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key.shape == ()
+  return key.dtype == jnp.uint32 and key.ndim == 1
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
 def decode_step(graphdef, state, tokens_Bx1, cache: KVCache):
   """One jitted decode step: ``(logits (B, V), new cache)``."""
@@ -107,12 +117,23 @@ def generate(model: Llama, prompt_ids: jax.Array, max_new_tokens: int, *,
 
   Returns:
     int32 ``(B, P + max_new_tokens)``: the prompt followed by the samples.
+
+  Raises:
+    ValueError: token ids outside the vocabulary, an empty prompt, a
+      sequence longer than ``max_seq_len``, a bad ``max_new_tokens``,
+      ``temperature`` or ``top_k``, a ``key`` that is no PRNG key (a bare
+      seed), or sampling without a key.
   """
   check_token_ids(prompt_ids, model.cfg.vocab_size)
   prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
   if prompt_ids.ndim != 2:
     raise ValueError(f"prompt_ids must be (batch, length), got shape "
                      f"{prompt_ids.shape}.")
+  if prompt_ids.shape[1] < 1:
+    raise ValueError(f"prompt_ids of shape {prompt_ids.shape} hold no "
+                     "token; the prompt needs at least one (e.g. the "
+                     "tokenizer's end-of-text id) to predict the first new "
+                     "token from.")
   if isinstance(max_new_tokens, bool) or not isinstance(
       max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an int >= 1, got "
@@ -128,6 +149,11 @@ def generate(model: Llama, prompt_ids: jax.Array, max_new_tokens: int, *,
       top_k, (int, np.integer)) or not 1 <= top_k <= model.cfg.vocab_size):
     raise ValueError(f"top_k must be an int in [1, vocab_size="
                      f"{model.cfg.vocab_size}] or None, got {top_k!r}.")
+  if key is not None and not _is_key(key):
+    got = (f"dtype {key.dtype}, shape {key.shape}" if hasattr(key, "shape")
+           else repr(key))
+    raise ValueError(f"key must be one PRNG key (jax.random.key(seed)), or "
+                     f"None for greedy decoding; got {got}.")
   if key is None:
     if temperature > 0:
       raise ValueError("Sampling (temperature > 0) needs an explicit PRNG "

@@ -79,8 +79,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     raise ValueError("At most one mesh axis may be -1.")
   if -1 in sizes:
     if len(devices) % known:
+      fixed = " x ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes,
+                                                    strict=True) if s != -1)
       raise ValueError(
-        f"{len(devices)} devices do not divide into fsdp x tensor = {known}.")
+        f"{len(devices)} devices do not divide into {fixed} = {known} (the "
+        "-1 axis takes the rest); use sizes whose product divides "
+        f"{len(devices)}.")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(

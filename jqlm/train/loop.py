@@ -87,7 +87,8 @@ def data_for(cfg: TrainConfig):
 def _check_inputs(cfg: TrainConfig, resume: bool, allow_change) -> None:
   """The checks that need no model, data or device, made before anything
   is written: ``allow_change`` without ``resume`` or naming no field, a
-  local data source or tokenizer that does not exist, a vocabulary too
+  local data source or tokenizer that does not exist, a local tokenizer
+  that is not one, a hub source or tokenizer while offline, a vocabulary too
   small for a trained tokenizer, a work dir that is a file, and a resume
   with no checkpoint to resume from."""
   if allow_change and not resume:
@@ -106,6 +107,12 @@ def _check_inputs(cfg: TrainConfig, resume: bool, allow_change) -> None:
     raise FileNotFoundError(
       f"data.tokenizer={d.tokenizer!r}: no such tokenizer.json. Check the "
       "path, or leave data.tokenizer unset to train one on the data.")
+  if d.tokenizer is not None:
+    try:  # a file that is not a tokenizer.json, a hub name offline
+      jtokenizer.check_tokenizer(d.tokenizer)
+    except (ValueError, RuntimeError) as e:
+      raise type(e)(f"data.tokenizer={d.tokenizer!r}: {e}") from None
+  jpipeline.check_online(d.source)
   if d.tokenizer is None and cfg.model.vocab_size < jtokenizer.MIN_VOCAB_SIZE:
     raise ValueError(
       f"model.vocab_size={cfg.model.vocab_size}: a tokenizer trained on the "
@@ -152,8 +159,13 @@ def _mesh(cfg: TrainConfig) -> Mesh:
         f"devices here ({devices[0].platform}). Use at most "
         f"{len(devices)}, or unset it to use them all.")
     devices = devices[:r.mesh_devices]
-  mesh = models.make_mesh(r.mesh_data, r.mesh_fsdp, r.mesh_tensor,
-                          devices=devices)
+  try:
+    mesh = models.make_mesh(r.mesh_data, r.mesh_fsdp, r.mesh_tensor,
+                            devices=devices)
+  except ValueError as e:
+    raise ValueError(f"run.mesh_data={r.mesh_data}, run.mesh_fsdp="
+                     f"{r.mesh_fsdp}, run.mesh_tensor={r.mesh_tensor}: "
+                     f"{e}") from None
   if cfg.data.batch_size % mesh.shape["data"]:
     raise ValueError(
       f"data.batch_size={cfg.data.batch_size} must be divisible by the "

@@ -104,7 +104,7 @@ def check(saved: TrainConfig, new: TrainConfig,
   hyper = {k: v for k, v in changed.items()
            if kind_of(k) == "hyper" and not _allowed(k, allow)}
   if fixed or hyper:
-    lines = [f"  {k}: saved {o!r}, now {n!r}" for k, (o, n) in
+    lines = [f"{k}: saved {o!r}, now {n!r}" for k, (o, n) in
              {**fixed, **hyper}.items()]
     how = []
     if fixed:
@@ -114,9 +114,11 @@ def check(saved: TrainConfig, new: TrainConfig,
     if hyper:
       how.append("to change a hyper-parameter mid-run, name it: "
                  + " ".join(f"--allow-change {k}" for k in hyper))
-    raise ResumeConfigError(
+    how_text = "; ".join(how)
+    raise ResumeConfigError(  # one line: the CLI prints it as it is
       "Cannot resume with this config; it differs from the run's saved "
-      "config.json in:\n" + "\n".join(lines) + "\n" + "; ".join(how) + ".")
+      "config.json in " + "; ".join(lines) + ". " + how_text[0].upper()
+      + how_text[1:] + ".")
   return changed
 
 
