@@ -164,8 +164,8 @@ def quantized_dot(x: jax.Array, w: jax.Array, recipe, *,
     raise ValueError(
       f"quantized_dot: x of shape {tuple(x.shape)} cannot multiply w of "
       f"shape {tuple(w.shape)}: w must be [K, M] with K = x.shape[-1].")
-  qr.check_shapes(recipe, int(np.prod(x.shape[:-1])), w.shape[0],
-                  w.shape[1])
+  n = int(np.prod(x.shape[:-1]))
+  qr.check_shapes(recipe, n, w.shape[0], w.shape[1], backward=False)
   native = native_supported(recipe)
   if impl == "native" and not native:
     raise ValueError(
@@ -300,6 +300,8 @@ def _qdot(recipe, impl, kimpl, dtypes, x2, w, kd):
 
 
 def _qdot_fwd(recipe, impl, kimpl, dtypes, x2, w, kd):
+  # differentiated: the backward's blocks must fit too (named errors)
+  qr.check_shapes(recipe, x2.shape[0], w.shape[0], w.shape[1])
   y, (xr, wr, xo, wo) = _forward(recipe, impl, kimpl, x2, w, kd)
   # keep only what the backward reads: the forward's quantized operands
   # when a backward GEMM reuses them, else the (rotated) high-precision ones

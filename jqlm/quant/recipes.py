@@ -872,16 +872,21 @@ def _check_rotation(rot: Rotation | None, length: int, what: str) -> None:
       "layer in high precision.")
 
 
-def check_shapes(r: Recipe, n: int, k: int, m: int) -> None:
+def check_shapes(r: Recipe, n: int, k: int, m: int, *,
+                 backward: bool = True) -> None:
   """Raises ValueError, naming the operand and GEMM, when the GEMMs of
   ``r`` on x [n, k], W [k, m] cannot run: a block, tile, EDEN chunk or
   Hadamard block that does not divide its dim, or a whole-dim rotation of
-  a non-power-of-two length. :func:`jqlm.ops.quantized_dot` checks this
-  before tracing anything."""
+  a non-power-of-two length. ``backward=False`` checks the forward GEMM
+  only (a forward-only call, such as one decode step of 1 token, need not
+  fit wgrad's blocks along N). :func:`jqlm.ops.quantized_dot` checks the
+  forward before tracing anything; the backward's operands are checked
+  when the gradient is traced."""
   _check_rotation(r.rotation, k, f"Recipe {r.name!r}, forward rotation "
                   "along K")
-  _check_rotation(r.token_rotation, n, f"Recipe {r.name!r}, dgrad's token "
-                  "rotation along N")
+  if backward:
+    _check_rotation(r.token_rotation, n, f"Recipe {r.name!r}, dgrad's "
+                    "token rotation along N")
   # (operand, its [other, contraction] dims, what)
   plan = (("x", (n, k), "x (forward, along K)"),
           ("w", (m, k), "w (forward, along K)"),
@@ -889,7 +894,7 @@ def check_shapes(r: Recipe, n: int, k: int, m: int) -> None:
           ("dgrad_w", (k, m), "w (dgrad, along M)"),
           ("wgrad_x", (k, n), "x (wgrad, along N)"),
           ("wgrad_dy", (m, n), "dy (wgrad, along N)"))
-  for name, shape, what in plan:
+  for name, shape, what in plan if backward else plan[:2]:
     q = getattr(r, name)
     if q is None:
       continue

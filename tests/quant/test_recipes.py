@@ -324,3 +324,12 @@ def test_nan_poisons_its_scale_group_only():
     "e4m3", "e8m0_rceil", block=32), axis=1).values)
   assert np.all(np.isnan(v[0, :32])) and np.all(np.isfinite(v[0, 32:]))
   assert np.all(np.isfinite(v[1]))
+
+
+def test_forward_only_calls_need_not_fit_the_backward_blocks():
+  """A decode step (1 token) runs the forward of a blocked recipe; only
+  its gradient needs N to fit wgrad's blocks, and says so."""
+  x, w = jnp.ones((1, 64)), jnp.ones((64, 32))
+  assert ops.quantized_dot(x, w, "mxfp8").shape == (1, 32)
+  with pytest.raises(ValueError, match=r"x \(wgrad, along N\)"):
+    jax.grad(lambda a: ops.quantized_dot(a, w, "mxfp8").sum())(x)
