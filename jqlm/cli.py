@@ -151,6 +151,16 @@ def _check_bench_flags(args: argparse.Namespace) -> None:
                      "needs --json PATH.")
 
 
+def _select_cases(cases: dict, patterns: list[str]) -> dict:
+  """The ``cases`` whose name contains one of ``patterns`` (``--case``,
+  case-insensitive); ValueError listing the names when none does."""
+  out = {k: v for k, v in cases.items()
+         if any(c.lower() in k.lower() for c in patterns)}
+  if not out:
+    raise ValueError(f"--case {patterns} matches none of {list(cases)}.")
+  return out
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
   import jax  # noqa: PLC0415
 
@@ -219,11 +229,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
       if cases is None:
         raise ValueError("--case selects rows of bench train --recipes "
                          "(or memory --step); add --recipes.")
-      names = list(cases)
-      cases = {k: v for i, (k, v) in enumerate(cases.items()) if i == 0
-               or any(c.lower() in k.lower() for c in args.case)}
-      if len(cases) == 1:
-        raise ValueError(f"--case {args.case} matches none of {names}.")
+      first, *rest = cases.items()
+      cases = dict([first, *_select_cases(dict(rest), args.case).items()])
     rows = plan.train_throughput(
       preset, batch_size=args.batch, seq_len=args.seq_len,
       steps=args.iters, rank=args.rank, remat=args.remat, cases=cases,
@@ -239,11 +246,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     cases = plan.STEP_CASES
     if args.case:
-      cases = {k: v for k, v in cases.items()
-               if any(c.lower() in k.lower() for c in args.case)}
-      if not cases:
-        raise ValueError(f"--case {args.case} matches none of "
-                         f"{list(plan.STEP_CASES)}.")
+      cases = _select_cases(cases, args.case)
     base, rows = plan.step_memory_table(args.preset or "llama_350m",
                                         batch_size=args.batch,
                                         seq_len=args.seq_len, cases=cases,

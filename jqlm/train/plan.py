@@ -298,23 +298,25 @@ def recipe_cases(preset: str) -> dict[str, tuple[str, ...]]:
   included, runs the unrolled model (NVFP4 keeps per-layer high-precision
   blocks, which the scanned stack cannot run)."""
   cfg = models.PRESETS[preset]()
-  g = math.gcd(cfg.hidden_size, cfg.intermediate_size,
-               cfg.num_kv_heads * (cfg.hidden_size // cfg.num_heads))
+  kv = cfg.num_kv_heads * (cfg.hidden_size // cfg.num_heads)
   dim = 128
-  while g % dim:
+  while math.gcd(cfg.hidden_size, cfg.intermediate_size, kv) % dim:
     dim //= 2
-  need = {"mxfp8": 32, "mxfp4": 32, "quartet": 32, "nvfp4": 16,
-          "quartet2": 16, "quest": 1}
+  # the block linears' (in, out) shapes; tokens as QLinear checks them
+  shapes = {(cfg.hidden_size, cfg.hidden_size), (cfg.hidden_size, kv),
+            (cfg.hidden_size, cfg.intermediate_size),
+            (cfg.intermediate_size, cfg.hidden_size)}
   base = ("optimizer=adamw", "model.scan_layers=false")
   cases = {"bf16 AdamW": base}
-  pow2 = all(d & (d - 1) == 0 for d in (cfg.hidden_size,
-                                        cfg.intermediate_size))
   for name in quant.RECIPES[1:]:
-    if g % need.get(name, 1) or (name[:5] in ("halo1", "halo2")
-                                 and not pow2):
+    sw = {"hadamard_dim": dim} if name in ("quartet2", "quest") else {}
+    try:
+      for k, m in shapes:
+        quant.check_shapes(quant.recipe(name, **sw), 1 << 16, k, m)
+    except ValueError:
       continue
     sets = (*base, f"model.recipe={name}")
-    if name in ("quartet2", "quest") and dim != 128:
+    if sw and dim != 128:
       cases[f"{name} (hadamard_dim={dim})"] = (
         *sets, f"model.recipe_options=hadamard_dim={dim}")
     else:

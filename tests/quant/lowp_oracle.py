@@ -87,7 +87,8 @@ def _fp4_step(a):
 
 
 def sr_fp4(v, u, variant):
-  """SR onto E2M1, magnitudes capped at 6 (§1.2)."""
+  """SR onto E2M1, magnitudes capped at 6 (§1.2): the ``te`` and
+  ``exact`` variants (NVFP4's and Quartet's gradients)."""
   v = np.asarray(v, np.float64)
   a = np.minimum(np.abs(v), 6.0)
   if variant == "te":
@@ -95,16 +96,9 @@ def sr_fp4(v, u, variant):
     t = a + r * _fp4_step(a)
     st = _fp4_step(t)
     return np.sign(v) * np.minimum(np.floor(t / st) * st, 6.0)
-  if variant == "exact":
-    lo = FP4[np.searchsorted(FP4, a, side="right") - 1]
-    hi = FP4[np.minimum(np.searchsorted(FP4, a, side="left"), 7)]
-  else:  # quartet2: hi by >= thresholds, lo by > thresholds
-    a = np.abs(v)
-    hi = np.array([FP4[FP4 > x].min() if x < 6 else 6.0 for x in a.ravel()]
-                  ).reshape(a.shape)
-    lo = np.array([FP4[FP4 < x].max() if x > 0 else 0.0 for x in a.ravel()]
-                  ).reshape(a.shape)
-    a = np.minimum(a, 6.0)
+  # "exact" (the only other variant the recipes' oracle needs)
+  lo = FP4[np.searchsorted(FP4, a, side="right") - 1]
+  hi = FP4[np.minimum(np.searchsorted(FP4, a, side="left"), 7)]
   gap = np.where(hi > lo, hi - lo, 1.0)
   q = np.where(u < (a - lo) / gap, hi, lo)
   return np.sign(v) * np.where(hi == lo, a, q)
