@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from jqlm import cli, demo, models, ops, optim, quant, train
+from jqlm.data import OfflineError
 from jqlm.data import tokenizer as tok
 from jqlm.data.pipeline import load_texts
 from jqlm.models import hf
@@ -249,6 +250,42 @@ API = {
     "quartet2", hadamard_dim=48), ValueError, "power of two"),
   "recipe scale typo": (lambda f: quant.recipe("mxfp8", scale="ceil"),
                         ValueError, "'floor', 'rceil'"),
+  "recipe hadamard_dim names the switch": (lambda f: quant.recipe(
+    "quartet2", hadamard_dim=48), ValueError, "switch hadamard_dim"),
+  "recipe switch text for a bool": (lambda f: quant.recipe(
+    "nvfp4", stochastic_rounding="yes"), TypeError,
+    "switch stochastic_rounding must be True or False"),
+  "recipe switch number for a bool": (lambda f: quant.recipe(
+    "quest", trust=-1.0), TypeError, "switch trust must be True or False"),
+  "recipe bits True": (lambda f: quant.recipe("quest", bits=True),
+                       ValueError, "switch bits"),
+  "recipe quartet fixed signs": (lambda f: quant.recipe(
+    "quartet", signs="fixed"), ValueError, "switch signs"),
+  "OperandQuant val_max nan": (lambda f: quant.OperandQuant(
+    "e2m1", "nvfp4", block=16, val_max=float("nan")), ValueError,
+    "OperandQuant.val_max"),
+  "OperandQuant block float": (lambda f: quant.OperandQuant(
+    "e4m3", "e8m0_rceil", block=32.0), ValueError, "block=32.0"),
+  "OperandQuant tile text": (lambda f: quant.OperandQuant(
+    "e2m1", "nvfp4", block=16, tile="yes"), TypeError, "OperandQuant.tile"),
+  "OperandQuant rotation int": (lambda f: quant.OperandQuant(
+    "e2m1", "eden", block=16, rotation=128), TypeError,
+    "OperandQuant.rotation"),
+  "Recipe rotation int": (lambda f: quant.Recipe(rotation=32), TypeError,
+                          "Recipe.rotation"),
+  "check_shapes negative dim": (lambda f: quant.check_shapes(
+    quant.recipe("mxfp8"), -32, 32, 32), ValueError, "n (x is [n, k]"),
+  "check_shapes a name": (lambda f: quant.check_shapes("mxfp8", 32, 32, 32),
+                          TypeError, "expects a jqlm.quant.Recipe"),
+  "LlamaConfig recipe misfit": (lambda f: models.llama_1b(
+    quant=models.training_recipe("nvfp4", num_layers=16)), ValueError,
+    "layers.0.mlp.gate (2048 -> 5461)"),
+  "TrainConfig recipe width misfit": (lambda f: train.TrainConfig(
+    model={"preset": "llama_1b", "recipe": "mxfp8"}), ValueError,
+    "mlp.gate (2048 -> 5461)"),
+  "TrainConfig recipe tokens misfit": (lambda f: train.TrainConfig(
+    model={"recipe": "mxfp8"}, data={"batch_size": 2, "seq_len": 8}),
+    ValueError, "2 // 1 * 8 = 16 tokens"),
   "check_shapes MX block": (lambda f: quant.check_shapes(
     quant.recipe("mxfp8"), 32, 24, 32), ValueError,
     "x (forward, along K): the contraction dim has length 24"),
@@ -290,11 +327,11 @@ API = {
     f"{f['tmp']}/nope/tokenizer.json"), FileNotFoundError,
     "No tokenizer.json"),
   "load_tokenizer hub offline": (lambda f: tok.load_tokenizer("t5-base"),
-                                 RuntimeError, "HF_HUB_OFFLINE"),
+                                 OfflineError, "HF_HUB_OFFLINE"),
   "load_texts directory of no text": (lambda f: next(load_texts(
     f"{f['tmp']}/adir")), FileNotFoundError, "No readable files"),
   "load_texts hub offline": (lambda f: next(load_texts("allenai/c4")),
-                             RuntimeError, "HF_DATASETS_OFFLINE"),
+                             OfflineError, "HF_DATASETS_OFFLINE"),
   # the model and its config
   "init_cache batch 0": (lambda f: models.init_cache(f["tiny"].cfg, 0),
                          ValueError, "batch must be a positive int"),
@@ -473,6 +510,15 @@ CLI = {  # argv, exit code, text on stderr
     ['train', '--set', 'model.recipe=quest', '--set',
      'model.recipe_options=bits'],
     2, 'not name=value'),
+  "train recipe option type": (
+    ['train', '--set', 'model.recipe=quest', '--set',
+     'model.recipe_options=trust=x'], 2, 'switch trust'),
+  "train recipe tokens misfit": (
+    ['train', '--set', 'model.recipe=mxfp8', '--set', 'data.batch_size=1',
+     '--set', 'data.seq_len=8'], 2, 'data.batch_size // data.grad_accum'),
+  "train recipe width misfit": (
+    ['train', '--set', 'model.recipe=nvfp4', '--set',
+     'model.intermediate_size=120'], 2, 'mlp.gate (64 -> 120)'),
   "train recipe options alone": (
     ['train', '--set', 'model.recipe_options=bits=3'],
     2, 'model.recipe_options'),
@@ -587,7 +633,7 @@ CLI = {  # argv, exit code, text on stderr
   "train config without get_config": (['train', '--config', 'nocfg.py'],
     2, 'defines no get_config()'),
   "train config syntax error": (['train', '--config', 'syntax.py'],
-    1, 'syntax.py, line 1'),
+    2, 'syntax.py, line 1'),
   "train config returns a dict": (['train', '--config', 'wrongtype.py'],
     2, 'must return a TrainConfig'),
   "train config json broken": (['train', '--config', 'bad.json'],
@@ -720,3 +766,5 @@ def test_cli_bad_input_is_one_line(case, capsys, files, monkeypatch):
   assert rc == code, err
   assert needle in err, err
   assert "Traceback" not in err and err.count("\n") == 1, err
+  # an anticipated error: no Python type name, no hint at a traceback
+  assert "JQLM_DEBUG" not in err, err

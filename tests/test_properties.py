@@ -3,6 +3,7 @@ input either works, giving finite results for finite data, or raises a
 ValueError / TypeError whose message names the argument; never a NaN
 result, a hang, or an exception from inside jax or numpy."""
 
+import functools
 import math
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jqlm import optim, quant
+from jqlm import ops, optim, quant
 
 FORMATS = [f.value for f in quant.Format]
 GRANULARITIES = [g.value for g in quant.Granularity] + [None]
@@ -94,3 +95,118 @@ def test_optimizer_constructors(kind, lr, b1, b2, eps, wd):
   # not a silent NaN)
   for u in jax.tree.leaves(updates):
     assert not np.any(np.isnan(np.asarray(u))), (kind, lr, b1, b2, eps, wd)
+
+
+# -- the recipe API ----------------------------------------------------------
+
+SWITCHES = sorted({s for sw in quant.RECIPE_SWITCHES.values() for s in sw})
+SWITCH_VALUES = st.sampled_from([
+  True, False, "yes", 0, 1, -1.0, math.nan, 16, 32, 48, 128, 3, 1.585,
+  "floor", "rceil", "ceil", "random", "random_post", "fixed", None])
+
+
+@settings(PROFILE, max_examples=50)
+@given(name=st.sampled_from(quant.RECIPES),
+       switches=st.dictionaries(st.sampled_from([*SWITCHES, "nope"]),
+                                SWITCH_VALUES, max_size=2),
+       n=st.sampled_from([32, 24]), k=st.sampled_from([32, 128, 48]))
+def test_recipe_switches_and_quantized_dot(name, switches, n, k):
+  """Every generated recipe either builds, or raises a ValueError /
+  TypeError naming the switch; a built one either refuses the shapes in a
+  message naming the recipe and operand, or runs forward and backward to
+  finite values for finite inputs of every magnitude (zeros included:
+  no 0/0 scale)."""
+  try:
+    r = quant.recipe(name, **switches)
+  except (ValueError, TypeError) as e:
+    assert _names_an_argument(e, switches), str(e)
+    event("recipe refused")
+    return
+  try:
+    quant.check_shapes(r, n, k, 32)
+  except ValueError as e:
+    assert f"Recipe {r.name!r}" in str(e), str(e)
+    event("shapes refused")
+    return
+  event("ran")
+  grad_fn = _recipe_grad(r, n, k)
+  for magnitude in (0.0, 1e-3, 1.0, 1e3):
+    val, (dx, dw) = grad_fn(jnp.float32(magnitude))
+    for a in (val, dx, dw):
+      assert np.all(np.isfinite(np.asarray(a))), (r, switches, magnitude)
+    if magnitude == 0.0:  # zeros quantize to zeros
+      assert float(val) == 0.0 and not np.any(np.asarray(dw)), r
+
+
+@functools.cache
+def _recipe_grad(r, n: int, k: int):
+  """The jitted loss and gradients of ``quantized_dot`` under ``r`` on a
+  scaled normal x [n, k] and W [k, 32] (one compile per recipe and shape,
+  shared by the examples that draw it)."""
+  kx, kw, kd = jax.random.split(jax.random.key(n * k), 3)
+  x0 = jax.random.normal(kx, (n, k), jnp.float32)
+  w0 = jax.random.normal(kw, (k, 32), jnp.float32)
+
+  def loss(x, w):
+    return jnp.sum(ops.quantized_dot(x, w, r, key=kd) ** 2) / 2
+
+  @jax.jit
+  def run(magnitude):
+    return jax.value_and_grad(loss, argnums=(0, 1))(magnitude * x0,
+                                                    magnitude * w0)
+  return run
+
+
+# every operand quantizer of the named recipes, as the base that one
+# generated field change perturbs
+_OPERANDS = sorted({q for name in quant.RECIPES
+                    for q in (getattr(quant.recipe(name), o)
+                              for o in quant.recipes.OPERANDS)
+                    if q is not None}, key=repr)
+ODD_FIELDS = {
+  "elem": ["e4m3", "e2m1", "int8", "e3m3"],
+  "scale": ["tensor", "nvfp4", "quest", "e8m0_floor"],
+  "block": [0, 16, 32, -16, 3, 16.0, True],
+  "tile": [True, "no"],
+  "rounding": ["stochastic", "up"],
+  "val_max": [None, 6.0, 0.0, -1.0, math.nan, math.inf],
+  "global_max": [255.99, 0.0, math.inf, "448"],
+  "bits": [3, 1.585, 9, True],
+  "chunk": [16, 0, 12.5],
+  "mask": ["none", "clip", "trust", "both"],
+  "bf16": [True, 1],
+  "eager": [True, "yes"],
+  "rotation": [None, 16, quant.Rotation(16, "random")],
+}
+
+
+@PROFILE
+@given(base=st.sampled_from(_OPERANDS),
+       field=st.sampled_from([None, *ODD_FIELDS]), data=st.data())
+def test_operand_quant(base, field, data):
+  """An OperandQuant of a named recipe with one field changed either is
+  refused in a message that names the field, or quantizes [32, 64]
+  operands of every magnitude to finite values of their shape."""
+  changes = {}
+  if field is not None:
+    changes[field] = data.draw(st.sampled_from(ODD_FIELDS[field]))
+  try:
+    q = base.replace(**changes)
+  except (ValueError, TypeError) as e:
+    assert _names_an_argument(e, (field,)), str(e)
+    event("refused")
+    return
+  event("quantized")
+  t = jax.random.normal(jax.random.key(0), (32, 64))
+  for magnitude in (0.0, 1e-3, 1.0, 1e4):
+    try:
+      op = quant.quantize_operand(
+        magnitude * t, q, axis=1, key=jax.random.key(1),
+        signs=quant.recipes.draw_signs(jax.random.key(2), q.rotation))
+    except ValueError as e:  # a block or chunk that does not divide 64
+      assert _names_an_argument(e, ("block", "chunk", "Hadamard")), str(e)
+      event("shape refused")
+      return
+    values = np.asarray(op.values)
+    assert values.shape == t.shape and np.all(np.isfinite(values)), (
+      q, magnitude)

@@ -18,9 +18,14 @@ from jqlm.data.pipeline import (
   stdlib_corpus,
   tokenize_to_array,
 )
-from jqlm.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
+from jqlm.data.tokenizer import (
+  OfflineError,
+  eos_id,
+  load_tokenizer,
+  train_tokenizer,
+)
 
 __all__ = [
-  "DataPosition", "PackedData", "eos_id", "load_texts", "load_tokenizer",
+  "DataPosition", "OfflineError", "PackedData", "eos_id", "load_texts", "load_tokenizer",
   "stdlib_corpus", "tokenize_to_array", "train_tokenizer",
 ]

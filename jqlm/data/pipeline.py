@@ -21,6 +21,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from jqlm.data.tokenizer import OfflineError
+
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".md": "text",
                    ".py": "text", ".json": "json", ".jsonl": "json",
                    ".parquet": "parquet"}
@@ -101,7 +103,7 @@ def load_texts(source: str | Sequence[str], *, split: str = "train",
       budget for streamed hub datasets such as C4.
 
   Raises:
-    RuntimeError: a hub name while ``HF_DATASETS_OFFLINE`` /
+    OfflineError: a hub name while ``HF_DATASETS_OFFLINE`` /
       ``HF_HUB_OFFLINE`` is set.
   """
   if isinstance(source, str) and source == "stdlib":
@@ -159,14 +161,14 @@ def missing_local_path(source) -> bool:
 
 
 def check_online(source) -> None:
-  """Raises RuntimeError for a hub dataset name (``source`` neither
+  """Raises :class:`OfflineError` for a hub dataset name (``source`` neither
   ``"stdlib"`` nor a local path) while ``HF_DATASETS_OFFLINE`` /
   ``HF_HUB_OFFLINE`` is set: the check :func:`load_texts` makes, without
   reading anything."""
   if (isinstance(source, str) and source != "stdlib" and _offline()
       and _local_files(source) is None
       and not _looks_like_a_path(os.path.expanduser(source))):
-    raise RuntimeError(
+    raise OfflineError(
       f"{source!r} is not a local path, and loading it from the Hugging "
       "Face hub needs the network, but HF_DATASETS_OFFLINE / "
       "HF_HUB_OFFLINE is set. Unset them on a machine that is online, or "

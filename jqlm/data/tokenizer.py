@@ -82,7 +82,7 @@ def load_tokenizer(path: str):
   Raises:
     FileNotFoundError: a local-looking path that does not exist.
     ValueError: a file that is not a tokenizer.json.
-    RuntimeError: a hub name while ``HF_HUB_OFFLINE`` is set.
+    OfflineError: a hub name while ``HF_HUB_OFFLINE`` is set.
   """
   _require()
   from tokenizers import Tokenizer  # noqa: PLC0415
@@ -101,11 +101,17 @@ def load_tokenizer(path: str):
   if missing_local_tokenizer(path):
     raise FileNotFoundError(f"No tokenizer.json at {path!r}.")
   if _hub_offline():
-    raise RuntimeError(
+    raise OfflineError(
       f"{path!r} is not a local tokenizer.json, and loading it from the "
       "Hugging Face hub needs the network, but HF_HUB_OFFLINE is set. Pass "
       "a local tokenizer.json, or leave tokenizer unset to train one.")
   return Tokenizer.from_pretrained(path)
+
+
+class OfflineError(RuntimeError):
+  """A Hugging Face hub name (dataset or tokenizer) asked for while
+  ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` is set: the message says
+  which name and how to use local files instead."""
 
 
 def _hub_offline() -> bool:

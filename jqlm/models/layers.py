@@ -324,6 +324,30 @@ def kernel_value(kernel: nnx.Param, dtype) -> jax.Array:
   return w.astype(dtype)
 
 
+def check_rule_fits(rule: QuantRule | None, path: str, in_features: int,
+                    out_features: int) -> None:
+  """Raises ValueError, naming the linear, when ``rule`` cannot run on a
+  ``in_features -> out_features`` kernel: a recipe's blocks, tiles or
+  Hadamard blocks that do not divide its dims (the tokens' count is
+  checked per call, and by :class:`jqlm.train.TrainConfig` for a train
+  step), or a Hadamard rule on a non-power-of-two ``in_features``.
+  :class:`LlamaConfig` runs it over every block linear, so a misfit fails
+  when the config is built, not when the step compiles."""
+  if rule is None:
+    return
+  if rule.recipe is not None:
+    try:  # the tokens' count is checked per call
+      quant.check_shapes(rule.recipe, 1 << 16, in_features, out_features)
+    except ValueError as e:
+      raise ValueError(
+        f"{path} ({in_features} -> {out_features}): {e} Or exclude it: "
+        "training_recipe(..., keep_high_precision=[...]).") from None
+  if rule.hadamard and in_features & (in_features - 1):
+    raise ValueError(
+      f"{path}: a Hadamard rule needs a power-of-two in_features, got "
+      f"{in_features}. Exclude this linear from the rule's patterns.")
+
+
 class QLinear(nnx.Module):
   """A bias-free linear ``y = x @ W`` (Flax layout ``W: (in, out)``) that
   quantizes according to the :class:`QuantRule` of its path.
@@ -349,19 +373,7 @@ class QLinear(nnx.Module):
     self.path = path
     self.rule = policy.rule_for(path) if policy is not None else None
     self.dtype = dtype
-    if self.rule is not None and self.rule.recipe is not None:
-      try:  # the tokens' count is checked per call
-        quant.check_shapes(self.rule.recipe, 1 << 16, in_features,
-                           out_features)
-      except ValueError as e:
-        raise ValueError(
-          f"{path} ({in_features} -> {out_features}): {e} Or exclude it: "
-          "training_recipe(..., keep_high_precision=[...]).") from None
-    if self.rule is not None and self.rule.hadamard and (
-        in_features & (in_features - 1)):
-      raise ValueError(
-        f"{path}: a Hadamard rule needs a power-of-two in_features, got "
-        f"{in_features}. Exclude this linear from the rule's patterns.")
+    check_rule_fits(self.rule, path, in_features, out_features)
 
   def __call__(self, x_BxD: jax.Array, *,
                key: jax.Array | None = None) -> jax.Array:

@@ -43,6 +43,7 @@ from jqlm.models.layers import (
   QLinear,
   QuantPolicy,
   block_linear_mask,
+  check_rule_fits,
   kernel_value,
   module_path,
 )
@@ -161,6 +162,22 @@ class LlamaConfig:
     if self.quant is not None and not isinstance(self.quant, QuantPolicy):
       raise ValueError(f"LlamaConfig.quant must be a QuantPolicy or None, "
                        f"got {self.quant!r}.")
+    if self.quant is not None:  # a misfit fails here, not at compile time
+      for path, d_in, d_out in self.linears:
+        check_rule_fits(self.quant.rule_for(path), path, d_in, d_out)
+
+  @property
+  def linears(self) -> tuple[tuple[str, int, int], ...]:
+    """``(path, in_features, out_features)`` of every block linear, in the
+    model's order, with the paths the quant policies match
+    (``layers.3.attn.q``); no model is built."""
+    d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+    qd, kvd = self.num_heads * hd, self.num_kv_heads * hd
+    shapes = (("attn.q", d, qd), ("attn.k", d, kvd), ("attn.v", d, kvd),
+              ("attn.o", qd, d), ("mlp.gate", d, f), ("mlp.up", d, f),
+              ("mlp.down", f, d))
+    return tuple((f"layers.{i}.{name}", a, b)
+                 for i in range(self.num_layers) for name, a, b in shapes)
 
   def replace(self, **changes) -> LlamaConfig:
     return dataclasses.replace(self, **changes)

@@ -11,6 +11,7 @@ from jqlm.quant.metrics import QuantError, quantization_error, tree_nbytes
 from jqlm.quant.ops import dequantize, fake_quant, group_layout, quantize
 from jqlm.quant.qarray import PackedQArray, QArray
 from jqlm.quant.recipes import (
+  RECIPE_SWITCHES,
   RECIPES,
   Elem,
   Mask,
@@ -42,6 +43,7 @@ from jqlm.quant.spec import (
 )
 
 __all__ = [
+  "RECIPE_SWITCHES",
   "RECIPES",
   "Elem",
   "Mask",

@@ -44,6 +44,30 @@ from jqlm.quant.spec import Rounding
 from jqlm.quant.spec import to_enum as _enum
 
 
+def _check_bool(value, what: str) -> None:
+  if not isinstance(value, bool):
+    raise TypeError(f"{what} must be True or False, got {value!r} "
+                    f"({type(value).__name__}).")
+
+
+def _check_int(value, what: str, *, low: int = 1) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"{what} must be an integer >= {low}, got {value!r}.")
+
+
+def _check_pow2(value, what: str, *, low: int = 2) -> None:
+  _check_int(value, what, low=low)
+  if value & (value - 1):
+    raise ValueError(f"{what} must be a power of two (e.g. 32, 64, 128), "
+                     f"got {value}.")
+
+
+def _check_positive(value, what: str) -> None:
+  if (isinstance(value, bool) or not isinstance(value, int | float)
+      or not 0 < value < float("inf")):
+    raise ValueError(f"{what} must be a finite number > 0, got {value!r}.")
+
+
 class Elem(enum.Enum):
   """Element formats of the recipes (spec §1.1).
 
@@ -171,7 +195,8 @@ class Rotation:
     object.__setattr__(self, "signs", _enum(Signs, self.signs,
                                             "Rotation.signs"))
     b = self.block
-    if b is not None and (not isinstance(b, int) or b < 1 or b & (b - 1)):
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int)
+                          or b < 1 or b & (b - 1)):
       raise ValueError(f"Rotation.block must be a power of two or None, got "
                        f"{b!r}.")
     if self.signs is Signs.FIXED and b != 16:
@@ -265,10 +290,23 @@ class OperandQuant:
     s("mask", _enum(Mask, self.mask, "OperandQuant.mask"))
     rnd.check_choice(self.tie, rnd.FP4_TIES, "OperandQuant.tie")
     rnd.check_choice(self.sr, rnd.FP4_SR_VARIANTS, "OperandQuant.sr")
+    for f in ("tile", "pow2", "bf16", "eager"):
+      _check_bool(getattr(self, f), f"OperandQuant.{f}")
+    if self.val_max is not None:
+      _check_positive(self.val_max, "OperandQuant.val_max")
+    _check_positive(self.global_max, "OperandQuant.global_max")
+    _check_int(self.chunk, "OperandQuant.chunk")
+    if self.rotation is not None and not isinstance(self.rotation, Rotation):
+      raise TypeError(f"OperandQuant.rotation must be a Rotation or None, "
+                      f"got {self.rotation!r}.")
     if self.scale in _BLOCKED:
-      if not isinstance(self.block, int) or self.block < 1:
+      if (isinstance(self.block, bool) or not isinstance(self.block, int)
+          or self.block < 1):
         raise ValueError(f"OperandQuant(scale={self.scale.value!r}) needs a "
                          f"block size >= 1, got block={self.block!r}.")
+    elif isinstance(self.block, bool) or not isinstance(self.block, int):
+      raise ValueError(f"OperandQuant.block must be an integer, got "
+                       f"{self.block!r}.")
     elif self.block:
       raise ValueError(f"scale={self.scale.value!r} has no blocks; drop "
                        f"block={self.block}.")
@@ -277,7 +315,8 @@ class OperandQuant:
     if (self.elem is Elem.INT) != (self.scale is Scale.QUEST):
       raise ValueError("elem='int' (QuEST levels) goes with scale='quest' "
                        "and only with it.")
-    if self.scale is Scale.QUEST and self.bits not in QUEST_ALPHA:
+    if self.scale is Scale.QUEST and (isinstance(self.bits, bool)
+                                      or self.bits not in QUEST_ALPHA):
       raise ValueError(f"QuEST bits must be one of {sorted(QUEST_ALPHA)}, "
                        f"got {self.bits!r}.")
     fp4_scales = (Scale.NVFP4, Scale.NVFP4_Q2, Scale.EDEN, Scale.QUARTET_FWD,
@@ -285,6 +324,12 @@ class OperandQuant:
     if self.scale in fp4_scales and self.elem is not Elem.E2M1:
       raise ValueError(f"scale={self.scale.value!r} quantizes to E2M1; got "
                        f"elem={self.elem.value!r}.")
+    if (self.scale in (Scale.E8M0_FLOOR, Scale.E8M0_RCEIL)
+        and self.elem not in ELEM_EMAX):
+      raise ValueError(
+        f"scale={self.scale.value!r} (MX E8M0 block scales) serves the "
+        f"float elements {', '.join(e.value for e in ELEM_EMAX)}; got "
+        f"elem={self.elem.value!r}.")
     if self.scale is Scale.HALO and self.elem not in (Elem.E4M3, Elem.INT8):
       raise ValueError("HALO's per-tensor scale serves e4m3 and int8.")
     if self.mask is Mask.TRUST and self.scale is not Scale.QUEST:
@@ -346,6 +391,13 @@ class Recipe:
   token_rotation: Rotation | None = None
 
   def __post_init__(self):
+    if not isinstance(self.name, str):
+      raise TypeError(f"Recipe.name must be a string, got {self.name!r}.")
+    for f in ("rotation", "token_rotation"):
+      rot = getattr(self, f)
+      if rot is not None and not isinstance(rot, Rotation):
+        raise TypeError(f"Recipe.{f} must be a Rotation or None, got "
+                        f"{rot!r}.")
     for f in ("dgrad_w_source", "wgrad_x_source"):
       object.__setattr__(self, f, _enum(Source, getattr(self, f),
                                         f"Recipe.{f}"))
@@ -790,8 +842,34 @@ _RECIPES = {
   "quest": (_quest, ("bits", "trust", "hadamard", "hadamard_dim")),
 }
 
+
+def _choice(*choices):
+  return lambda v, what: rnd.check_choice(v, choices, what)
+
+
+def _quest_bits(v, what):
+  if isinstance(v, bool) or v not in QUEST_ALPHA:
+    raise ValueError(f"{what} must be one of {sorted(QUEST_ALPHA)} (QuEST's "
+                     f"clip constants), got {v!r}.")
+
+
+_SWITCH_CHECKS = {
+  "pow2": _check_bool, "wgrad_with_hp": _check_bool,
+  "stochastic_rounding": _check_bool, "hadamard": _check_bool,
+  "weight_2d": _check_bool, "trust": _check_bool, "eager": _check_bool,
+  "scale": _choice("floor", "rceil"),
+  "signs": _choice("none", "random", "random_post"),
+  "hadamard_dim": _check_pow2, "bits": _quest_bits,
+}
+"""Each recipe switch's type check (one table: a switch means the same in
+every recipe that has it)."""
+
 RECIPES = tuple(_RECIPES)
 """The names :func:`recipe` builds."""
+
+RECIPE_SWITCHES = {name: switches for name, (_, switches) in _RECIPES.items()}
+"""Each named recipe's switches (the keyword arguments of :func:`recipe`
+besides the :class:`Recipe` fields)."""
 
 
 def recipe(name: str, **overrides) -> Recipe:
@@ -835,8 +913,12 @@ def recipe(name: str, **overrides) -> Recipe:
   keeps that operand in high precision).
 
   Raises:
-    ValueError: an unknown name, or an override that is neither a switch
-      of the recipe nor a :class:`Recipe` field (the message lists both).
+    ValueError: an unknown name, an override that is neither a switch
+      of the recipe nor a :class:`Recipe` field (the message lists both),
+      or a switch value out of range (``hadamard_dim`` not a power of
+      two, ``bits`` without a QuEST constant, ``scale``/``signs`` not one
+      of the listed choices).
+    TypeError: an on/off switch that is not a bool.
   """
   if name not in _RECIPES:
     raise ValueError(f"Unknown recipe {name!r}; choose one of "
@@ -850,6 +932,8 @@ def recipe(name: str, **overrides) -> Recipe:
       f"switches are {', '.join(switches) or 'none'}, and any Recipe field "
       f"({', '.join(sorted(fields))}) may be overridden.")
   opts = {k: v for k, v in overrides.items() if k in switches}
+  for k, v in opts.items():
+    _SWITCH_CHECKS[k](v, f"recipe({name!r}) switch {k}")
   r = build(opts)
   rest = {k: v for k, v in overrides.items() if k in fields}
   return r.replace(**rest) if rest else r
@@ -881,7 +965,17 @@ def check_shapes(r: Recipe, n: int, k: int, m: int, *,
   only (a forward-only call, such as one decode step of 1 token, need not
   fit wgrad's blocks along N). :func:`jqlm.ops.quantized_dot` checks the
   forward before tracing anything; the backward's operands are checked
-  when the gradient is traced."""
+  when the gradient is traced.
+
+  Raises:
+    TypeError: ``r`` is not a :class:`Recipe`.
+    ValueError: a dim that is not a positive integer, or a misfit (above).
+  """
+  if not isinstance(r, Recipe):
+    raise TypeError(f"check_shapes expects a jqlm.quant.Recipe (e.g. "
+                    f"quant.recipe('mxfp8')), got {type(r).__name__}.")
+  for dim, v in (("n", n), ("k", k), ("m", m)):
+    _check_int(v, f"check_shapes: {dim} (x is [n, k], W is [k, m])")
   _check_rotation(r.rotation, k, f"Recipe {r.name!r}, forward rotation "
                   "along K")
   if backward:

@@ -272,7 +272,7 @@ class ModelConfig(_Section):
     if self.recipe != "none":
       try:
         quant.recipe(self.recipe, **self.recipe_switches())
-      except ValueError as e:
+      except (ValueError, TypeError) as e:
         raise ValueError(f"model.recipe_options: {e}") from None
     for name in ("dtype", "param_dtype"):
       self.require(name, getattr(self, name) in _DTYPES, f"one of {_DTYPES}")
@@ -775,6 +775,8 @@ class TrainConfig:
           f"(data.grad_accum={self.data.grad_accum}): it updates each layer "
           "from one backward pass and keeps no gradient. Set "
           "data.grad_accum=1 or run.layerwise_update=false.")
+    if self.model.recipe != "none":
+      self._check_recipe_tokens()
     if isinstance(o, GaLoreConfig):
       llama = self.model.llama(max_seq_len=2)
       dims = {"hidden_size": llama.hidden_size,
@@ -790,6 +792,26 @@ class TrainConfig:
           "are 128-1024 for LLaMA-60M-7B).")
       if isinstance(o, QGaLoreConfig):
         _check_q_galore_groups(o, llama)
+
+  def _check_recipe_tokens(self) -> None:
+    """A recipe's wgrad GEMM contracts over the tokens of a micro-batch
+    (``batch_size // grad_accum * seq_len``): its blocks (32 for MX, 16 for
+    NVFP4) and Hadamard blocks must divide that count. Checked here so a
+    misfit fails before the step compiles (the widths are checked by
+    :class:`jqlm.models.LlamaConfig`)."""
+    d = self.data
+    tokens = d.batch_size // d.grad_accum * d.seq_len
+    r = quant.recipe(self.model.recipe, **self.model.recipe_switches())
+    wide = 1 << 16  # fits every block and rotation: only the tokens count
+    try:
+      quant.check_shapes(r, tokens, wide, wide)
+    except ValueError as e:
+      raise ValueError(
+        f"data: a micro-batch of data.batch_size // data.grad_accum * "
+        f"data.seq_len = {d.batch_size} // {d.grad_accum} * {d.seq_len} = "
+        f"{tokens} tokens does not fit model.recipe={self.model.recipe}: "
+        f"{e.args[0].split(' Pad it')[0]} Choose a batch_size or seq_len "
+        "that makes the count a multiple of it.") from None
 
   # -- construction helpers --------------------------------------------------
 
@@ -1066,6 +1088,22 @@ def read_config(path: str) -> TrainConfig:
     raise ValueError(f"{path}: {e}") from None
 
 
+
+def load_python_file(path: str, name: str) -> types.ModuleType:
+  """Runs a user's ``.py`` file (a config or suite) as module ``name``. A
+  syntax error in it is a ValueError naming the file, line and text (the
+  CLI prints it in one line); other errors its code raises propagate."""
+  mod_spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  try:
+    mod_spec.loader.exec_module(mod)
+  except SyntaxError as e:
+    text = (e.text or "").strip()
+    raise ValueError(f"{path}, line {e.lineno}: {e.msg}"
+                     + (f": {text!r}" if text else "")
+                     + ". Fix the Python file.") from None
+  return mod
+
 def load_config(spec: str | None) -> TrainConfig:
   """A preset name of :data:`jqlm.train.CONFIGS`, a ``.py`` file defining
   ``get_config()``, ``file.py:ARG`` (calls ``get_config("ARG")``, e.g.
@@ -1083,9 +1121,7 @@ def load_config(spec: str | None) -> TrainConfig:
   if ".py:" in spec:
     path, arg = spec.rsplit(":", 1)
   if path.endswith(".py") and os.path.exists(path):
-    mod_spec = importlib.util.spec_from_file_location("jqlm_user_config", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
+    mod = load_python_file(path, "jqlm_user_config")
     if not hasattr(mod, "get_config"):
       raise ValueError(f"{path} defines no get_config().")
     cfg = mod.get_config() if arg is None else mod.get_config(arg)

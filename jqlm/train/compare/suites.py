@@ -12,7 +12,6 @@ config: no arm carries (or nulls out) another optimizer's fields.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from collections.abc import Callable, Sequence
 
@@ -23,6 +22,7 @@ from jqlm.train.config import (
   SpamConfig,
   StableSpamConfig,
   TrainConfig,
+  load_python_file,
 )
 
 CPU_MODEL = dict(preset="llama_tiny", hidden_size=128, intermediate_size=256,
@@ -319,10 +319,7 @@ def load_suite(spec: str) -> Suite:
   if spec in SUITES:
     return SUITES[spec]()
   if spec.endswith(".py") and os.path.exists(spec):
-    mod_spec = importlib.util.spec_from_file_location("jqlm_user_suite",
-                                                      spec)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
+    mod = load_python_file(spec, "jqlm_user_suite")
     if not hasattr(mod, "get_suite"):
       raise ValueError(f"{spec} defines no get_suite(); a suite file's "
                        "get_suite() returns a jqlm.train.compare.Suite "
