@@ -273,6 +273,9 @@ API = {
     "OperandQuant.rotation"),
   "Recipe rotation int": (lambda f: quant.Recipe(rotation=32), TypeError,
                           "Recipe.rotation"),
+  "quantized_dot stats probe shape": (lambda f: ops.quantized_dot(
+    jnp.ones((32, 32)), jnp.ones((32, 32)), "mxfp8",
+    stats=jnp.zeros((6,))), ValueError, "stats must be float32 zeros"),
   "check_shapes negative dim": (lambda f: quant.check_shapes(
     quant.recipe("mxfp8"), -32, 32, 32), ValueError, "n (x is [n, k]"),
   "check_shapes a name": (lambda f: quant.check_shapes("mxfp8", 32, 32, 32),
@@ -519,6 +522,12 @@ CLI = {  # argv, exit code, text on stderr
   "train recipe width misfit": (
     ['train', '--set', 'model.recipe=nvfp4', '--set',
      'model.intermediate_size=120'], 2, 'mlp.gate (64 -> 120)'),
+  "train late_high_precision 1": (
+    ['train', '--set', 'model.recipe=mxfp8', '--set',
+     'model.late_high_precision=1'], 2, 'model.late_high_precision'),
+  "train late_high_precision without recipe": (
+    ['train', '--set', 'model.late_high_precision=0.2'], 2,
+    'Set model.recipe too'),
   "train recipe options alone": (
     ['train', '--set', 'model.recipe_options=bits=3'],
     2, 'model.recipe_options'),

@@ -324,6 +324,33 @@ def kernel_value(kernel: nnx.Param, dtype) -> jax.Array:
   return w.astype(dtype)
 
 
+class RecipeProbe(nnx.Variable):
+  """A recipe linear's statistics probe (:func:`recipe_probes`): zeros
+  whose gradient is the ``[6, 2]`` clipped / flushed fractions of the
+  linear's GEMM operands (``quantized_dot(stats=...)``)."""
+
+
+def recipe_probes(model: nnx.Module) -> tuple[nnx.Module, int]:
+  """A view of ``model`` (sharing its arrays) in which every linear under
+  a recipe carries a :class:`RecipeProbe` of zeros (``[6, 2]``, with the
+  stacked layers' leading axis under ``scan_layers``), and the number of
+  probed linears. ``jax.grad`` of the loss w.r.t. the probes
+  (``nnx.DiffState(0, RecipeProbe)``) gives each linear's operand
+  statistics; the training model itself is left as it is (its state, and
+  so its checkpoints and optimizer, never see a probe)."""
+  graphdef, state = nnx.split(model)
+  view = nnx.merge(graphdef, state)
+  count = 0
+  for _, m in nnx.iter_modules(view):
+    if isinstance(m, QLinear) and m.rule is not None and (
+        m.rule.recipe is not None):
+      lead = jnp.shape(m.kernel.get_value())[:-2]
+      m.recipe_probe = RecipeProbe(
+        jnp.zeros((*lead, *ops.STATS_SHAPE), jnp.float32))
+      count += 1
+  return view, count
+
+
 def check_rule_fits(rule: QuantRule | None, path: str, in_features: int,
                     out_features: int) -> None:
   """Raises ValueError, naming the linear, when ``rule`` cannot run on a
@@ -382,8 +409,11 @@ class QLinear(nnx.Module):
     rule = self.rule
     if rule is not None and rule.recipe is not None:
       w_DxF = kernel_value(self.kernel, self.dtype)
-      return ops.quantized_dot(x_BxD.astype(self.dtype), w_DxF, rule.recipe,
-                               key=key).astype(self.dtype)
+      probe = getattr(self, "recipe_probe", None)
+      return ops.quantized_dot(
+        x_BxD.astype(self.dtype), w_DxF, rule.recipe, key=key,
+        stats=None if probe is None else probe.get_value()
+      ).astype(self.dtype)
     w = self.kernel.get_value()
     if rule is None and isinstance(w, _LOW_BIT):
       # real low-bit weights: the dispatcher picks a Pallas kernel on

@@ -19,12 +19,13 @@ from jqlm.ops.qmatmul import (
   split_taps,
 )
 from jqlm.ops.quantized_dot import (
+  STATS_SHAPE,
   native_recipes,
   native_supported,
   quantized_dot,
   quantized_dot_noise,
 )
 
-__all__ = ["Impl", "KernelWeight", "TappedWeight", "is_prepared",
+__all__ = ["STATS_SHAPE", "Impl", "KernelWeight", "TappedWeight", "is_prepared",
            "kernel_weight", "native_recipes", "native_supported", "prepare", "qmatmul", "qmatmul_fp8",
            "qmatmul_w8a8", "quantized_dot", "quantized_dot_noise", "scaled_matmul", "split_taps"]

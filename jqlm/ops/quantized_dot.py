@@ -123,7 +123,8 @@ def _wrap(kd, impl):
 
 def quantized_dot(x: jax.Array, w: jax.Array, recipe, *,
                   key: jax.Array | None = None,
-                  impl: str | None = None) -> jax.Array:
+                  impl: str | None = None,
+                  stats: jax.Array | None = None) -> jax.Array:
   r"""``x @ w`` under a low-precision training ``recipe``, forward and
   backward.
 
@@ -141,6 +142,16 @@ def quantized_dot(x: jax.Array, w: jax.Array, recipe, *,
       step.
     impl: ``None`` (native where the recipe and backend allow it, else
       emulated), ``"emulate"`` or ``"native"`` (see the module docstring).
+    stats: a probe: float32 zeros of shape ``[6, 2]`` (:data:`STATS_SHAPE`).
+      It does not change ``y``; its *gradient* is, per operand of
+      :data:`jqlm.quant.recipes.OPERANDS` (x, w, dgrad's dy and W,
+      wgrad's x and dy), :func:`jqlm.quant.recipes.operand_fractions` of
+      this call: the fractions of elements clipped and flushed to zero
+      (rows of operands the recipe does not quantize, or reuses from the
+      forward, are zero). The forward's rows are computed in the forward
+      and carried to the backward; ``jax.grad`` of a loss w.r.t. the
+      probes of a model's linears thus reads every GEMM operand's
+      statistics in one pass (:func:`jqlm.models.recipe_probes`).
 
   Returns:
     ``y`` of shape ``[..., M]`` in ``result_type(x, w)``; its gradient
@@ -182,8 +193,23 @@ def quantized_dot(x: jax.Array, w: jax.Array, recipe, *,
   kd, kimpl = _key_parts(key)
   lead = x.shape[:-1]
   dtypes = (jnp.result_type(x.dtype, w.dtype), x.dtype, w.dtype)
-  y = _qdot(recipe, impl, kimpl, dtypes, x.reshape(-1, x.shape[-1]), w, kd)
+  want = stats is not None
+  if want:
+    stats = jnp.asarray(stats)
+    if stats.shape != STATS_SHAPE or stats.dtype != jnp.float32:
+      raise ValueError(f"quantized_dot: stats must be float32 zeros of "
+                       f"shape {STATS_SHAPE}, got {stats.dtype} "
+                       f"{tuple(stats.shape)}.")
+  else:
+    stats = jnp.zeros(STATS_SHAPE, jnp.float32)
+  y = _qdot(recipe, impl, kimpl, dtypes, want, x.reshape(-1, x.shape[-1]),
+            w, kd, stats)
   return y.reshape(*lead, w.shape[1])
+
+
+STATS_SHAPE = (len(qr.OPERANDS), 2)
+"""The shape of :func:`quantized_dot`'s ``stats`` probe: one row per
+operand, ``[clipped, flushed]`` fractions."""
 
 
 # ---------------------------------------------------------------------------
@@ -293,13 +319,15 @@ def _forward(recipe, impl, kimpl, x2, w, kd):
   return y, (xr, wr, xo, wo)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _qdot(recipe, impl, kimpl, dtypes, x2, w, kd):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _qdot(recipe, impl, kimpl, dtypes, want, x2, w, kd, stats):
+  del want, stats  # read by the backward only
   y, _ = _forward(recipe, impl, kimpl, x2, w, kd)
   return y.astype(dtypes[0])
 
 
-def _qdot_fwd(recipe, impl, kimpl, dtypes, x2, w, kd):
+def _qdot_fwd(recipe, impl, kimpl, dtypes, want, x2, w, kd, stats):
+  del stats
   # differentiated: the backward's blocks must fit too (named errors)
   qr.check_shapes(recipe, x2.shape[0], w.shape[0], w.shape[1])
   y, (xr, wr, xo, wo) = _forward(recipe, impl, kimpl, x2, w, kd)
@@ -309,12 +337,17 @@ def _qdot_fwd(recipe, impl, kimpl, dtypes, x2, w, kd):
     qr.Operand(xr)
   w_src = wo if recipe.dgrad_w_source is qr.Source.FORWARD else \
     qr.Operand(wr)
-  res = (x_src, w_src, xo.mask, wo.mask, kd)
+  fwd_stats = (jnp.stack([qr.operand_fractions(xo),
+                          qr.operand_fractions(wo)]) if want else None)
+  # the residuals drop the forward's clip/flush masks
+  x_src = x_src._replace(clipped=None, flushed=None)
+  w_src = w_src._replace(clipped=None, flushed=None)
+  res = (x_src, w_src, xo.mask, wo.mask, kd, fwd_stats)
   return y.astype(dtypes[0]), res
 
 
-def _qdot_bwd(recipe, impl, kimpl, dtypes, res, g):
-  x_src, w_src, mask_x, mask_w, kd = res
+def _qdot_bwd(recipe, impl, kimpl, dtypes, want, res, g):
+  x_src, w_src, mask_x, mask_w, kd, fwd_stats = res
   _, x_dtype, w_dtype = dtypes
   if kimpl is None and recipe.needs_key:
     # a forward without a key (evaluation, generation) is fine; its
@@ -357,7 +390,14 @@ def _qdot_bwd(recipe, impl, kimpl, dtypes, res, g):
     dx = qr.rotate(dx, 1, r.rotation, transpose=True)
     dw = qr.rotate(dw, 0, r.rotation, transpose=True)
   zero_key = np.zeros(kd.shape, jax.dtypes.float0)
-  return dx.astype(x_dtype), dw.astype(w_dtype), zero_key
+  if want:  # the probe's "gradient": every operand's fractions
+    reused = qr.Operand(jnp.zeros(()))
+    stats = jnp.concatenate([fwd_stats, jnp.stack([
+      qr.operand_fractions(o) for o in (
+        a, reused if b is w_src else b, reused if c is x_src else c, d)])])
+  else:
+    stats = jnp.zeros(STATS_SHAPE, jnp.float32)
+  return dx.astype(x_dtype), dw.astype(w_dtype), zero_key, stats
 
 
 _qdot.defvjp(_qdot_fwd, _qdot_bwd)

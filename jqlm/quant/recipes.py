@@ -453,12 +453,19 @@ class Operand(NamedTuple):
   rotated basis if rotated), ``mask`` (bool, or ``None``) and, for the
   native path, ``codes`` (the element values before scaling) and
   ``scale`` (broadcastable to them), where the scale is constant along
-  the contraction dim (``None`` otherwise)."""
+  the contraction dim (``None`` otherwise). ``clipped`` (bool) marks the
+  elements that the scale put beyond the element format's largest value
+  (saturated, or clipped to it: MX FLOOR's block tops, QuEST's clip, a
+  rounded-down tensor scale), ``flushed`` (bool) the non-zero elements
+  that quantized to zero (underflow); both in the quantized (rotated)
+  basis, see :func:`operand_fractions`."""
 
   values: jax.Array
   mask: jax.Array | None = None
   codes: jax.Array | None = None
   scale: jax.Array | None = None
+  clipped: jax.Array | None = None
+  flushed: jax.Array | None = None
 
 
 def rotate(v: jax.Array, axis: int, rot: Rotation, *, signs=None,
@@ -554,7 +561,7 @@ def _quantize_2d(v, q: OperandQuant, noise: OperandNoise):
     if q.pow2:
       s = sc.pow2_floor(s)
     codes = rnd.round_float(v * s, q.elem.value, u=elem_u)
-    return Operand(codes / s, None, codes, 1.0 / s)
+    return Operand(codes / s, None, codes, 1.0 / s, jnp.abs(v * s) > m)
   if sc_rule is Scale.HALO:
     m = ELEM_MAX[q.elem]
     amax = jnp.max(jnp.abs(v))
@@ -564,7 +571,7 @@ def _quantize_2d(v, q: OperandQuant, noise: OperandNoise):
     if q.eager:
       y = y.astype(jnp.bfloat16).astype(jnp.float32)
     codes = rnd.round_float(y, q.elem.value, u=elem_u)
-    return Operand(codes * c, None, codes, c.reshape(1, 1))
+    return Operand(codes * c, None, codes, c.reshape(1, 1), jnp.abs(y) > m)
   if sc_rule is Scale.QUEST:
     b = q.bits
     alpha = QUEST_ALPHA[b]
@@ -576,7 +583,7 @@ def _quantize_2d(v, q: OperandQuant, noise: OperandNoise):
     mask = None
     if q.mask is Mask.TRUST:
       mask = jnp.abs(vq - v) <= (alpha / levels) * rms
-    return Operand(vq, mask)
+    return Operand(vq, mask, clipped=jnp.abs(v) > s)
   g = _blocks(v, q.block, q.tile)  # [A, B, blk]
   amax = jnp.max(jnp.abs(g), axis=-1, keepdims=True)
   elem_ug = None if elem_u is None else _blocks(elem_u, q.block, q.tile)
@@ -591,12 +598,14 @@ def _quantize_2d(v, q: OperandQuant, noise: OperandNoise):
     safe = jnp.where(s > 0, s, 1.0)
     out = rnd.round_float(g / safe, q.elem.value, u=elem_ug, tie=q.tie,
                           sr=q.sr) * s
+    clip = jnp.abs(g / safe) > ELEM_MAX[q.elem]
   elif sc_rule is Scale.NVFP4:
     big = jnp.float32(jnp.finfo(jnp.float32).max)
     a_t = jnp.max(amax)
     s_enc = jnp.where(a_t > 0, jnp.minimum(2688.0 / a_t, big), 1.0)
     s_b = sc.e4m3_scale(amax * (s_enc * jnp.float32(1 / 6)))
     enc = jnp.where(s_b > 0, 1.0 / (s_b * (1.0 / s_enc)), 0.0)
+    clip = jnp.abs(g * enc) > 6.0
     y = jnp.clip(g * enc, -6.0, 6.0)
     qv = rnd.round_float(y, "e2m1", u=elem_ug, tie=q.tie, sr=q.sr)
     out = qv * s_b * (a_t / 2688.0)
@@ -608,6 +617,7 @@ def _quantize_2d(v, q: OperandQuant, noise: OperandNoise):
     s_b = jnp.where(s_b == 0, 1.0, s_b)
     inv = s_b * s_dec
     y = g / inv
+    clip = jnp.abs(y) > 6.0
     if elem_ug is not None:
       qv = rnd.sr_fp4(y, elem_ug, q.sr)
     else:
@@ -631,6 +641,7 @@ def _quantize_2d(v, q: OperandQuant, noise: OperandNoise):
     sigma = jnp.sqrt(jnp.maximum(var, 0.0))
     s = sc.pow2_floor(QUARTET_SIGMA * sigma + 1e-8)
     y = g / s
+    clip = jnp.abs(y) > 6.0
     out = rnd.round_fp4(y, q.tie) * s
     if q.mask is Mask.CLIP:
       mask = _unblocks(jnp.abs(y) < 6.0, v.shape, q.block, q.tile)
@@ -638,11 +649,13 @@ def _quantize_2d(v, q: OperandQuant, noise: OperandNoise):
     s = sc.pow2_floor(amax) * 0.25 / 0.75
     safe = jnp.where(amax > 0, s, 1.0)
     y = g / safe
+    clip = jnp.abs(y) > 6.0
     qv = rnd.round_float(y, "e2m1", u=elem_ug, tie=q.tie, sr=q.sr)
     out = jnp.where(amax > 0, qv * s, 0.0)
   else:  # pragma: no cover - enum is exhaustive
     raise AssertionError(sc_rule)
-  return Operand(_unblocks(out, v.shape, q.block, q.tile), mask)
+  return Operand(_unblocks(out, v.shape, q.block, q.tile), mask,
+                 clipped=_unblocks(clip, v.shape, q.block, q.tile))
 
 
 class OperandNoise(NamedTuple):
@@ -713,10 +726,22 @@ def quantize_operand(t: jax.Array, q: OperandQuant, *, axis: int,
     v = v.astype(jnp.bfloat16).astype(jnp.float32)
   op = _quantize_2d(v, q, noise)
   values = _poison(op.values, v, q)
-  op = op._replace(values=values)
+  op = op._replace(values=values, flushed=(v != 0) & (values == 0))
   if axis == 0:
     op = Operand(*(None if a is None else a.T for a in op))
   return op
+
+
+def operand_fractions(op: Operand) -> jax.Array:
+  """``[clipped, flushed]``: the fractions of an :class:`Operand`'s
+  elements that its scale put beyond the element format's largest value
+  (``clipped``) and of its elements that were non-zero and quantized to
+  zero (``flushed``, over all elements), float32 ``[2]``; zeros for an
+  operand that was not quantized."""
+  if op.clipped is None or op.flushed is None:
+    return jnp.zeros((2,), jnp.float32)
+  return jnp.stack([jnp.mean(op.clipped.astype(jnp.float32)),
+                    jnp.mean(op.flushed.astype(jnp.float32))])
 
 
 def needs_key_message(r: Recipe) -> str:

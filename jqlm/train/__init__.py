@@ -61,6 +61,7 @@ from jqlm.train.step import (
   eval_loss,
   init_opt_state,
   layerwise_train_step,
+  operand_stats,
   step_diagnostics,
   train_step,
 )
@@ -75,7 +76,8 @@ __all__ = [
   "apply_overrides", "build_optimizer", "demo_config", "distributed_init",
   "eval_loss", "evaluate", "init_opt_state", "init_state",
   "layerwise_train_step", "load_config", "load_run",
-  "lr_schedule", "model_config", "official_c4", "optimizer_config",
+  "lr_schedule", "model_config", "official_c4", "operand_stats",
+  "optimizer_config",
   "prepare_data", "run", "sample", "setup", "step_diagnostics",
   "train_step",
 ]

@@ -226,6 +226,13 @@ class ModelConfig(_Section):
       ``"hadamard_dim=64"`` for ``quest`` on a model whose widths 128 does
       not divide, ``"stochastic_rounding=false"`` for ``nvfp4`` (values
       are ints, floats, ``true``/``false`` or strings).
+    late_high_precision: the final fraction of ``run.steps`` during which
+      the recipe's forward GEMMs (``y = x W``) run in high precision,
+      the backward's staying quantized: NVIDIA's switch to higher
+      precision late in NVFP4 training (arXiv 2509.25149, App. D). The
+      switch happens at step ``round(run.steps * (1 - fraction))``
+      (:meth:`TrainConfig.late_switch_step`); 0 (the default) never
+      switches. Needs ``recipe``.
     dtype, param_dtype: compute and storage dtypes (``float32``,
       ``bfloat16``, ``float16``).
     remat: rematerialise each block in the backward pass.
@@ -247,6 +254,7 @@ class ModelConfig(_Section):
   quant: str = "none"
   recipe: str = "none"
   recipe_options: str = ""
+  late_high_precision: float = 0.0
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
@@ -269,6 +277,13 @@ class ModelConfig(_Section):
     self.require("recipe_options", not self.recipe_options
                  or self.recipe != "none", "empty without model.recipe",
                  "Set model.recipe too, or drop model.recipe_options.")
+    lhp = self.late_high_precision
+    self.require("late_high_precision", not isinstance(lhp, bool) and
+                 isinstance(lhp, int | float) and 0 <= lhp < 1,
+                 "a fraction of run.steps in [0, 1)")
+    self.require("late_high_precision", not lhp or self.recipe != "none",
+                 "0 without model.recipe (it switches a recipe's forward "
+                 "to high precision)", "Set model.recipe too.")
     if self.recipe != "none":
       try:
         quant.recipe(self.recipe, **self.recipe_switches())
@@ -301,15 +316,21 @@ class ModelConfig(_Section):
       out[name] = _option_value(text)
     return out
 
-  def _policy(self, num_layers: int):
+  def _policy(self, num_layers: int, late: bool = False):
     if self.recipe != "none":
+      switches = self.recipe_switches()
+      if late:  # the forward GEMM in high precision (late_high_precision)
+        switches.update(x=None, w=None)
       return models.training_recipe(self.recipe, num_layers=num_layers,
-                                    **self.recipe_switches())
+                                    **switches)
     return models.POLICIES[self.quant]()
 
-  def llama(self, max_seq_len: int) -> models.LlamaConfig:
+  def llama(self, max_seq_len: int, *,
+            late: bool = False) -> models.LlamaConfig:
     """The :class:`jqlm.models.LlamaConfig`: the preset with this config's
-    overrides, holding sequences of up to ``max_seq_len`` tokens."""
+    overrides, holding sequences of up to ``max_seq_len`` tokens.
+    ``late``: the model of the run's last steps under
+    ``late_high_precision`` (the recipe's forward GEMMs unquantized)."""
     base = models.PRESETS[self.preset]()
     over = {k: getattr(self, k) for k in (
       "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -324,7 +345,7 @@ class ModelConfig(_Section):
     kw.update(vocab_size=self.vocab_size,
               max_seq_len=max(max_seq_len, base.max_seq_len),
               dtype=self.dtype, param_dtype=self.param_dtype,
-              remat=self.remat, quant=self._policy(kw["num_layers"]))
+              remat=self.remat, quant=self._policy(kw["num_layers"], late))
     if self.scan_layers is not None:
       kw["scan_layers"] = self.scan_layers
     elif self.recipe != "none" and kw["quant"] is not None and any(
@@ -615,6 +636,10 @@ class RunConfig(_Section):
     workdir: the run's directory (config, metrics, checkpoints, cache).
     nan_policy: ``skip`` or ``stop`` on a non-finite loss or gradient;
       ``max_skip_streak`` consecutive skips stop the run.
+    operand_stats: under a recipe (``model.recipe``), every evaluation
+      also logs each GEMM operand's share of elements clipped and flushed
+      to zero (:func:`jqlm.train.operand_stats`: one more forward and
+      backward pass on the first held-out batch, and one more compile).
     mesh_data, mesh_fsdp, mesh_tensor: the device mesh (-1: the rest);
       ``mesh_devices`` uses only the first N devices.
     coordinator, num_processes, process_id: a multi-process run (or the
@@ -644,6 +669,7 @@ class RunConfig(_Section):
   workdir: str = "runs/default"
   nan_policy: NanPolicy = NanPolicy.SKIP
   max_skip_streak: int = 20
+  operand_stats: bool = True
   mesh_data: int = -1
   mesh_fsdp: int = 1
   mesh_tensor: int = 1
@@ -792,6 +818,15 @@ class TrainConfig:
           "are 128-1024 for LLaMA-60M-7B).")
       if isinstance(o, QGaLoreConfig):
         _check_q_galore_groups(o, llama)
+
+  def late_switch_step(self) -> int | None:
+    """The step from which the forward GEMMs run in high precision
+    (``model.late_high_precision``), or None: steps ``s >= late_switch_step``
+    (counting from 0) use the late model."""
+    frac = self.model.late_high_precision
+    if not frac:
+      return None
+    return int(round(self.run.steps * (1 - frac)))
 
   def _check_recipe_tokens(self) -> None:
     """A recipe's wgrad GEMM contracts over the tokens of a micro-batch

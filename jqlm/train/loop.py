@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jqlm import data as jdata
-from jqlm import models
+from jqlm import models, quant
 from jqlm.data import pipeline as jpipeline
 from jqlm.data import tokenizer as jtokenizer
 from jqlm.train import resume as jresume
@@ -36,6 +36,7 @@ from jqlm.train.plan import step_function
 from jqlm.train.step import (
   TrainState,
   eval_loss,
+  operand_stats,
   step_diagnostics,
 )
 
@@ -202,6 +203,10 @@ class _Compiled:
   diagnostics: object
   eval: object
   batch_sharding: NamedSharding
+  stats: object = None
+  late_step: object = None
+  late_eval: object = None
+  late_stats: object = None
 
 
 def _compile(cfg: TrainConfig, s: jstate.Setup, mesh: Mesh) -> _Compiled:
@@ -212,7 +217,24 @@ def _compile(cfg: TrainConfig, s: jstate.Setup, mesh: Mesh) -> _Compiled:
     out_shardings=(s.shardings, None), donate_argnums=(0,))
   ev = jax.jit(functools.partial(eval_loss, graphdef=s.graphdef,
                                  nnx_state=s.nnx_state))
-  return _Compiled(step, jax.jit(step_diagnostics), ev, batch_sharding)
+  stats = None
+  if cfg.model.recipe != "none" and cfg.run.operand_stats:
+    stats = jax.jit(functools.partial(operand_stats, graphdef=s.graphdef,
+                                      nnx_state=s.nnx_state))
+  late = late_ev = late_stats = None
+  if cfg.late_switch_step() is not None:  # compiled when first called
+    s_late = jstate.late_setup(cfg, s)
+    late = jax.jit(step_function(cfg, s_late),
+                   in_shardings=(s.shardings, batch_sharding),
+                   out_shardings=(s.shardings, None), donate_argnums=(0,))
+    late_ev = jax.jit(functools.partial(eval_loss, graphdef=s_late.graphdef,
+                                        nnx_state=s_late.nnx_state))
+    if stats is not None:
+      late_stats = jax.jit(functools.partial(
+        operand_stats, graphdef=s_late.graphdef,
+        nnx_state=s_late.nnx_state))
+  return _Compiled(step, jax.jit(step_diagnostics), ev, batch_sharding,
+                   stats, late, late_ev, late_stats)
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
@@ -321,10 +343,13 @@ def _loop(cfg, s, fns, state, position, train_data, eval_batches,
                disable=None)  # shown on a terminal, silent in logs
   t_last, tokens_since = time.perf_counter(), 0
   skipped = streak = 0
+  late_at = cfg.late_switch_step()
   while step < r.steps:
     rows, position = train_data.batch(position, batch, process_index=pid,
                                       process_count=pcount)
-    state, m = fns.step(state, device_batch(rows))
+    is_late = late_at is not None and step >= late_at
+    step_fn = fns.late_step if is_late else fns.step
+    state, m = step_fn(state, device_batch(rows))
     tokens_since += batch * seq
     if float(m["skipped"]) > 0:  # params and optimizer state unchanged
       skipped, streak = skipped + 1, streak + 1
@@ -346,6 +371,8 @@ def _loop(cfg, s, fns, state, position, train_data, eval_batches,
         rec["recipe"] = cfg.model.recipe
         if cfg.model.recipe_options:
           rec["recipe_options"] = cfg.model.recipe_options
+        if is_late:
+          rec["forward_high_precision"] = True
       qe = quant_error(state.params, s.mcfg)
       if qe is not None:
         rec["quant_rel_mse"] = qe
@@ -354,9 +381,16 @@ def _loop(cfg, s, fns, state, position, train_data, eval_batches,
       if bar is not None:
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
     if step % r.eval_every == 0 or step == r.steps:
-      el = float(np.mean([float(fns.eval(state.params, b))
-                          for b in eval_batches]))
-      log.write({"step": step, "eval_loss": el, "eval_ppl": math.exp(el)})
+      late_now = late_at is not None and step >= late_at
+      ev, stats = ((fns.late_eval, fns.late_stats) if late_now
+                   else (fns.eval, fns.stats))
+      el = float(np.mean([float(ev(state.params, b)) for b in eval_batches]))
+      rec = {"step": step, "eval_loss": el, "eval_ppl": math.exp(el)}
+      if stats is not None:
+        rec.update(_operand_record(cfg, stats(
+          state.params, eval_batches[0],
+          jax.random.fold_in(jax.random.key(r.seed), step)), late_now))
+      log.write(rec)
     if step % r.ckpt_every == 0 or step == r.steps:
       ckpt.save(step, state, position)
     if bar is not None:
@@ -366,6 +400,25 @@ def _loop(cfg, s, fns, state, position, train_data, eval_batches,
   if bar is not None:
     bar.close()
   return state, skipped
+
+
+def _operand_record(cfg: TrainConfig, stats, late: bool) -> dict:
+  """The eval record's operand statistics (:func:`jqlm.train.step.
+  operand_stats` on the first held-out batch): ``operand_clipped`` and
+  ``operand_flushed``, each ``{operand: fraction}`` over the operands the
+  recipe quantizes (those it reuses from the forward or keeps in high
+  precision are left out)."""
+  if stats is None:
+    return {}
+  switches = cfg.model.recipe_switches()
+  if late:  # the forward in high precision (model.late_high_precision)
+    switches.update(x=None, w=None)
+  r = quant.recipe(cfg.model.recipe, **switches)
+  stats = np.asarray(stats)
+  names = [(i, n) for i, n in enumerate(quant.recipes.OPERANDS)
+           if getattr(r, n) is not None]
+  return {"operand_clipped": {n: float(stats[i, 0]) for i, n in names},
+          "operand_flushed": {n: float(stats[i, 1]) for i, n in names}}
 
 
 def _check_non_finite(cfg: TrainConfig, step: int, m: dict,

@@ -103,6 +103,18 @@ def setup(cfg: TrainConfig, mesh: Mesh) -> Setup:
                shardings=shardings, init=init, abstract=abstract)
 
 
+def late_setup(cfg: TrainConfig, s: Setup) -> Setup:
+  """``s`` with the model of ``model.late_high_precision``'s last steps
+  (the recipe's forward GEMMs in high precision): the same params, state
+  and shardings, another graph."""
+  mcfg = cfg.model.llama(max_seq_len=cfg.data.seq_len + 1, late=True)
+  abstract_model = nnx.eval_shape(lambda: models.Llama(mcfg,
+                                                       rngs=nnx.Rngs(0)))
+  graphdef, nnx_state = nnx.split(abstract_model)
+  return dataclasses.replace(s, mcfg=mcfg, graphdef=graphdef,
+                             nnx_state=nnx_state)
+
+
 def init_state(s: Setup) -> TrainState:
   """The initial state, created sharded (never on one device first)."""
   return jax.jit(s.init, out_shardings=s.shardings)()

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jqlm import ops, optim, quant
+from jqlm import models, ops, optim, quant
 
 
 class TrainState(NamedTuple):
@@ -629,3 +629,30 @@ def float_params(params):
 def eval_loss(params, tokens_BxL, *, graphdef, nnx_state) -> jax.Array:
   """Mean next-token cross-entropy of a batch at ``params``."""
   return loss_fn(float_params(params), graphdef, nnx_state, tokens_BxL)
+
+
+def operand_stats(params, tokens_BxL, key, *, graphdef,
+                  nnx_state) -> jax.Array | None:
+  """The clipped and flushed fractions of every GEMM operand of the
+  recipe linears on one batch, ``[6, 2]`` float32 (rows: the operands of
+  :data:`jqlm.quant.recipes.OPERANDS`; columns: clipped, flushed; the
+  mean over the linears), or ``None`` for a model without a recipe.
+
+  One forward and backward of the loss with :func:`jqlm.models.
+  recipe_probes` attached: the probes' gradients are the statistics the
+  recipe's quantizers saw (``quantized_dot(stats=...)``), backward
+  operands included; the params are not updated. ``key`` plays the
+  model key's role (stochastic rounding, random signs)."""
+  model = _merged(graphdef, nnx_state, float_params(params))
+  view, count = models.recipe_probes(model)
+  if count == 0:
+    return None
+  gdef, probes, rest = nnx.split(view, models.RecipeProbe, ...)
+
+  def loss(probes):
+    m = nnx.merge(gdef, probes, rest)
+    return cross_entropy(m(tokens_BxL[:, :-1], key=key), tokens_BxL[:, 1:])
+
+  grads = jax.grad(loss)(probes)
+  rows = [g.reshape(-1, *ops.STATS_SHAPE) for g in jax.tree.leaves(grads)]
+  return jnp.concatenate(rows).mean(axis=0)

@@ -138,3 +138,62 @@ def test_100_steps_lower_the_loss(name, options, tmp_path):
   assert all(np.isfinite(losses))
   assert losses[-1] < losses[0] - 1.0, losses
   assert all(r["recipe"] == name for r in res.metrics)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_operand_stats_through_the_probes(scan):
+  """train.operand_stats: the probes' gradients, averaged over the linears;
+  the weight row checked against the kernels quantized directly, the
+  training model left without probes."""
+  policy = models.training_recipe("mxfp4", num_layers=2)
+  model = models.Llama(models.llama_tiny(quant=policy, scan_layers=scan),
+                       rngs=nnx.Rngs(0))
+  view, count = models.recipe_probes(model)
+  assert count == (7 if scan else 14)
+  assert not jax.tree.leaves(nnx.state(model, models.RecipeProbe))
+  assert len(jax.tree.leaves(nnx.state(view, models.RecipeProbe))) == count
+  gdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  stats = np.asarray(jax.jit(functools.partial(
+    train.operand_stats, graphdef=gdef, nnx_state=state))(
+      params, TOKENS, jax.random.key(0)))
+  assert stats.shape == (6, 2) and np.all((stats >= 0) & (stats <= 1))
+  assert np.all(stats[:, 0] > 0)  # MX FLOOR clips every operand's tops
+  kernels = [k.reshape(-1, *k.shape[-2:]) for p, k in
+             jax.tree_util.tree_flatten_with_path(params)[0]
+             if "kernel" in jax.tree_util.keystr(p)]
+  w_rows = [quant.recipes.operand_fractions(quant.quantize_operand(
+    k, quant.recipe("mxfp4").w, axis=0)) for ks in kernels for k in ks]
+  np.testing.assert_allclose(stats[1], np.mean(w_rows, axis=0), atol=1e-6)
+
+
+def test_late_high_precision_switches_the_forward(tmp_path):
+  """model.late_high_precision=0.5 of 6 steps: steps 1-3 are those of the
+  run without the switch bit for bit, steps 4-6 run the forward in high
+  precision (logged), and the evaluations' operand statistics lose the
+  forward's rows from the switch on."""
+  def run(late, sub):
+    cfg = train.apply_overrides(train.TrainConfig(), [
+      f"run.operand_stats={late > 0}",
+      "model.recipe=fp8_tensorwise", f"model.late_high_precision={late}",
+      "model.scan_layers=true", "optimizer=adamw",
+      "run.steps=6", "run.log_every=1", "run.eval_every=2",
+      "run.eval_batches=1", "run.ckpt_every=6", "optimizer.warmup_steps=2",
+      "data.batch_size=8", "data.seq_len=16", "data.max_bytes=150000",
+      "model.vocab_size=400", f"data.cache_dir={tmp_path / 'cache'}",
+      f"run.workdir={tmp_path / sub}"])
+    return cfg, train.run(cfg, progress=False)
+
+  cfg, late = run(0.5, "late")
+  assert cfg.late_switch_step() == 3
+  _, plain = run(0.0, "plain")
+  lo = [m["loss"] for m in late.metrics]
+  lp = [m["loss"] for m in plain.metrics]
+  assert lo[:3] == lp[:3] and lo[3:] != lp[3:]
+  assert [m.get("forward_high_precision", False) for m in late.metrics] == [
+    False] * 3 + [True] * 3
+  first, *rest = late.evals
+  assert set(first["operand_clipped"]) == set(quant.recipes.OPERANDS)
+  for e in rest:
+    assert set(e["operand_clipped"]) == set(quant.recipes.OPERANDS[2:])
+  assert plain.evals[-1]["eval_loss"] != late.evals[-1]["eval_loss"]

@@ -12,7 +12,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from jqlm import cli, train
+from jqlm import cli, quant, train
 from jqlm.train import compare
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -249,3 +249,69 @@ def test_compare_cli(tmp_path, capsys):
   assert cli.main(["compare", "spam", "--arms", "adam,nope",
                    "--out", str(tmp_path)]) == 2
   assert "not in suite" in capsys.readouterr().err
+
+
+def test_lowp_suites_hold_the_issue_arms():
+  lowp = compare.SUITES["lowp"]()
+  got = {a.name: (a.config.model.recipe, a.config.model.recipe_options,
+                  a.config.model.late_high_precision) for a in lowp.arms}
+  assert got["bf16"] == ("none", "", 0.0)
+  assert got["nvfp4_late"] == ("nvfp4", "", compare.LATE_FRACTION)
+  assert got["nvfp4_no_sr"][1] == "stochastic_rounding=false"
+  assert got["quest_no_trust"] == ("quest", "bits=4,trust=false", 0.0)
+  assert {r for r, _, _ in got.values()} == {"none"} | set(
+    quant.RECIPES) - {"bf16", "fp8_tensorwise", "halo0_fp8", "halo1_fp8",
+                      "halo0_int8", "halo1_int8"}
+  # one optimizer and LR, one model, one token budget
+  opts = {a.config.optimizer for a in lowp.arms}
+  assert len(opts) == 1 and opts.pop().lr == pytest.approx(1.6e-3)
+  assert {a.config.run.steps for a in lowp.arms} == {compare.LOWP_STEPS}
+  assert lowp.target == lowp.reference == "bf16"
+  optim_suite = compare.SUITES["lowp_optim"]()
+  kinds = {a.name: (a.config.optimizer.kind.value, a.config.model.recipe)
+           for a in optim_suite.arms}
+  assert kinds["adamw_bf16"] == ("adamw", "none")
+  assert kinds["stable_spam_mxfp4"] == ("stable_spam", "mxfp4")
+  assert len(kinds) == 10
+  stable = optim_suite.arm("stable_spam_nvfp4").config.optimizer
+  assert (stable.gamma1, stable.gamma2, stable.gamma3,
+          stable.reset_interval) == (0.7, 0.9, 0.999, 500)
+
+
+def test_grad_norm_spikes_counts_against_the_running_median():
+  norms = [1.0] * 25 + [3.5, 1.0, 2.9, 1.0] + [10.0] * 3
+  metrics = [{"grad_norm": n} for n in norms]
+  # 3.5 > 3 x 1.0, 2.9 is not, the first 10.0 is; the next two are too
+  # (median of the window still 1.0)
+  assert compare.grad_norm_spikes(metrics) == 4
+  assert compare.grad_norm_spikes(metrics[:20]) == 0  # nothing judged
+
+
+def test_operand_table_and_gap_plot(tmp_path):
+  rec = TINY.replace(model={"recipe": "fp8_rowwise"})
+  suite = compare.Suite("t", "t", (compare.Arm("base", TINY),
+                                   compare.Arm("fp8", rec)),
+                        seeds=(0, 1), reference="base", target="base")
+
+  def record(arm, seed, clip):
+    evals = [{"step": s, "eval_loss": 5.0 - s / 10 + clip,
+              **({"operand_clipped": {"x": clip, "w": 2 * clip},
+                  "operand_flushed": {"x": 0.5, "w": 0.25}} if clip else {})}
+             for s in (2, 4)]
+    metrics = [{"step": s, "loss": 5.0, "grad_norm": 1.0} for s in (1, 2)]
+    return compare.RunRecord(arm, seed, metrics, evals, 1.0)
+
+  res = compare.SuiteResult(suite, [record("base", 0, 0.0),
+                                    record("base", 1, 0.0),
+                                    record("fp8", 0, 0.01),
+                                    record("fp8", 1, 0.03)])
+  assert res.operand_stats("fp8") == {"x": pytest.approx((0.02, 0.5)),
+                                      "w": pytest.approx((0.04, 0.25))}
+  assert res.operand_stats("base") == {}
+  table = res.operand_table().splitlines()
+  assert len(table) == 3 and table[2].startswith("| fp8 | 2.00 / 50.00 | "
+                                                 "4.00 / 25.00 | - |")
+  assert "fp8_rowwise" in res.table() and "grad-norm spikes" in res.table()
+  paths = res.save(str(tmp_path))
+  assert os.path.getsize(paths["gap"]) > 0
+  assert res.operand_table() in open(paths["md"]).read()

@@ -20,15 +20,20 @@ from jqlm.train.compare.report import (
   RunRecord,
   SuiteResult,
   crossing_step,
+  grad_norm_spikes,
 )
 from jqlm.train.compare.runner import run_suite, settings_tag
 from jqlm.train.compare.suites import (
   CPU_DATA,
   CPU_MODEL,
+  LATE_FRACTION,
+  LOWP_STEPS,
   SUITES,
   Arm,
   Suite,
   load_suite,
+  lowp_optim_suite,
+  lowp_suite,
   q_galore_suite,
   rescale_steps,
   scale_down,
@@ -37,8 +42,9 @@ from jqlm.train.compare.suites import (
 )
 
 __all__ = [
-  "CPU_DATA", "CPU_MODEL", "SUITES", "Arm", "ArmSummary", "RunRecord",
-  "Suite", "SuiteResult", "crossing_step", "load_suite", "q_galore_suite",
+  "CPU_DATA", "CPU_MODEL", "LATE_FRACTION", "LOWP_STEPS", "SUITES", "Arm", "ArmSummary", "RunRecord",
+  "Suite", "SuiteResult", "crossing_step", "grad_norm_spikes", "load_suite",
+  "lowp_optim_suite", "lowp_suite", "q_galore_suite",
   "rescale_steps", "run_suite", "scale_down", "settings_tag",
   "spam_suite",
   "stable_spam_suite",

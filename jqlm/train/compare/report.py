@@ -5,7 +5,11 @@ table and the plots.
 ± sample std over seeds), perplexity, the difference to the ``reference``
 arm paired by seed, the step at which the arm first reaches the
 ``target`` arm's final loss (linear interpolation between evaluations, per
-seed), the spikes clipped and the non-finite steps skipped.
+seed), the spikes clipped, the gradient-norm spikes (:func:`grad_norm_spikes`)
+and the non-finite steps skipped. Under low-precision recipes,
+:meth:`SuiteResult.operand_table` gives the share of each GEMM operand's
+elements clipped and flushed to zero, and ``gap.png`` plots each arm's
+held-out loss minus the reference arm's over training.
 """
 
 from __future__ import annotations
@@ -55,12 +59,29 @@ class ArmSummary:
   skipped: float
   max_grad_norm: float
   wall_s: float
+  grad_spikes: float = 0.0
 
 
 def _mean_std(xs) -> tuple[float, float]:
   a = np.asarray(xs, np.float64)
   return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1
                            else float("nan"))
+
+
+SPIKE_FACTOR = 3.0
+SPIKE_WINDOW = 20
+
+
+def grad_norm_spikes(metrics: list[dict], factor: float = SPIKE_FACTOR,
+                     window: int = SPIKE_WINDOW) -> int:
+  """The logged updates whose gradient norm exceeds ``factor`` times the
+  median of the ``window`` logged norms before it (the first ``window``
+  records are not judged: the early norms fall fast). An optimizer-free
+  measure of instability: it counts the spikes AdamW takes as they come
+  and SPAM clips."""
+  norms = [float(m["grad_norm"]) for m in metrics]
+  return sum(1 for i in range(window, len(norms))
+             if norms[i] > factor * float(np.median(norms[i - window:i])))
 
 
 def crossing_step(evals: list[dict], level: float) -> float | None:
@@ -127,21 +148,57 @@ class SuiteResult:
                                if r.metrics else 0 for r in runs])),
         max_grad_norm=float(np.mean([max(m["grad_norm"] for m in r.metrics)
                                      for r in runs])),
-        wall_s=float(np.mean([r.wall_s for r in runs]))))
+        wall_s=float(np.mean([r.wall_s for r in runs])),
+        grad_spikes=float(np.mean([grad_norm_spikes(r.metrics)
+                                   for r in runs]))))
     return out
+
+  def _recipes(self) -> bool:
+    return any(a.config.model.recipe != "none" for a in self.suite.arms)
+
+  def operand_stats(self, arm: str) -> dict[str, tuple[float, float]]:
+    """``{operand: (clipped, flushed)}``: the fractions the recipe logged
+    at evaluations (``operand_clipped`` / ``operand_flushed``), mean over
+    evaluations and seeds; operands it does not quantize are absent."""
+    acc: dict[str, list[tuple[float, float]]] = {}
+    for r in self.runs(arm):
+      for e in r.evals:
+        for op, c in e.get("operand_clipped", {}).items():
+          acc.setdefault(op, []).append((c, e["operand_flushed"][op]))
+    return {op: tuple(np.mean(v, axis=0).tolist()) for op, v in acc.items()}
+
+  def operand_table(self) -> str:
+    """The markdown table of :meth:`operand_stats`, one row per arm with a
+    recipe: each GEMM operand's clipped % / flushed-to-zero %."""
+    ops = ("x", "w", "dgrad_dy", "dgrad_w", "wgrad_x", "wgrad_dy")
+    head = ["arm", "fwd x", "fwd W", "dgrad dy", "dgrad W", "wgrad x",
+            "wgrad dy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in self.suite.arms:
+      st = self.operand_stats(arm.name)
+      if not st:
+        continue
+      cells = [arm.name] + [
+        f"{100 * st[o][0]:.2f} / {100 * st[o][1]:.2f}" if o in st else "-"
+        for o in ops]
+      lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
   def table(self) -> str:
     """The markdown results table."""
     suite = self.suite
     steps = suite.arms[0].config.run.steps
     rows = self.summary()
-    head = ["arm", "optimizer", "QAT", "lr", "held-out loss", "ppl"]
+    recipes = self._recipes()
+    head = ["arm", "optimizer", "recipe" if recipes else "QAT", "lr",
+            "held-out loss", "ppl"]
     if suite.reference is not None:
       head.append(f"Δ vs {suite.reference}")
     if suite.target is not None:
       head.append(f"steps to {suite.target}'s final loss")
-    head += ["spikes clipped / logged update", "max grad norm",
-             "skipped steps", "s / run"]
+    head += ["spikes clipped / logged update",
+             f"grad-norm spikes (> {SPIKE_FACTOR:g}x median)",
+             "max grad norm", "skipped steps", "s / run"]
     lines = ["| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in rows:
@@ -149,7 +206,8 @@ class SuiteResult:
       o = c.optimizer
       opt = o.kind.value + ((" SR" if o.stochastic_round else " RNE")
                             if isinstance(o, QGaLoreConfig) else "")
-      cells = [r.name, opt, c.model.quant, f"{o.lr:g}",
+      cells = [r.name, opt, _recipe_label(c) if recipes else c.model.quant,
+               f"{o.lr:g}",
                _pm(r.eval_loss, r.eval_loss_std), f"{r.ppl:.2f}"]
       if suite.reference is not None:
         cells.append(_pm(r.delta, r.delta_std, sign=True))
@@ -161,7 +219,8 @@ class SuiteResult:
           cells.append(f"{r.steps_to_target:.0f} ({frac:.0%})"
                        + ("" if r.reached == r.n else
                           f", {r.reached}/{r.n} seeds"))
-      cells += [f"{r.spikes:.1f}", f"{r.max_grad_norm:.3g}",
+      cells += [f"{r.spikes:.1f}", f"{r.grad_spikes:.1f}",
+                f"{r.max_grad_norm:.3g}",
                 f"{r.skipped:g}", f"{r.wall_s:.0f}"]
       lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -205,6 +264,44 @@ class SuiteResult:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
+  def plot_gap(self, path: str) -> None:
+    """Each arm's held-out loss minus the reference arm's at every
+    evaluation, paired by seed: mean, shaded from the lowest to the
+    highest seed."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    ref = self.suite.reference
+    base = {r.seed: r.evals for r in self.runs(ref)}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for arm in self.suite.arms:
+      if arm.name == ref:
+        continue
+      runs = self.runs(arm.name)
+      n = min(min(len(r.evals), len(base[r.seed])) for r in runs)
+      if n == 0:
+        continue
+      steps = [runs[0].evals[i]["step"] for i in range(n)]
+      gaps = np.array([[r.evals[i]["eval_loss"]
+                        - base[r.seed][i]["eval_loss"] for i in range(n)]
+                       for r in runs], np.float64)
+      line, = ax.plot(steps, gaps.mean(0), label=arm.name)
+      if len(runs) > 1:
+        ax.fill_between(steps, gaps.min(0), gaps.max(0), alpha=0.15,
+                        color=line.get_color())
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"held-out loss - {ref}'s")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"{self.suite.title}: gap to {ref} "
+                 f"({len(self.suite.seeds)} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
   def to_json(self) -> dict:
     s = _settings(self.suite)
     return {"suite": s["suite"], "title": self.suite.title,
@@ -242,15 +339,36 @@ class SuiteResult:
            + (f" (width {m.hidden_size}, {m.num_layers} layers)"
               if m.hidden_size else "") + ". Held-out loss: mean ± sample "
            "std over seeds.", "", self.table(), ""]
+    if self._recipes():
+      md += ["Each GEMM operand's elements clipped at the format's largest "
+             "value / flushed to zero (%), on the first held-out batch at "
+             "every evaluation (mean over evaluations, linears and seeds; "
+             "`-`: not quantized, or the forward's reused):", "",
+             self.operand_table(), ""]
     if self.suite.note:
       md += [self.suite.note, ""]
     md += ["![curves](curves.png)", ""]
+    if self.suite.reference is not None and len(self.suite.arms) > 1:
+      paths["gap"] = os.path.join(out_dir, "gap.png")
+      md += ["![gap](gap.png)", ""]
     with open(paths["md"], "w") as f:
       f.write("\n".join(md))
     with open(paths["json"], "w") as f:
       json.dump(self.to_json(), f, indent=1)
     self.plot(paths["png"])
+    if "gap" in paths:
+      self.plot_gap(paths["gap"])
     return paths
+
+
+def _recipe_label(c) -> str:
+  m = c.model
+  if m.recipe == "none":
+    return "none"
+  label = m.recipe + (f" ({m.recipe_options})" if m.recipe_options else "")
+  if m.late_high_precision:
+    label += f", fwd high prec. last {m.late_high_precision:.0%}"
+  return label
 
 
 def _settings(suite: Suite) -> dict:

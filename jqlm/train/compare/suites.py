@@ -305,10 +305,123 @@ def q_galore_suite() -> Suite:
                "int8 weight updates to nearest: small updates are lost.")
 
 
+LOWP_STEPS = 400
+"""The low-precision suites' run length: 400 updates (410K tokens) of the
+CPU model, 40% of the other suites' 1000, because an emulated recipe's
+step costs up to about twice a float32 one on a CPU and a suite has 10-15
+arms; the warmup scales with it (:func:`rescale_steps`). A suite still
+takes about an hour per seed on 2 cores (docs/results.md)."""
+
+
+def _lowp_base(opt) -> TrainConfig:
+  """The low-precision suites' base: Stable-SPAM's 4-bit LLaMA-350M
+  setting (lr 4e-4, warmup 2000 of 20K steps, no weight decay) scaled
+  down (:func:`scale_down`) to :data:`LOWP_STEPS`, with ``opt``."""
+  return scale_down(_official("llama_350m").replace(optimizer=opt),
+                    steps=LOWP_STEPS)
+
+
+def _with_recipe(cfg: TrainConfig, recipe: str, options: str = "",
+                 late: float = 0.0) -> TrainConfig:
+  """``cfg`` (already scaled down: the recipes' blocks fit the CPU model,
+  not every paper-scale width) under ``recipe``."""
+  if recipe == "bf16":
+    return cfg
+  return cfg.replace(model={"recipe": recipe, "recipe_options": options,
+                            "late_high_precision": late})
+
+
+LOWP_ARMS = (
+  ("bf16", "bf16", ""),
+  ("fp8_rowwise", "fp8_rowwise", ""),
+  ("mxfp8", "mxfp8", ""),
+  ("nvfp4", "nvfp4", ""),
+  ("nvfp4_no_sr", "nvfp4", "stochastic_rounding=false"),
+  ("nvfp4_no_rht", "nvfp4", "hadamard=false"),
+  ("nvfp4_no_2d", "nvfp4", "weight_2d=false"),
+  ("mxfp4", "mxfp4", ""),
+  ("quartet", "quartet", ""),
+  ("quartet2", "quartet2", ""),
+  ("halo2_fp8", "halo2_fp8", ""),
+  ("halo2_int8", "halo2_int8", ""),
+  ("quest", "quest", "bits=4"),
+  ("quest_no_trust", "quest", "bits=4,trust=false"),
+)
+"""The :func:`lowp_suite` arms: (name, recipe, recipe_options)."""
+
+LATE_FRACTION = 0.2
+"""The ``nvfp4_late`` arm's ``model.late_high_precision``: the forward
+GEMMs in high precision for the last 20% of the updates (NVIDIA switched
+at 8.2T of 10T tokens, 18%, App. D)."""
+
+
+def lowp_suite() -> Suite:
+  """The low-precision training recipes side by side (issue 19): AdamW at
+  one shared LR (Stable-SPAM's 4-bit setting, lr 4e-4 x 4, scaled down)
+  on the same data, seeds and tokens, under each recipe of
+  :func:`jqlm.quant.recipe` with its default layer selection, plus the
+  NVFP4 ablations (no SR, no RHT, 1x16 weight blocks), NVFP4 with the late
+  switch of the forward to high precision, and QuEST without its trust
+  estimator."""
+  adam = AdamWConfig(lr=4e-4, warmup_steps=2000, weight_decay=0.0)
+  base = _lowp_base(adam)
+  arms = [Arm(name, _with_recipe(base, recipe, opts))
+          for name, recipe, opts in LOWP_ARMS]
+  arms.insert(4, Arm("nvfp4_late", _with_recipe(base, "nvfp4",
+                                                late=LATE_FRACTION)))
+  return Suite(
+    name="lowp", title="Low-precision training recipes, CPU scale",
+    arms=tuple(arms), target="bf16", reference="bf16",
+    note="AdamW at one LR for every arm, from Stable-SPAM's LLaMA-350M "
+    "setting scaled down by `jqlm.train.compare.scale_down` to "
+    f"{LOWP_STEPS} steps. Every recipe is emulated (quantize, dequantize, "
+    "float32 GEMM), so the numerics are the recipe's and the seconds are "
+    "not its speed. `bf16` trains in float32 here (no recipe). The "
+    "operand table gives the share of each GEMM operand's elements that "
+    "the recipe clipped at its format's largest value / flushed to zero, "
+    "on the first held-out batch at every evaluation, mean over "
+    "evaluations, linears and seeds.")
+
+
+def lowp_optim_suite() -> Suite:
+  """AdamW, SPAM and Stable-SPAM under fully quantized FP4 training
+  (``nvfp4``, ``mxfp4``) and 4-bit QuEST, against AdamW without a recipe
+  (issue 19). Stable-SPAM's official 4-bit constants (spec §3.3: γ
+  0.7/0.9/0.999, ΔT 500, lr 4e-4), SPAM's (θ 5000, ΔT 500, N 150), as the
+  stable_spam suite has them, scaled down the same way to
+  :data:`LOWP_STEPS`."""
+  sched = dict(lr=4e-4, warmup_steps=2000, weight_decay=0.0)
+  opts = {
+    "adamw": AdamWConfig(**sched),
+    "spam": SpamConfig(**sched, reset_interval=500, reset_warmup_steps=150,
+                       spike_grace_steps=20, spike_threshold=5000.0),
+    "stable_spam": StableSpamConfig(**sched, gamma1=0.7, gamma2=0.9,
+                                    gamma3=0.999, reset_interval=500),
+  }
+  arms = [Arm("adamw_bf16", _lowp_base(opts["adamw"]))]
+  for recipe, options in (("nvfp4", ""), ("mxfp4", ""), ("quest", "bits=4")):
+    for name, opt in opts.items():
+      arms.append(Arm(f"{name}_{recipe}", _with_recipe(
+        _lowp_base(opt), recipe, options)))
+  return Suite(
+    name="lowp_optim", title="SPAM and Stable-SPAM under fully quantized "
+    "training, CPU scale", arms=tuple(arms), target="adamw_bf16",
+    reference="adamw_bf16",
+    note="Each optimizer with its official 4-bit constants (spec §2.5, "
+    "§3.3) at the stable_spam suite's LR, scaled down by "
+    f"`jqlm.train.compare.scale_down` to {LOWP_STEPS} steps; SPAM's and "
+    "Stable-SPAM's official ΔT 500 is longer than the run, so neither "
+    "resets its moments: what acts is their spike clipping (and "
+    "Stable-SPAM's adaptive norm scaling). "
+    "`adamw_bf16` trains in float32 (no recipe).")
+
+
 SUITES: dict[str, Callable[[], Suite]] = {
   "stable_spam": stable_spam_suite,
   "spam": spam_suite,
   "q_galore": q_galore_suite,
+  "lowp": lowp_suite,
+  "lowp_optim": lowp_optim_suite,
 }
 """The built-in CPU-scale suites by name (``jqlm compare <name>``)."""
 
