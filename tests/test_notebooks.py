@@ -30,6 +30,11 @@ CPU_PARAMS = {
                         "{'rank': 8}}"),
   "4_kernels": "CHECK = (16, 256, 128)\nMS = (4,)\n"
                "SHAPES = {'tiny': (256, 128)}",
+  "5_quantized_training": ("STEPS = 6\nSEEDS = (0,)\n"
+                           "ARMS = ('bf16', 'nvfp4')\n"
+                           "OPTIM_ARMS = ('adamw_nvfp4', "
+                           "'stable_spam_nvfp4')\n"
+                           f"OVERRIDES = {{{TINY}}}"),
 }
 # what each notebook must print (it computed something real)
 EXPECT = {
@@ -39,6 +44,8 @@ EXPECT = {
   "3_q_galore_memory": ["Q-GaLore (int8 W, int4 P, 8-bit)", "q_galore_sr",
                         "of which quantized"],
   "4_kernels": ["Pallas vs XLA: max error", "FP8", "bf16 dot"],
+  "5_quantized_training": ["nvfp4 minus bf16", "dgrad dy",
+                           "Stable-SPAM minus AdamW under NVFP4"],
 }
 
 

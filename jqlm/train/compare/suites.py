@@ -309,8 +309,9 @@ LOWP_STEPS = 400
 """The low-precision suites' run length: 400 updates (410K tokens) of the
 CPU model, 40% of the other suites' 1000, because an emulated recipe's
 step costs up to about twice a float32 one on a CPU and a suite has 10-15
-arms; the warmup scales with it (:func:`rescale_steps`). A suite still
-takes about an hour per seed on 2 cores (docs/results.md)."""
+arms; the warmup scales with it (:func:`rescale_steps`). ``lowp`` still
+takes about 25 minutes per seed on 2 cores (15 runs of 50-190 s,
+docs/results.md §4)."""
 
 
 def _lowp_base(opt) -> TrainConfig:
