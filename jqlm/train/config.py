@@ -298,9 +298,11 @@ class ModelConfig(_Section):
     except ValueError as e:  # sizes that do not fit together
       raise ValueError(f"model: {e}") from None
 
-  def recipe_switches(self) -> dict:
+  def recipe_switches(self, *, late: bool = False) -> dict:
     """``recipe_options`` parsed: ``"hadamard_dim=64,trust=false"`` ->
-    ``{"hadamard_dim": 64, "trust": False}``.
+    ``{"hadamard_dim": 64, "trust": False}``; with ``late``, those of the
+    run's last steps under ``late_high_precision`` (``x=None, w=None``: the
+    forward GEMM in high precision).
 
     Raises:
       ValueError: an item without ``=``.
@@ -314,15 +316,14 @@ class ModelConfig(_Section):
           f"{item!r} is not name=value; write e.g. "
           "model.recipe_options=hadamard_dim=64,trust=false.")
       out[name] = _option_value(text)
+    if late:
+      out.update(x=None, w=None)
     return out
 
   def _policy(self, num_layers: int, late: bool = False):
     if self.recipe != "none":
-      switches = self.recipe_switches()
-      if late:  # the forward GEMM in high precision (late_high_precision)
-        switches.update(x=None, w=None)
       return models.training_recipe(self.recipe, num_layers=num_layers,
-                                    **switches)
+                                    **self.recipe_switches(late=late))
     return models.POLICIES[self.quant]()
 
   def llama(self, max_seq_len: int, *,
@@ -1123,7 +1124,6 @@ def read_config(path: str) -> TrainConfig:
     raise ValueError(f"{path}: {e}") from None
 
 
-
 def load_python_file(path: str, name: str) -> types.ModuleType:
   """Runs a user's ``.py`` file (a config or suite) as module ``name``. A
   syntax error in it is a ValueError naming the file, line and text (the
@@ -1138,6 +1138,7 @@ def load_python_file(path: str, name: str) -> types.ModuleType:
                      + (f": {text!r}" if text else "")
                      + ". Fix the Python file.") from None
   return mod
+
 
 def load_config(spec: str | None) -> TrainConfig:
   """A preset name of :data:`jqlm.train.CONFIGS`, a ``.py`` file defining

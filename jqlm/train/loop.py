@@ -211,30 +211,31 @@ class _Compiled:
 
 def _compile(cfg: TrainConfig, s: jstate.Setup, mesh: Mesh) -> _Compiled:
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  step = jax.jit(
-    step_function(cfg, s),
-    in_shardings=(s.shardings, batch_sharding),
-    out_shardings=(s.shardings, None), donate_argnums=(0,))
-  ev = jax.jit(functools.partial(eval_loss, graphdef=s.graphdef,
-                                 nnx_state=s.nnx_state))
-  stats = None
-  if cfg.model.recipe != "none" and cfg.run.operand_stats:
-    stats = jax.jit(functools.partial(operand_stats, graphdef=s.graphdef,
-                                      nnx_state=s.nnx_state))
+
+  def jit_step(setup):  # the late model's step shares the state's layout
+    return jax.jit(step_function(cfg, setup),
+                   in_shardings=(s.shardings, batch_sharding),
+                   out_shardings=(s.shardings, None), donate_argnums=(0,))
+
+  step = jit_step(s)
+  ev, stats = _eval_fns(cfg, s)
   late = late_ev = late_stats = None
   if cfg.late_switch_step() is not None:  # compiled when first called
     s_late = jstate.late_setup(cfg, s)
-    late = jax.jit(step_function(cfg, s_late),
-                   in_shardings=(s.shardings, batch_sharding),
-                   out_shardings=(s.shardings, None), donate_argnums=(0,))
-    late_ev = jax.jit(functools.partial(eval_loss, graphdef=s_late.graphdef,
-                                        nnx_state=s_late.nnx_state))
-    if stats is not None:
-      late_stats = jax.jit(functools.partial(
-        operand_stats, graphdef=s_late.graphdef,
-        nnx_state=s_late.nnx_state))
+    late = jit_step(s_late)
+    late_ev, late_stats = _eval_fns(cfg, s_late)
   return _Compiled(step, jax.jit(step_diagnostics), ev, batch_sharding,
                    stats, late, late_ev, late_stats)
+
+
+def _eval_fns(cfg: TrainConfig, s: jstate.Setup):
+  """The jitted held-out loss of ``s``'s model, and its operand statistics
+  (None without a recipe or with ``run.operand_stats`` off)."""
+  graph = dict(graphdef=s.graphdef, nnx_state=s.nnx_state)
+  stats = None
+  if cfg.model.recipe != "none" and cfg.run.operand_stats:
+    stats = jax.jit(functools.partial(operand_stats, **graph))
+  return jax.jit(functools.partial(eval_loss, **graph)), stats
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
@@ -410,10 +411,7 @@ def _operand_record(cfg: TrainConfig, stats, late: bool) -> dict:
   precision are left out)."""
   if stats is None:
     return {}
-  switches = cfg.model.recipe_switches()
-  if late:  # the forward in high precision (model.late_high_precision)
-    switches.update(x=None, w=None)
-  r = quant.recipe(cfg.model.recipe, **switches)
+  r = quant.recipe(cfg.model.recipe, **cfg.model.recipe_switches(late=late))
   stats = np.asarray(stats)
   names = [(i, n) for i, n in enumerate(quant.recipes.OPERANDS)
            if getattr(r, n) is not None]
