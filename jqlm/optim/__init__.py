@@ -15,6 +15,8 @@
   :func:`scale_by_q_galore`, and the int8-weight helpers
   :func:`quantize_weights`, :func:`dequantize_params`,
   :func:`apply_quantized_updates` (the caller passes the rounding key).
+* Low-bit states for any optax transform: :func:`quantize_state`
+  (8-bit Muon: :func:`muon_8bit`).
 * Memory accounting without allocation: :func:`memory_report`.
 
 Default behaviour is the official code's (``../shared/spec/optimizers.md``);
@@ -44,6 +46,7 @@ from jqlm.optim.qgalore import (
   scale_by_q_galore,
 )
 from jqlm.optim.qstate import QuantizedMoment, StateCode, StateQuant
+from jqlm.optim.quantize_state import muon_8bit, quantize_state
 from jqlm.optim.spam import (
   SpamState,
   scale_by_spam,
@@ -90,6 +93,8 @@ __all__ = [
   "dequantize_params",
   "galore",
   "memory_report",
+  "muon_8bit",
+  "quantize_state",
   "projector_gaps",
   "q_galore",
   "quantize_weights",

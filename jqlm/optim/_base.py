@@ -215,7 +215,8 @@ def map_blocks(fn, g: jax.Array, *states):
   def one(args):
     g_i, st = args
     moments = [qstate.QuantizedMoment(codes=c, absmax=a, shape=(cb * block,),
-                                      signed=x.signed, quant=x.quant)
+                                      signed=x.signed, quant=x.quant,
+                                      value_dtype=x.value_dtype)
                for (c, a), x in zip(st, states, strict=True)]
     return fn(g_i, *moments)
 
@@ -227,7 +228,7 @@ def map_blocks(fn, g: jax.Array, *states):
       result.append(qstate.QuantizedMoment(
         codes=o.codes.reshape(like.codes.shape),
         absmax=o.absmax.reshape(like.absmax.shape), shape=like.shape,
-        signed=o.signed, quant=o.quant))
+        signed=o.signed, quant=o.quant, value_dtype=o.value_dtype))
     elif o.ndim == 1:  # one value per chunk: a count
       result.append(jnp.sum(o, dtype=o.dtype))
     else:

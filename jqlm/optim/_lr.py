@@ -30,7 +30,8 @@ class PostUpdateDecayState(NamedTuple):
 
 
 def scale_by_learning_rate_post_decay(
-  learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0
+  learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0,
+  *, decay_mask=None,
 ) -> optax.GradientTransformation:
   r"""Descent step then decoupled weight decay on the *updated* params.
 
@@ -41,7 +42,9 @@ def scale_by_learning_rate_post_decay(
   §4.2), which optax's ``add_decayed_weights`` (decay of the pre-update
   params) cannot express. ``learning_rate`` may be an optax schedule,
   evaluated at the update count (0 for the first update, as the official
-  ``LambdaLR`` is).
+  ``LambdaLR`` is). ``decay_mask`` (a pytree of bools with the params'
+  structure, or a callable ``params -> pytree``) limits the decay to the
+  params it marks True; default all.
   """
   _base.check_learning_rate(learning_rate)
   _base.check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
@@ -64,18 +67,21 @@ def scale_by_learning_rate_post_decay(
         "weight_decay needs the params: call update(grads, state, params)."
       )
 
-    def leaf(u, p=None):
+    def leaf(u, p=None, decays=True):
       cdt = _base.compute_dtype(u.dtype)
       step = -_base.hp(lr, cdt) * u.astype(cdt)
-      if p is not None and (decay is None or decay > 0):
+      if p is not None and decays and (decay is None or decay > 0):
         new_p = p.astype(cdt) + step
         step = step - _base.hp(lr, cdt) * _base.hp(weight_decay, cdt) * new_p
       return step.astype(u.dtype)
 
     if params is None or decay == 0:
       out = jax.tree.map(leaf, updates)
-    else:
+    elif decay_mask is None:
       out = jax.tree.map(leaf, updates, params)
+    else:
+      flags = decay_mask(params) if callable(decay_mask) else decay_mask
+      out = jax.tree.map(leaf, updates, params, flags)
     return out, PostUpdateDecayState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -196,6 +196,9 @@ class QuantizedMoment:
     shape: the logical shape (static).
     signed: signed (first moment) or unsigned (second moment) table.
     quant: the :class:`StateQuant` (static).
+    value_dtype: the dtype the moment stood in before it was quantized
+      (static; :func:`jqlm.optim.quantize_state` gives it back to the
+      transform it wraps). jqlm's own transforms compute in float32.
   """
 
   codes: jax.Array
@@ -203,10 +206,11 @@ class QuantizedMoment:
   shape: tuple[int, ...]
   signed: bool
   quant: StateQuant
+  value_dtype: str = "float32"
 
   @property
   def dtype(self):
-    return jnp.dtype(jnp.float32)
+    return jnp.dtype(self.value_dtype)
 
   @property
   def nbytes(self) -> int:
@@ -219,7 +223,7 @@ class QuantizedMoment:
 
 jax.tree_util.register_dataclass(
   QuantizedMoment, data_fields=["codes", "absmax"],
-  meta_fields=["shape", "signed", "quant"])
+  meta_fields=["shape", "signed", "quant", "value_dtype"])
 
 
 def _blocks(shape, block: int) -> tuple[int, int]:
@@ -227,8 +231,10 @@ def _blocks(shape, block: int) -> tuple[int, int]:
   return n, -(-n // block)
 
 
-def encode(x: jax.Array, signed: bool, quant: StateQuant) -> QuantizedMoment:
-  """Block-quantizes a state tensor (any float dtype) into a moment."""
+def encode(x: jax.Array, signed: bool, quant: StateQuant,
+           value_dtype=jnp.float32) -> QuantizedMoment:
+  """Block-quantizes a state tensor (any float dtype) into a moment that
+  decodes to ``value_dtype`` (:meth:`QuantizedMoment.dtype`)."""
   shape = tuple(x.shape)
   n, nb = _blocks(shape, quant.block_size)
   flat = x.astype(jnp.float32).reshape(-1)
@@ -243,7 +249,8 @@ def encode(x: jax.Array, signed: bool, quant: StateQuant) -> QuantizedMoment:
   if quant.bits == 4:
     codes = quant_lib.pack(codes, 4)  # jqlm.quant's segment layout
   return QuantizedMoment(codes=codes, absmax=absmax, shape=shape,
-                         signed=signed, quant=quant)
+                         signed=signed, quant=quant,
+                         value_dtype=jnp.dtype(value_dtype).name)
 
 
 def _count_below(x: jax.Array, mids: np.ndarray) -> jax.Array:
@@ -322,5 +329,5 @@ def load(x, dtype) -> jax.Array:
 def store(value: jax.Array, like):
   """``value`` stored the way ``like`` is (re-quantized, or cast)."""
   if isinstance(like, QuantizedMoment):
-    return encode(value, like.signed, like.quant)
+    return encode(value, like.signed, like.quant, like.value_dtype)
   return value.astype(like.dtype)

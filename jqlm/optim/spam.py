@@ -33,8 +33,14 @@ Deviations from the official code:
 * ``warmup_steps`` is the post-reset warmup N and defaults to the paper's 150
   (HEAD ``torchrun_main.py`` passes the LR warmup instead, the bug behind
   SPAM-Optimizer issue #6; §2.4).
-* Density (sparse momentum, §2.3) is not implemented: every official script
-  uses density 1.0, where SPAM reduces to the rule above.
+* Sparse momentum (``sparse_momentum=density``, optimizers_more.md §4): the
+  moments are kept dense-shaped and zero outside the mask (numerically the
+  official 1-D masked states, without their memory saving), the masks are
+  stored as bool arrays (1 byte per element of a sparse param), and they
+  are drawn from ``jax.random`` (the official ``torch.randperm`` /
+  ``torch.rand`` draws cannot be reproduced). The official copy of the
+  moments onto the new mask's overlap is skipped: it is dead code, the next
+  update resets the moments (§4.1).
 * Arithmetic runs in float32 (float64 for float64 inputs) and the moments are
   stored in ``state_dtype`` (default: the params' dtype, as the official
   pure-bf16 runs do); torch rounds every bf16 op.
@@ -51,10 +57,11 @@ References:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jqlm.optim import _base, qstate
@@ -78,6 +85,10 @@ class SpamState(NamedTuple):
       0 for float moments, whose count is in ``nu``'s sign bits.
     warmup_factor: float32 post-reset warmup factor :math:`s_t` applied in
       the last update (1 before the first).
+    masks: with ``sparse_momentum``, per param the bool mask of the elements
+      it updates (a scalar ``True`` for the dense params); else ``None``.
+    mask_key: the PRNG key the masks are redrawn from (``None`` when
+      dense).
   """
 
   count: jax.Array
@@ -85,6 +96,8 @@ class SpamState(NamedTuple):
   nu: optax.Updates
   spike_count: optax.Updates
   warmup_factor: jax.Array
+  masks: optax.Updates = None
+  mask_key: jax.Array | None = None
 
 
 def spam_warmup_factor(
@@ -209,6 +222,68 @@ def spike_clip_from_new(g_in, v_new, threshold, b2, cdt, count=True):
   return g, spikes
 
 
+def _sparse_selection(params, sparse_mask):
+  """The pytree of Python bools choosing SPAM's sparse params."""
+  if sparse_mask is None:
+    return jax.tree.map(lambda p: len(p.shape) == 2, params)
+  sel = sparse_mask(params) if callable(sparse_mask) else sparse_mask
+  leaves, treedef = jax.tree.flatten(params)
+  try:
+    flags = treedef.flatten_up_to(sel)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      f"SPAM's sparse_mask must have the params' structure ({treedef}) or "
+      f"be a callable params -> such a pytree of bools; got {sel!r}. (Under "
+      "optax.inject_hyperparams list 'sparse_mask' in static_args.)") from e
+  for p, f in zip(leaves, flags, strict=True):
+    if not isinstance(f, (bool, np.bool_)):
+      raise ValueError(
+        f"SPAM's sparse_mask leaves must be Python bools, got {f!r} for a "
+        f"param of shape {tuple(p.shape)}.")
+  return treedef.unflatten([bool(f) for f in flags])
+
+
+def init_sparse_masks(params, density: float, sparse_mask=None,
+                      key: jax.Array | int = 0):
+  """SPAM's first masks (optimizers_more.md §4.1): for each sparse param
+  exactly ``int(density * numel)`` True elements, the first ones of a
+  random permutation (row-major); a scalar ``True`` for the dense params.
+
+  Returns:
+    ``(masks, key)``: the masks and the key later redraws use.
+  """
+  if isinstance(key, (int, np.integer)):
+    key = jax.random.key(int(key))
+  sel = _sparse_selection(params, sparse_mask)
+  leaves, treedef = jax.tree.flatten(params)
+  flags = treedef.flatten_up_to(sel)
+  init_key, redraw_key = jax.random.split(key)
+  keys = jax.random.split(init_key, len(leaves))
+  out = []
+  for p, f, k in zip(leaves, flags, keys, strict=True):
+    if not f:
+      out.append(jnp.ones((), bool))
+      continue
+    n = math.prod(p.shape)
+    count = int(density * n)
+    first = jax.random.permutation(k, n)[:count]
+    out.append(jnp.zeros((n,), bool).at[first].set(True).reshape(p.shape))
+  return treedef.unflatten(out), redraw_key
+
+
+def redraw_sparse_masks(masks, key: jax.Array, t: jax.Array,
+                        density: float):
+  """SPAM's mask redraw after update ``t`` (optimizers_more.md §4.1):
+  independent Bernoulli(density) elements for each sparse param (the
+  scalar ``True`` of a dense param is kept)."""
+  leaves, treedef = jax.tree.flatten(masks)
+  step_key = jax.random.fold_in(key, t)
+  keys = jax.random.split(step_key, len(leaves))
+  out = [m if m.ndim == 0 else jax.random.bernoulli(k, density, m.shape)
+         for m, k in zip(leaves, keys, strict=True)]
+  return treedef.unflatten(out)
+
+
 def scale_by_spam(
   b1: float = 0.9,
   b2: float = 0.999,
@@ -221,8 +296,29 @@ def scale_by_spam(
   state_dtype=None,
   track_spikes: bool = True,
   state_quant: qstate.StateQuant | int | None = None,
+  sparse_momentum: float | None = None,
+  sparse_mask: Any = None,
+  sparse_key: jax.Array | int = 0,
 ) -> optax.GradientTransformation:
-  """SPAM preconditioning (spec §2.2); see the module docstring for the math.
+  r"""SPAM preconditioning (spec §2.2); see the module docstring for the math.
+
+  Sparse momentum (the SPAM paper's ``density`` mode; official
+  ``SPAM.py`` @ e8185fb, ../shared/spec/optimizers_more.md §4): each param
+  of ``sparse_mask`` keeps moments on, and is updated on, a random subset of
+  its elements only:
+
+  .. math::
+     u_t = s_t \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+       \frac{m_t}{\sqrt{v_t} + \epsilon} \odot M, \qquad
+     m_t, v_t \text{ from } g_t \odot M
+
+  The first mask :math:`M` has exactly ``int(density * numel)`` elements (a
+  random permutation's first ones); after every update :math:`t` with
+  :math:`(t + 1) \bmod \Delta T = 0` each mask is redrawn as independent
+  Bernoulli(density) draws, one update before the moments reset and the
+  warmup restarts. The elements outside the mask are frozen for the whole
+  window, and :func:`spam` applies no weight decay to the sparse params
+  (the official decay of them writes to a temporary: a no-op).
 
   Args:
     b1: first-moment decay.
@@ -247,6 +343,14 @@ def scale_by_spam(
       (:class:`jqlm.optim.StateQuant`, or ``8`` / ``4`` for its defaults);
       ``None`` keeps them in ``state_dtype``. A deviation from the official
       code, whose states are bf16 (spec §1).
+    sparse_momentum: the density in (0, 1] of the sparse params' masks;
+      ``None`` (default) is dense SPAM. 1.0 is dense SPAM too (every
+      official script), with all-True masks.
+    sparse_mask: which params are sparse: a pytree of bools with the
+      params' structure or a callable ``params -> pytree``; default every
+      2-D param. (The official choice is the attention and MLP linears:
+      ``jqlm.models.block_linear_mask``.)
+    sparse_key: a PRNG key (or an int seed) for the masks.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`SpamState`.
@@ -263,19 +367,31 @@ def scale_by_spam(
               "an int >= 0")
   _base.check_state_dtype(state_dtype)
   squant = qstate.as_state_quant(state_quant)
+  if sparse_momentum is not None:
+    _base.check("sparse_momentum", sparse_momentum,
+                lambda v: 0 < v <= 1, "a density in (0, 1]",
+                "Use None for dense SPAM.")
 
   def init_fn(params):
+    masks, key = None, None
+    if sparse_momentum is not None:
+      masks, key = init_sparse_masks(params, sparse_momentum, sparse_mask,
+                                     sparse_key)
     return _base.follow_params(SpamState(
       count=jnp.zeros((), jnp.int32),
       mu=qstate.init_moments(params, squant, True, state_dtype),
       nu=qstate.init_moments(params, squant, False, state_dtype),
       spike_count=_base.count_tree(params),
       warmup_factor=jnp.ones((), jnp.float32),
+      masks=masks, mask_key=key,
     ), params)
 
   def update_fn(updates, state, params=None):
     del params
     t = state.count + 1
+    if state.masks is not None:
+      updates = jax.tree.map(lambda g, m: g * m.astype(g.dtype), updates,
+                             state.masks)
     reset, in_window = spam_schedule(state.count, reset_interval, grace_steps)
     clip_on = (jnp.asarray(spike_threshold) != 0) & in_window
     factor = spam_warmup_factor(state.count, reset_interval, warmup_steps)
@@ -313,8 +429,17 @@ def scale_by_spam(
 
     u, m, v, spikes = _base.map_n(leaf, updates, state.mu, state.nu, n=4,
                                   elementwise=True)
+    masks, key = state.masks, state.mask_key
+    if masks is not None:
+      u = jax.tree.map(lambda x, mk: x * mk.astype(x.dtype), u, masks)
+      if reset_interval is not None:
+        masks = jax.lax.cond(
+          (t + 1) % jnp.asarray(reset_interval, jnp.int32) == 0,
+          lambda: redraw_sparse_masks(masks, key, t, sparse_momentum),
+          lambda: masks)
     return u, SpamState(count=optax.safe_increment(state.count), mu=m, nu=v,
-                        spike_count=spikes, warmup_factor=factor)
+                        spike_count=spikes, warmup_factor=factor,
+                        masks=masks, mask_key=key)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -333,6 +458,9 @@ def spam(
   state_dtype=None,
   track_spikes: bool = True,
   state_quant: qstate.StateQuant | int | None = None,
+  sparse_momentum: float | None = None,
+  sparse_mask: Any = None,
+  sparse_key: jax.Array | int = 0,
 ) -> optax.GradientTransformation:
   r"""The SPAM optimizer, equal step for step to the official ``SPAM``.
 
@@ -350,8 +478,10 @@ def spam(
     learning_rate: a float or an optax schedule (the official runs use
       linear warmup then cosine to 0.1x; spec §1).
     b1, b2, eps, spike_threshold, reset_interval, warmup_steps, grace_steps,
-      state_dtype, track_spikes, state_quant: see :func:`scale_by_spam`.
-    weight_decay: decoupled weight decay, applied after the update.
+      state_dtype, track_spikes, state_quant, sparse_momentum, sparse_mask,
+      sparse_key: see :func:`scale_by_spam`.
+    weight_decay: decoupled weight decay, applied after the update (not to
+      the sparse params with ``sparse_momentum``, as the official code).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -371,6 +501,12 @@ def spam(
       reset_interval=reset_interval, warmup_steps=warmup_steps,
       grace_steps=grace_steps, state_dtype=state_dtype,
       track_spikes=track_spikes, state_quant=state_quant,
+      sparse_momentum=sparse_momentum, sparse_mask=sparse_mask,
+      sparse_key=sparse_key,
     ),
-    scale_by_learning_rate_post_decay(learning_rate, weight_decay),
+    scale_by_learning_rate_post_decay(
+      learning_rate, weight_decay,
+      decay_mask=None if sparse_momentum is None else (
+        lambda params: jax.tree.map(
+          lambda f: not f, _sparse_selection(params, sparse_mask)))),
   )

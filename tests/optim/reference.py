@@ -63,6 +63,77 @@ class NumpySpam:
       self.cur = 0
 
 
+class NumpySpamDensity:
+  """SPAM with sparse momentum, optimizers_more.md §4 (``density`` group).
+
+  The official layout: 1-D moments over the mask's True entries in
+  row-major order, the spike clip on that copy, a zero update outside the
+  mask, no weight decay on density params (a silent no-op officially), the
+  dense group as :class:`NumpySpam`. Masks are injected (the official draws
+  are torch's): ``masks`` holds the first ones, ``redraw(name, t)`` gives
+  the mask drawn at the end of update ``t`` when ``(t + 1) % dt == 0``.
+  The overlap copy of the moments is done (§4.1), though the next update
+  resets them.
+  """
+
+  def __init__(self, lr, masks, redraw, betas=(0.9, 0.999), eps=1e-6,
+               weight_decay=0.0, warmup_steps=150, threshold=5000.0,
+               delta_t=500, grad_accu_steps=20):
+    self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
+    self.n, self.theta, self.dt, self.a = (warmup_steps, threshold, delta_t,
+                                           grad_accu_steps)
+    self.masks = {k: np.asarray(v, bool).copy() for k, v in masks.items()}
+    self.redraw = redraw
+    self.total_step = 0
+    self.cur = warmup_steps + 1
+    self.state = {}
+
+  def warmup(self, c):
+    if c < self.n:
+      return 1 - 0.99 * (1 + math.cos(math.pi * c / (self.n + 1))) / 2
+    return 1.0
+
+  def step(self, params, grads):
+    lr, t = self.lr, self.total_step + 1
+    sc = self.warmup(self.cur)
+    b1, b2 = self.betas
+    for name, p in params.items():
+      dense = name not in self.masks
+      mask = np.ones(p.shape, bool) if dense else self.masks[name]
+      g = grads[name][mask].copy()  # 1-D, row-major
+      st = self.state.setdefault(name, dict(step=0, m=np.zeros(g.size),
+                                            v=np.zeros(g.size)))
+      if t % self.dt == 0:
+        st["m"], st["v"] = np.zeros(g.size), np.zeros(g.size)
+      st["step"] += 1
+      if self.theta != 0 and t >= self.a and t % self.dt >= self.a:
+        thr = self.theta * st["v"]
+        spike = g * g > thr
+        g[spike] = np.sign(g[spike]) * np.sqrt(thr[spike])
+      st["m"] = b1 * st["m"] + (1 - b1) * g
+      st["v"] = b2 * st["v"] + (1 - b2) * g * g
+      k = st["step"]
+      ss = lr * math.sqrt(1 - b2**k) / (1 - b1**k)
+      delta = np.zeros_like(p)
+      delta[mask] = st["m"] / (np.sqrt(st["v"]) + self.eps)
+      p -= ss * sc * delta
+      if self.wd > 0 and dense:
+        p -= lr * self.wd * p
+    self.total_step += 1
+    self.cur += 1
+    if (self.total_step + 1) % self.dt == 0:
+      self.cur = 0
+      for name, old in list(self.masks.items()):
+        new = np.asarray(self.redraw(name, self.total_step), bool)
+        st = self.state.get(name)
+        if st is not None:  # keep the moments on the overlap new & old
+          for key in ("m", "v"):
+            full = np.zeros(old.shape)
+            full[old] = st[key]
+            st[key] = np.where(old[new], full[new], 0.0)
+        self.masks[name] = new
+
+
 class NumpyStableSpam:
   """Stable-SPAM, spec §3.1-3.2, reset-step aliasing included."""
 

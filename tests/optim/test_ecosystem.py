@@ -96,6 +96,19 @@ _Q_GALORE = dict(_GALORE, proj_group_size=4, state_quant=Q8)
 _Q_GALORE_STATIC = ("rank", "mask", "proj_bits", "proj_group_size",
                     "queue_size", "weight_bits", "weight_group_size")
 
+def _adam_8bit(learning_rate):
+  """optax's Adam with 8-bit states (quantize_state)."""
+  return optim.quantize_state(optax.adam(learning_rate), Q8)
+
+
+def _lion_4bit(learning_rate):
+  return optim.quantize_state(optax.lion(learning_rate), Q4)
+
+
+def _muon_8bit(learning_rate):
+  return optim.muon_8bit(learning_rate, block_size=16, min_size=16)
+
+
 CASES = {
   "adamw": Case(functools.partial(optim.adamw, weight_decay=0.01)),
   "adamw_8bit": Case(functools.partial(optim.adamw, state_quant=Q8),
@@ -121,6 +134,13 @@ CASES = {
                       **_Q_GALORE),
     static_args=_Q_GALORE_STATIC, needs_key=True, small_f32=True),
 }
+# quantize_state around optax transforms: their state leaves are optax's
+# (counts created without a sharding; follow_params places them).
+CASES.update({
+  "optax_adam_8bit": Case(_adam_8bit),
+  "optax_lion_4bit": Case(_lion_4bit),
+  "muon_8bit": Case(_muon_8bit),
+})
 NAMES = list(CASES)
 KEY = jax.random.key(0)
 
@@ -203,13 +223,14 @@ def _assert_state_follows_bf16_params(case: Case, state):
   """The pure-bf16 policy (spec §1): float state tensors of bf16 params are
   bf16. Allowed in float32: scalars (per-tensor statistics), quantization
   metadata (block absmax, group scales), Q-GaLore's cosine queue and top
-  singular vector, and, with ``state_quant``, the moments of tensors below
+  singular vector, optax Muon's Newton-Schulz coefficients, and, with ``state_quant``, the moments of tensors below
   ``min_size`` (bitsandbytes keeps those in 32 bits)."""
   flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_quantized)
   for path, leaf in flat[0]:
     name = jax.tree_util.keystr(path)
     if (_is_quantized(leaf) or not jnp.issubdtype(leaf.dtype, jnp.floating)
-        or leaf.ndim == 0 or name.endswith((".queue", ".past"))):
+        or leaf.ndim == 0
+        or name.endswith((".queue", ".past", ".ns_coeffs"))):
       continue
     if case.small_f32 and leaf.size < Q8.min_size:
       assert leaf.dtype == jnp.float32, name

@@ -271,8 +271,9 @@ def test_lowp_suites_hold_the_issue_arms():
   kinds = {a.name: (a.config.optimizer.kind.value, a.config.model.recipe)
            for a in optim_suite.arms}
   assert kinds["adamw_bf16"] == ("adamw", "none")
+  assert kinds["stable_spam_bf16"] == ("stable_spam", "none")
   assert kinds["stable_spam_mxfp4"] == ("stable_spam", "mxfp4")
-  assert len(kinds) == 10
+  assert len(kinds) == 11
   stable = optim_suite.arm("stable_spam_nvfp4").config.optimizer
   assert (stable.gamma1, stable.gamma2, stable.gamma3,
           stable.reset_interval) == (0.7, 0.9, 0.999, 500)

@@ -390,7 +390,10 @@ def lowp_optim_suite() -> Suite:
   (issue 19). Stable-SPAM's official 4-bit constants (spec §3.3: γ
   0.7/0.9/0.999, ΔT 500, lr 4e-4), SPAM's (θ 5000, ΔT 500, N 150), as the
   stable_spam suite has them, scaled down the same way to
-  :data:`LOWP_STEPS`."""
+  :data:`LOWP_STEPS`. ``stable_spam_bf16`` (Stable-SPAM without a recipe)
+  separates what the optimizer does by itself from what it does against
+  the quantization: a Stable-SPAM arm below ``adamw_bf16`` says little
+  about quantization unless it is also below ``stable_spam_bf16``."""
   sched = dict(lr=4e-4, warmup_steps=2000, weight_decay=0.0)
   opts = {
     "adamw": AdamWConfig(**sched),
@@ -399,7 +402,8 @@ def lowp_optim_suite() -> Suite:
     "stable_spam": StableSpamConfig(**sched, gamma1=0.7, gamma2=0.9,
                                     gamma3=0.999, reset_interval=500),
   }
-  arms = [Arm("adamw_bf16", _lowp_base(opts["adamw"]))]
+  arms = [Arm("adamw_bf16", _lowp_base(opts["adamw"])),
+          Arm("stable_spam_bf16", _lowp_base(opts["stable_spam"]))]
   for recipe, options in (("nvfp4", ""), ("mxfp4", ""), ("quest", "bits=4")):
     for name, opt in opts.items():
       arms.append(Arm(f"{name}_{recipe}", _with_recipe(
@@ -414,7 +418,9 @@ def lowp_optim_suite() -> Suite:
     "Stable-SPAM's official ΔT 500 is longer than the run, so neither "
     "resets its moments: what acts is their spike clipping (and "
     "Stable-SPAM's adaptive norm scaling). "
-    "`adamw_bf16` trains in float32 (no recipe).")
+    "`adamw_bf16` and `stable_spam_bf16` train in float32 (no recipe): "
+    "a Stable-SPAM arm's gap to `stable_spam_bf16` is the cost of the "
+    "quantization under Stable-SPAM.")
 
 
 SUITES: dict[str, Callable[[], Suite]] = {
