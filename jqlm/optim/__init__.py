@@ -17,6 +17,13 @@
   :func:`apply_quantized_updates` (the caller passes the rounding key).
 * Low-bit states for any optax transform: :func:`quantize_state`
   (8-bit Muon: :func:`muon_8bit`).
+* Component-wise gradient norm clipping: :func:`clip_by_component_norm`.
+* APOLLO and APOLLO-Mini (arXiv 2412.05270): :func:`apollo`,
+  :func:`apollo_mini`, :func:`scale_by_apollo`.
+* Natural GaLore (arXiv 2410.16029): :func:`natural_galore`,
+  :func:`scale_by_natural_galore`, :func:`natural_gradient`.
+* MicroAdam (arXiv 2405.15593): :func:`micro_adam`,
+  :func:`scale_by_micro_adam`.
 * Memory accounting without allocation: :func:`memory_report`.
 
 Default behaviour is the official code's (``../shared/spec/optimizers.md``);
@@ -25,9 +32,22 @@ each docstring names its deviations.
 
 from jqlm.optim._lr import (
   PostUpdateDecayState,
+  PreUpdateDecayState,
   scale_by_learning_rate_post_decay,
+  scale_by_learning_rate_pre_decay,
 )
 from jqlm.optim.adam import EpsStyle, ScaleByAdamState, adamw, scale_by_adam
+from jqlm.optim.apollo import (
+  ApolloState,
+  ScaleType,
+  apollo,
+  apollo_mini,
+  scale_by_apollo,
+)
+from jqlm.optim.component_clip import (
+  clip_by_component_norm,
+  component_names,
+)
 from jqlm.optim.diagnostics import SpikeDiagnostics, spike_diagnostics
 from jqlm.optim.galore import (
   GaLoreState,
@@ -38,6 +58,19 @@ from jqlm.optim.galore import (
   scale_by_galore,
 )
 from jqlm.optim.memory import MemoryReport, memory_report
+from jqlm.optim.micro_adam import (
+  A100_BLOCK_SIZE,
+  H100_BLOCK_SIZE,
+  MicroAdamState,
+  micro_adam,
+  scale_by_micro_adam,
+)
+from jqlm.optim.natural_galore import (
+  NaturalGradientState,
+  natural_galore,
+  natural_gradient,
+  scale_by_natural_galore,
+)
 from jqlm.optim.qgalore import (
   apply_quantized_updates,
   dequantize_params,
@@ -89,10 +122,28 @@ __all__ = [
   "StateCode",
   "StateQuant",
   "adamw",
+  "ApolloState",
+  "ScaleType",
+  "apollo",
+  "apollo_mini",
+  "scale_by_apollo",
+  "clip_by_component_norm",
+  "component_names",
   "apply_quantized_updates",
   "dequantize_params",
   "galore",
   "memory_report",
+  "A100_BLOCK_SIZE",
+  "H100_BLOCK_SIZE",
+  "MicroAdamState",
+  "PreUpdateDecayState",
+  "micro_adam",
+  "scale_by_learning_rate_pre_decay",
+  "scale_by_micro_adam",
+  "NaturalGradientState",
+  "natural_galore",
+  "natural_gradient",
+  "scale_by_natural_galore",
   "muon_8bit",
   "quantize_state",
   "projector_gaps",

@@ -1,6 +1,8 @@
 r"""The descent step with decoupled weight decay on the updated params.
 
-Shared by every jqlm optimizer alias (:func:`jqlm.optim.adamw`,
+:func:`scale_by_learning_rate_pre_decay` is the other order (torch's
+``AdamW``, MicroAdam): decay of the pre-update params. Shared by every jqlm
+optimizer alias (:func:`jqlm.optim.adamw`,
 :func:`jqlm.optim.spam`, :func:`jqlm.optim.galore`,
 :func:`jqlm.optim.q_galore`): the official SPAM, GaLore-AdamW and
 bitsandbytes 8-bit code decay the params *after* the update (spec §2.2,
@@ -21,6 +23,16 @@ import jax.numpy as jnp
 import optax
 
 from jqlm.optim import _base
+
+
+def lr_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
+  """The learning rate at update ``count``: a schedule evaluated there
+  (under standard dtype promotion: optax schedules mix Python floats with
+  the int32 count, which strict promotion rejects), or the constant."""
+  if callable(learning_rate):
+    with jax.numpy_dtype_promotion("standard"):
+      return learning_rate(count)
+  return learning_rate
 
 
 class PostUpdateDecayState(NamedTuple):
@@ -54,13 +66,7 @@ def scale_by_learning_rate_post_decay(
       PostUpdateDecayState(count=jnp.zeros((), jnp.int32)), params)
 
   def update_fn(updates, state, params=None):
-    if callable(learning_rate):
-      # optax schedules mix Python floats with the int32 count, which strict
-      # dtype promotion rejects; evaluate them under standard promotion.
-      with jax.numpy_dtype_promotion("standard"):
-        lr = learning_rate(state.count)
-    else:
-      lr = learning_rate
+    lr = lr_at(learning_rate, state.count)
     decay = _base.concrete(weight_decay)
     if (decay is None or decay > 0) and params is None:
       raise ValueError(
@@ -83,5 +89,56 @@ def scale_by_learning_rate_post_decay(
       flags = decay_mask(params) if callable(decay_mask) else decay_mask
       out = jax.tree.map(leaf, updates, params, flags)
     return out, PostUpdateDecayState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class PreUpdateDecayState(NamedTuple):
+  """State of :func:`scale_by_learning_rate_pre_decay`."""
+
+  count: jax.Array
+
+
+def scale_by_learning_rate_pre_decay(
+  learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+  r"""Decoupled weight decay of the *pre-update* params, then the step.
+
+  The update is :math:`-\eta (u + \lambda p)`, computed in float32 (float64
+  for float64 updates): ``optax.add_decayed_weights(wd)`` followed by
+  ``optax.scale_by_learning_rate(lr)``, without rounding :math:`u + \lambda
+  p` to bf16 in between. Applied, :math:`p - \eta\lambda p - \eta u = p(1 -
+  \eta\lambda) - \eta u`: the official MicroAdam's ``p.mul_(1 - lr*wd)``
+  before ``p.add_(u, alpha=-lr)`` (torch-AdamW order), exactly in exact
+  arithmetic since both terms are linear in :math:`\eta`. A schedule is
+  evaluated at the update count (0 for the first update).
+  """
+  _base.check_learning_rate(learning_rate)
+  _base.check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+
+  def init_fn(params):
+    return _base.follow_params(
+      PreUpdateDecayState(count=jnp.zeros((), jnp.int32)), params)
+
+  def update_fn(updates, state, params=None):
+    lr = lr_at(learning_rate, state.count)
+    decay = _base.concrete(weight_decay)
+    decays = decay is None or decay > 0
+    if decays and params is None:
+      raise ValueError(
+        "weight_decay needs the params: call update(grads, state, params).")
+
+    def leaf(u, p=None):
+      cdt = _base.compute_dtype(u.dtype)
+      step = u.astype(cdt)
+      if p is not None:
+        step = step + _base.hp(weight_decay, cdt) * p.astype(cdt)
+      return (-_base.hp(lr, cdt) * step).astype(u.dtype)
+
+    if decays:
+      out = jax.tree.map(leaf, updates, params)
+    else:
+      out = jax.tree.map(leaf, updates)
+    return out, PreUpdateDecayState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)

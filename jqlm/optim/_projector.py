@@ -10,6 +10,13 @@ is projected back, times ``scale``. Q-GaLore adds quantized projections
 (``proj_bits``, :func:`proj_spec`) and the layer-adaptive lazy refresh
 (``adaptive``).
 
+Natural GaLore (:mod:`jqlm.optim.natural_galore`) uses the same projector
+with ``two_sided=True``: both dimensions are reduced, :math:`R = A^\top G B`
+with :math:`A`, :math:`B` the top-:math:`r` left and right singular vectors
+of :math:`G`, each column sign-fixed by :func:`svd_sign_flip` (tensorly's
+rule), and the update is projected back as :math:`\alpha A\, \mathrm{inner}
+(R)\, B^\top`.
+
 This module also holds what both optimizers' helpers share: the projector
 state types, the mask resolution (:func:`resolve_mask`) and validation of
 the integer hyper-parameters that set array shapes.
@@ -54,7 +61,8 @@ class ProjectorState(NamedTuple):
     proj: :math:`P` in kernel coordinates, ``(in, r)`` when the in-features
       are reduced, else ``(out, r)``: an array in the param's dtype, or for
       Q-GaLore a :class:`jqlm.quant.PackedQArray` (4-bit codes, two per
-      byte) or a :class:`jqlm.quant.QArray` with byte codes.
+      byte) or a :class:`jqlm.quant.QArray` with byte codes. Two-sided
+      (Natural GaLore): the pair ``(A, B)``, ``(in, r)`` and ``(out, r)``.
     gap: this layer's refresh interval (int32; grows under Q-GaLore).
     svd_count: SVDs run so far (int32).
     queue: the last ``queue_size`` cosine similarities, newest last
@@ -154,6 +162,31 @@ def resolve_mask(mask, params, who: str = "GaLore",
   return treedef.unflatten([bool(b) for b in leaves_m])
 
 
+_BOTH = "both"
+"""The side marker of a two-sided projected param (``two_sided=True``)."""
+
+
+def svd_sign_flip(x: jax.Array) -> jax.Array:
+  """``x`` with each column's sign chosen so that its largest-|.| entry is
+  positive (the first one on a tie): tensorly's ``svd_flip`` rule
+  (``tenalg/svd.py``), applied to each factor on its own, as tensorly's
+  Tucker does mode by mode."""
+  idx = jnp.argmax(jnp.abs(x), axis=0)
+  return x * jnp.sign(jnp.take_along_axis(x, idx[None, :], axis=0))
+
+
+def _refresh_two_sided(g, ps: ProjectorState, rank: int) -> ProjectorState:
+  """New two-sided factors ``(A, B)`` from the SVD of ``g`` (float32, or
+  float64 for float64 grads), sign-fixed, cast to the grad dtype as the
+  official code does."""
+  u, _, vh = jnp.linalg.svd(g.astype(_base.compute_dtype(g.dtype)),
+                            full_matrices=False)
+  factors = (svd_sign_flip(u[:, :rank]), svd_sign_flip(vh[:rank].T))
+  proj = tuple(f.astype(g.dtype).astype(old.dtype)
+               for f, old in zip(factors, ps.proj, strict=True))
+  return ps._replace(proj=proj, svd_count=ps.svd_count + 1)
+
+
 def _reduces_in(shape, proj_type: ProjType) -> bool:
   d_in, d_out = shape
   if proj_type is ProjType.STD:
@@ -229,6 +262,7 @@ def galore_projector(
   gamma_proj: float = 2.0,
   queue_size: int = 5,
   who: str = "GaLore",
+  two_sided: bool = False,
 ) -> optax.GradientTransformation:
   r"""GaLore's projection around ``inner`` (spec §4.1-4.3), with Q-GaLore's
   quantized projections and lazy refresh as options (spec §5.1-5.2).
@@ -259,6 +293,16 @@ def galore_projector(
       ``queue_size``; when it is full and its mean is >= ``cos_threshold``
       the layer's gap is multiplied by ``gamma_proj`` (spec §5.1).
     who: the optimizer's name, for the error messages.
+    two_sided: reduce both dimensions (Natural GaLore's projector, the
+      official ``GaLoreProjectorTensor``): :math:`R = A^\top G B`, an
+      :math:`r \times r` matrix, with :math:`A` (in, r) and :math:`B`
+      (out, r) the top-:math:`r` left and right singular vectors of the
+      kernel gradient, refreshed on the same schedule (SVD in float32, or
+      float64 for float64 grads) and sign-fixed by :func:`svd_sign_flip`;
+      the update is :math:`\alpha A\, \mathrm{inner}(R)\, B^\top`.
+      ``ProjectorState.proj`` is then the pair ``(A, B)``, ``proj_type`` is
+      ignored, ``proj_bits`` and ``adaptive`` are refused, and the rank may
+      equal (not exceed) the smallest dimension.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`GaLoreState`.
@@ -282,6 +326,10 @@ def galore_projector(
                 "in [-1, 1]")
     _base.check("gamma_proj", gamma_proj, lambda v: v >= 1, ">= 1")
     _base.check_int("queue_size", queue_size)
+  if two_sided and (proj_bits is not None or adaptive):
+    raise ValueError(
+      f"{who}: the two-sided projector supports neither proj_bits nor "
+      f"adaptive; got proj_bits={proj_bits!r}, adaptive={adaptive!r}.")
   qsize = queue_size if adaptive else 0
   if inner is None:
     inner = scale_by_adam(0.9, 0.999, 1e-6, eps_style="hf")
@@ -296,6 +344,14 @@ def galore_projector(
         sides.append(None)
         continue
       shape = _param_shape(p)
+      if two_sided:
+        if rank > min(shape):
+          raise ValueError(
+            f"{who} rank {rank} must not exceed the smallest dimension of "
+            f"every projected param; got shape {shape}. Lower the rank or "
+            "exclude the param from the mask.")
+        sides.append(_BOTH)
+        continue
       if rank >= min(shape):
         raise ValueError(
           f"{who} rank {rank} must be smaller than the smallest dimension "
@@ -325,6 +381,23 @@ def galore_projector(
         projs.append(optax.MaskedNode())
         continue
       shape, dt = _param_shape(p), float_dtype(p)
+      if side is _BOTH:
+        # (r, r) low-rank state replicated; A (in, r) and B (out, r) keep
+        # the param's in and out axes.
+        lowrank.append(_follow(p, jnp.zeros((rank, rank), dt)))
+        projs.append(ProjectorState(
+          proj=(_follow(p, jnp.zeros((shape[0], rank), dt),
+                        lambda a, b: (a, None)),
+                _follow(p, jnp.zeros((shape[1], rank), dt),
+                        lambda a, b: (b, None))),
+          **_follow(p, dict(
+            gap=jnp.asarray(update_proj_gap, jnp.int32),
+            svd_count=jnp.zeros((), jnp.int32),
+            queue=jnp.zeros((1,), jnp.float32),
+            queue_len=jnp.zeros((), jnp.int32),
+            past=jnp.zeros((1,), jnp.float32),
+          ))))
+        continue
       # Placed like the param (eagerly on mesh-sharded params): the rank
       # dim is replicated, the kept dim keeps the param's axis.
       lowrank.append(_follow(p, jnp.zeros(_lowrank_shape(shape, rank, side),
@@ -388,6 +461,7 @@ def galore_projector(
     leaves, treedef = jax.tree.flatten(updates)
     pstates = treedef.flatten_up_to(state.projector)
     sides = [None if isinstance(ps, optax.MaskedNode) else
+             _BOTH if two_sided else
              _reduces_in(g.shape, ptype) for g, ps in
              zip(leaves, pstates, strict=True)]
     lowrank, new_ps, mats = [], [], []
@@ -398,6 +472,15 @@ def galore_projector(
         mats.append(None)
         continue
       do = (state.count % ps.gap) == 0
+      if side is _BOTH:
+        ps = jax.lax.cond(do, lambda g_, ps_: _refresh_two_sided(g_, ps_, rank),
+                          lambda g_, ps_: ps_, g, ps)
+        cdt = _base.compute_dtype(g.dtype)
+        a, b = (f.astype(cdt) for f in ps.proj)
+        lowrank.append((a.T @ g.astype(cdt)) @ b)
+        new_ps.append(ps)
+        mats.append((a, b))
+        continue
       ps = jax.lax.cond(do, lambda g_, ps_, s=side: refresh(g_, ps_, s),
                         lambda g_, ps_: ps_, g, ps)
       cdt = _base.compute_dtype(g.dtype)
@@ -416,6 +499,12 @@ def galore_projector(
                                 sides, strict=True):
       if side is None:
         out.append(u)
+        continue
+      if side is _BOTH:
+        a, b = proj
+        alpha = _base.hp(scale, a.dtype)
+        back = (a @ u.astype(a.dtype)) @ b.T
+        out.append((alpha * back).astype(g.dtype))
         continue
       cdt = proj.dtype
       alpha = _base.hp(scale, cdt)

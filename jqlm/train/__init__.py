@@ -31,10 +31,15 @@ from jqlm.train.checkpoint import (
 from jqlm.train.config import (
   OPTIMIZERS,
   AdamWConfig,
+  ApolloConfig,
+  ApolloMiniConfig,
   DataConfig,
   GaLoreConfig,
+  MicroAdamConfig,
   ModelConfig,
+  MuonConfig,
   NanPolicy,
+  NaturalGaLoreConfig,
   OptimizerConfig,
   OptimizerKind,
   QGaLoreConfig,
@@ -67,7 +72,8 @@ from jqlm.train.step import (
 )
 
 __all__ = [
-  "CONFIGS", "OPTIMIZERS", "AdamWConfig", "CheckpointError", "CheckpointMismatchError", "Checkpointer",
+  "CONFIGS", "OPTIMIZERS", "AdamWConfig", "ApolloConfig", "ApolloMiniConfig",
+  "MicroAdamConfig", "MuonConfig", "NaturalGaLoreConfig", "CheckpointError", "CheckpointMismatchError", "Checkpointer",
   "CorruptCheckpointError", "ResumeConfigError",
   "DataConfig", "GaLoreConfig", "LayeredState", "ModelConfig", "NanPolicy",
   "NonFiniteError", "OptimizerConfig", "OptimizerKind", "QGaLoreConfig",

@@ -58,6 +58,11 @@ class OptimizerKind(enum.Enum):
   STABLE_SPAM = "stable_spam"
   GALORE = "galore"
   Q_GALORE = "q_galore"
+  NATURAL_GALORE = "natural_galore"
+  MICRO_ADAM = "micro_adam"
+  APOLLO = "apollo"
+  APOLLO_MINI = "apollo_mini"
+  MUON = "muon"
 
 
 class ScheduleKind(enum.Enum):
@@ -442,6 +447,10 @@ class OptimizerConfig(_Section):
     weight_decay: decoupled weight decay.
     grad_clip: clip the global gradient norm to this (torch's
       ``clip_grad_norm_``); 0 disables it.
+    component_clip: clip each param tensor's gradient norm to this
+      separately (:func:`jqlm.optim.clip_by_component_norm`, Yang & Ma
+      2022, which the official runs use *instead of* the global clip); 0
+      disables it.
   """
 
   kind: ClassVar[OptimizerKind]
@@ -452,6 +461,7 @@ class OptimizerConfig(_Section):
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.0
   grad_clip: float = 0.0
+  component_clip: float = 0.0
 
   def _check(self):
     self.require("lr", self.lr > 0, "> 0")
@@ -459,6 +469,8 @@ class OptimizerConfig(_Section):
     self.require("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
     self.require("weight_decay", self.weight_decay >= 0, ">= 0")
     self.require("grad_clip", self.grad_clip >= 0, ">= 0 (0 disables it)")
+    self.require("component_clip", self.component_clip >= 0,
+                 ">= 0 (0 disables it)")
     for name in ("b1", "b2", "gamma1", "gamma2", "gamma3"):
       if hasattr(self, name):
         self.require(name, 0 <= getattr(self, name) < 1,
@@ -500,7 +512,8 @@ class AdamWConfig(OptimizerConfig):
 class SpamConfig(OptimizerConfig):
   """SPAM (spec §2, :func:`jqlm.optim.spam`), official defaults: θ 5000,
   ΔT 500, post-reset warmup N 150, grace A 20, HF-style eps 1e-6, lr 8e-4
-  (130M)."""
+  (130M). ``density`` < 1 is SPAM's sparse momentum on the block linears
+  (optimizers_more.md §4; 1.0, every official script's, is dense)."""
 
   kind: ClassVar[OptimizerKind] = OptimizerKind.SPAM
   lr: float = 8e-4
@@ -511,10 +524,12 @@ class SpamConfig(OptimizerConfig):
   reset_interval: int = 500
   reset_warmup_steps: int = 150
   spike_grace_steps: int = 20
+  density: float = 1.0
   state: StateFormat = StateFormat.FLOAT
 
   def _check(self):
     super()._check()
+    self.require("density", 0 < self.density <= 1, "in (0, 1] (1 is dense)")
     self.positive("reset_interval", "reset_warmup_steps")
     self.require("spike_grace_steps", self.spike_grace_steps >= 0, ">= 0")
     self.require("spike_threshold", self.spike_threshold > 0, "> 0")
@@ -594,9 +609,135 @@ class QGaLoreConfig(GaLoreConfig):
       self.require(n, 2 <= getattr(self, n) <= 8, "in [2, 8]")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NaturalGaLoreConfig(GaLoreConfig):
+  """Natural GaLore (optimizers_more.md §3, :func:`jqlm.optim.natural_galore`):
+  two-sided GaLore (r x r states) whose projected gradient is
+  preconditioned by the inverse empirical Fisher of the last ``history``
+  ones (Woodbury, damping λ ``damping``), official defaults: history 20,
+  λ 1e-3, gap 200, scale 0.25, HF-style eps 1e-6, lr 0.01; float
+  states."""
+
+  kind: ClassVar[OptimizerKind] = OptimizerKind.NATURAL_GALORE
+  history: int = 20
+  damping: float = 1e-3
+
+  def _check(self):
+    super()._check()
+    self.require("history", self.history >= 0, ">= 0 (0: two-sided GaLore)")
+    self.require("damping", self.damping > 0, "> 0")
+    self.require("state", self.state is StateFormat.FLOAT,
+                 "float (Natural GaLore keeps float r x r states)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MicroAdamConfig(OptimizerConfig):
+  """MicroAdam (optimizers_more.md §2, :func:`jqlm.optim.micro_adam`) on
+  every param, official defaults: a window of m=10 top-k gradients at
+  k_init 1% per top-k block, 4-bit error feedback in blocks of 64 (the
+  Llama-2-7B script's ``quant_block_size``), eps 1e-8, weight decay before
+  the step. ``block_size`` (the top-k block, GPU-dependent in the official
+  code) defaults to the H100/H200 value 29056 (A100: 20864). No official
+  pre-training LR exists; the fine-tuning runs use Adam's LR (4e-5), so
+  ``lr`` defaults to the AdamW value 1e-3."""
+
+  kind: ClassVar[OptimizerKind] = OptimizerKind.MICRO_ADAM
+  window: int = 10
+  k_init: float = 0.01
+  block_size: int = 29056
+  quant_block_size: int = 64
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+  def _check(self):
+    super()._check()
+    self.positive("window", "block_size", "quant_block_size")
+    self.require("k_init", 0 < self.k_init <= 1, "in (0, 1]")
+    self.require("quant_block_size", self.quant_block_size % 2 == 0,
+                 "even (two 4-bit codes per byte)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ApolloConfig(OptimizerConfig):
+  """APOLLO (optimizers_more.md §1, :func:`jqlm.optim.apollo`) on the block
+  linears, official defaults: channel-wise scaling, random projections
+  re-drawn every ``update_proj_gap`` updates, √``scale`` 1, Fira's
+  limiter, HF-style eps 1e-6, lr 0.01; ``rank`` 192 is the official
+  130M script's (128 for 60M, 256 for 350M-7B). The projections draw
+  from the run's seed."""
+
+  kind: ClassVar[OptimizerKind] = OptimizerKind.APOLLO
+  lr: float = 0.01
+  rank: int = 192
+  update_proj_gap: int = 200
+  scale: float = 1.0
+  scale_front: bool = False
+  disable_nl: bool = False
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-6
+
+  def _check(self):
+    super()._check()
+    self.positive("rank", "update_proj_gap")
+    self.require("scale", self.scale > 0, "> 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ApolloMiniConfig(ApolloConfig):
+  """APOLLO-Mini (:func:`jqlm.optim.apollo_mini`): rank 1, one tensor-wise
+  factor per kernel; the official 130M script's scale 192 with
+  ``scale_front`` (60M: 128 front; 350M-7B: 128, not front)."""
+
+  kind: ClassVar[OptimizerKind] = OptimizerKind.APOLLO_MINI
+  rank: int = 1
+  scale: float = 192.0
+  scale_front: bool = True
+
+  def _check(self):
+    super()._check()
+    self.require("rank", self.rank == 1, "1 (APOLLO-Mini is rank 1; use "
+                 "optimizer=apollo for higher ranks)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MuonConfig(OptimizerConfig):
+  """Muon (``optax.contrib.muon``, optimizers_more.md §6.1) on the block
+  linears, AdamW (optax's NAdamW, β 0.9/0.999) on the embeddings, norms
+  and head; ``state`` ``8bit`` is 8-bit Muon (:func:`jqlm.optim.muon_8bit`:
+  the momentum in linear int8 codes per block of 2048, arXiv 2509.23106).
+  Moonlight's update scale (``consistent_rms`` 0.2: the Muon update's RMS
+  matches AdamW's, so one AdamW-like lr serves both groups), momentum
+  0.95 with Nesterov, Newton-Schulz 5 steps. lr 1e-3 (the LLaMA-130M
+  AdamW range; Moonlight reuses the AdamW LR)."""
+
+  kind: ClassVar[OptimizerKind] = OptimizerKind.MUON
+  lr: float = 1e-3
+  beta: float = 0.95
+  nesterov: bool = True
+  ns_steps: int = 5
+  consistent_rms: float = 0.2
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  state: StateFormat = StateFormat.FLOAT
+
+  def _check(self):
+    super()._check()
+    self.positive("ns_steps")
+    self.require("beta", 0 <= self.beta < 1, "in [0, 1)")
+    self.require("consistent_rms", self.consistent_rms >= 0,
+                 ">= 0 (0: Keller's width scaling instead)")
+    self.require("state", self.state is not StateFormat.INT4,
+                 "float or 8bit (8-bit Muon; no 4-bit Muon is published)")
+
+
 OPTIMIZERS: dict[OptimizerKind, type[OptimizerConfig]] = {
   c.kind: c for c in (AdamWConfig, SpamConfig, StableSpamConfig,
-                      GaLoreConfig, QGaLoreConfig)}
+                      GaLoreConfig, QGaLoreConfig, NaturalGaLoreConfig,
+                      MicroAdamConfig, ApolloConfig,
+                      ApolloMiniConfig, MuonConfig)}
 """The config class of each optimizer kind."""
 
 
@@ -804,7 +945,7 @@ class TrainConfig:
           "data.grad_accum=1 or run.layerwise_update=false.")
     if self.model.recipe != "none":
       self._check_recipe_tokens()
-    if isinstance(o, GaLoreConfig):
+    if isinstance(o, (GaLoreConfig, ApolloConfig)):
       llama = self.model.llama(max_seq_len=2)
       dims = {"hidden_size": llama.hidden_size,
               "intermediate_size": llama.intermediate_size,

@@ -10,13 +10,19 @@ from __future__ import annotations
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from jqlm import models, optim
 from jqlm.train.config import (
   AdamWConfig,
+  ApolloConfig,
+  ApolloMiniConfig,
   GaLoreConfig,
+  MicroAdamConfig,
+  MuonConfig,
+  NaturalGaLoreConfig,
   OptimizerConfig,
   QGaLoreConfig,
   ScheduleKind,
@@ -27,6 +33,17 @@ from jqlm.train.config import (
 # allow_empty: a scanned model's optimizer also runs on the params outside
 # the layer stack (embeddings, norms, head), which hold no block linear
 _BLOCK_LINEARS = functools.partial(models.block_linear_mask, allow_empty=True)
+
+
+def _muon_dims(params):
+  """Muon's dimension numbers: the block linears' kernels (the last two
+  axes; a scanned stack's layer axis is a batch axis), ``None`` (AdamW)
+  elsewhere."""
+  mask = _BLOCK_LINEARS(params)
+  return jax.tree.map(
+    lambda p, m: optax.contrib.MuonDimensionNumbers(
+      reduction_axis=len(p.shape) - 2, output_axis=len(p.shape) - 1)
+    if m else None, params, mask)
 
 
 def lr_schedule(opt: OptimizerConfig, steps: int) -> optax.Schedule:
@@ -51,14 +68,59 @@ def lr_schedule(opt: OptimizerConfig, steps: int) -> optax.Schedule:
   return schedule
 
 
-def build_optimizer(opt: OptimizerConfig, steps: int
+def build_optimizer(opt: OptimizerConfig, steps: int, *, seed: int = 0
                     ) -> optax.GradientTransformation:
-  """The optimizer of ``opt`` for a run of ``steps`` updates (one ``match``
-  over the config's class). Q-GaLore's stochastic rounding of its int8
-  weights takes its key from the train step
-  (:func:`jqlm.optim.apply_quantized_updates`), not from this optimizer."""
+  """The optimizer of ``opt`` for a run of ``steps`` updates, with
+  ``opt.component_clip`` in front when set. Q-GaLore's stochastic rounding
+  of its int8 weights takes its key from the train step
+  (:func:`jqlm.optim.apply_quantized_updates`), not from this optimizer;
+  the optimizers that draw random numbers themselves (APOLLO's projections,
+  SPAM's sparse masks) take theirs from ``seed`` (the run's)."""
+  tx = _build(opt, steps, seed)
+  if opt.component_clip > 0:
+    tx = optax.chain(optim.clip_by_component_norm(opt.component_clip), tx)
+  return tx
+
+
+def _build(opt: OptimizerConfig, steps: int, seed: int
+           ) -> optax.GradientTransformation:
+  """The optimizer of ``opt`` (one ``match`` over the config's class)."""
   lr = lr_schedule(opt, steps)
   match opt:
+    case MicroAdamConfig():
+      return optim.micro_adam(
+        lr, block_size=opt.block_size,
+        quant_block_size=opt.quant_block_size, window=opt.window,
+        k_init=opt.k_init, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+        weight_decay=opt.weight_decay)
+    case NaturalGaLoreConfig():
+      return optim.natural_galore(
+        lr, opt.rank, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+        weight_decay=opt.weight_decay, mask=_BLOCK_LINEARS,
+        update_proj_gap=opt.update_proj_gap, scale=opt.scale,
+        history=opt.history, damping=opt.damping)
+    case ApolloMiniConfig():
+      return optim.apollo_mini(
+        lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+        weight_decay=opt.weight_decay, mask=_BLOCK_LINEARS, key=seed,
+        update_proj_gap=opt.update_proj_gap, scale=opt.scale,
+        scale_front=opt.scale_front, disable_nl=opt.disable_nl)
+    case ApolloConfig():
+      return optim.apollo(
+        lr, opt.rank, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+        weight_decay=opt.weight_decay, mask=_BLOCK_LINEARS, key=seed,
+        update_proj_gap=opt.update_proj_gap, scale=opt.scale,
+        scale_front=opt.scale_front, disable_nl=opt.disable_nl)
+    case MuonConfig():
+      kw = dict(
+        beta=opt.beta, nesterov=opt.nesterov, ns_steps=opt.ns_steps,
+        weight_decay=opt.weight_decay, adam_b1=opt.b1, adam_b2=opt.b2,
+        eps=opt.eps, adam_weight_decay=opt.weight_decay,
+        consistent_rms=opt.consistent_rms or None,
+        muon_weight_dimension_numbers=_muon_dims)
+      if opt.state.bits == 8:
+        return optim.muon_8bit(lr, **kw)
+      return optax.contrib.muon(lr, **kw)
     case QGaLoreConfig():
       return optim.q_galore(
         lr, opt.rank, b1=opt.b1, b2=opt.b2, eps=opt.eps,
@@ -87,7 +149,9 @@ def build_optimizer(opt: OptimizerConfig, steps: int
         weight_decay=opt.weight_decay, spike_threshold=opt.spike_threshold,
         reset_interval=opt.reset_interval,
         warmup_steps=opt.reset_warmup_steps,
-        grace_steps=opt.spike_grace_steps, state_quant=opt.state.bits)
+        grace_steps=opt.spike_grace_steps, state_quant=opt.state.bits,
+        sparse_momentum=None if opt.density == 1.0 else opt.density,
+        sparse_mask=_BLOCK_LINEARS, sparse_key=seed)
     case AdamWConfig():
       return optim.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                          weight_decay=opt.weight_decay,

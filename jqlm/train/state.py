@@ -72,7 +72,7 @@ def setup(cfg: TrainConfig, mesh: Mesh) -> Setup:
   # keys are unchanged
   k_model, _, k_run = jax.random.split(jax.random.key(cfg.run.seed), 3)
   opt = cfg.optimizer
-  tx = build_optimizer(opt, cfg.run.steps)
+  tx = build_optimizer(opt, cfg.run.steps, seed=cfg.run.seed)
 
   def init() -> TrainState:
     model = models.Llama(mcfg, rngs=nnx.Rngs(params=k_model))

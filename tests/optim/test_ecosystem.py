@@ -82,6 +82,8 @@ class Case:
       eager ``init`` on sharded params; else the state is built with
       ``jax.jit(init, out_shardings=...)``.
     small_f32: tensors below ``StateQuant.min_size`` keep float32 moments.
+    f32_state: the case sets ``state_dtype=float32`` (its float states do
+      not follow bf16 params).
   """
 
   factory: Callable[..., optax.GradientTransformation]
@@ -89,6 +91,7 @@ class Case:
   needs_key: bool = False
   owns_state: bool = True
   small_f32: bool = False
+  f32_state: bool = False
 
 
 _GALORE = dict(rank=2, mask=kernels_2d, update_proj_gap=2)
@@ -134,6 +137,34 @@ CASES = {
                       **_Q_GALORE),
     static_args=_Q_GALORE_STATIC, needs_key=True, small_f32=True),
 }
+_MICRO_STATIC = ("block_size", "quant_block_size", "window", "k_init",
+                 "alpha")
+
+# the optimizers of issue 20 (MicroAdam with float32 window values: with its
+# official bf16 ones, the inject_hyperparams program and the plain one round
+# a value to bf16 differently, 1.6e-4 apart)
+CASES.update({
+  "apollo": Case(functools.partial(optim.apollo, rank=2, key=0,
+                                   update_proj_gap=2, weight_decay=0.01),
+                 static_args=("rank",)),
+  "apollo_mini": Case(functools.partial(optim.apollo_mini, key=0,
+                                        update_proj_gap=2)),
+  # damping 1 and a short history: at the official 1e-3 the Woodbury form
+  # r/λ - Gz/λ² cancels to float32 rounding on this table's tiny kernels
+  # (sharded and unsharded differ by ~7e-5) and the deterministic
+  # parabola's repeated gradient is damped away (the numpy reference fails
+  # the parabola too)
+  "natural_galore": Case(functools.partial(
+    optim.natural_galore, weight_decay=0.01, history=3, damping=1.0,
+    **_GALORE), static_args=("rank", "mask", "history")),
+  "micro_adam": Case(functools.partial(
+    optim.micro_adam, block_size=16, quant_block_size=8, window=3,
+    k_init=0.25, weight_decay=0.01, state_dtype=jnp.float32),
+    static_args=_MICRO_STATIC, f32_state=True),
+  "component_clip": Case(lambda learning_rate: optax.chain(
+    optim.clip_by_component_norm(1.0), optim.adamw(learning_rate))),
+})
+
 # quantize_state around optax transforms: their state leaves are optax's
 # (counts created without a sharding; follow_params places them).
 CASES.update({
@@ -255,7 +286,7 @@ def test_dtype_preserved_and_no_recompile(name, dtype):
   # State leaves keep dtype and shape across updates (MultiSteps needs it).
   assert jax.tree.map(lambda a: (a.dtype, a.shape), state) == jax.tree.map(
     lambda a: (a.dtype, a.shape), state3)
-  if dtype == jnp.bfloat16:
+  if dtype == jnp.bfloat16 and not case.f32_state:
     _assert_state_follows_bf16_params(case, state3)
 
 
@@ -346,6 +377,13 @@ def test_multisteps(name):
   assert int(state.mini_step) == 0
 
 
+def _raw(x):
+  """An array's values (a typed PRNG key's data)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(x)
+  return x
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_apply_if_finite_skips_nan_steps(name):
   case = CASES[name]
@@ -359,7 +397,7 @@ def test_apply_if_finite_skips_nan_steps(name):
   u, state2 = update(bad, state, p, 1)
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u))
   assert int(state2.notfinite_count) == 1
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(_raw(a), _raw(b)),
                state.inner_state, state2.inner_state)
   u, state3 = update(g, state2, p, 2)  # and it recovers
   assert int(state3.notfinite_count) == 0
