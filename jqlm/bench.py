@@ -173,6 +173,10 @@ def bench_optim(
   grads = _random_tree(shapes, dtype, kg)
   grads2 = _random_tree(shapes, dtype, kg2)
   lr = 1e-3
+  blocks = models.block_linear_mask
+
+  def rank(r):  # the official 130M rank, shrunk with the widths
+    return max(1, round(r * scale))
 
   def opt_step(tx):
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -197,6 +201,25 @@ def bench_optim(
       "jqlm spam": optim.spam(lr),
       "jqlm spam, track_spikes=False": optim.spam(lr, track_spikes=False),
       "jqlm stable_spam": optim.stable_spam(lr, total_steps=20_000),
+      "jqlm adamw 8-bit states": optim.adamw(lr, state_quant=8),
+      "quantize_state(optax.adam, 8)": optim.quantize_state(
+        optax.adam(lr), 8),
+      "jqlm spam, sparse momentum 0.25": optim.spam(
+        lr, sparse_momentum=0.25, sparse_mask=blocks),
+      "clip_by_component_norm + optax.adamw": optax.chain(
+        optim.clip_by_component_norm(1.0),
+        optax.adamw(lr, eps=1e-8, weight_decay=0.0)),
+      f"jqlm natural_galore (r {rank(256)}, s 20)": optim.natural_galore(
+        lr, rank(256), mask=blocks),
+      f"jqlm apollo (r {rank(192)})": optim.apollo(lr, rank(192), mask=blocks,
+                                                   key=0),
+      "jqlm apollo_mini": optim.apollo_mini(lr, mask=blocks, key=0),
+      "jqlm micro_adam (m 10, k 1%)": optim.micro_adam(
+        lr, block_size=optim.H100_BLOCK_SIZE, quant_block_size=64),
+      "optax muon (block linears)": optax.contrib.muon(
+        lr, muon_weight_dimension_numbers=_muon_block_linears),
+      "jqlm muon_8bit (block linears)": optim.muon_8bit(
+        lr, muon_weight_dimension_numbers=_muon_block_linears),
     }
     cases = {}
     for name, tx in txs.items():
@@ -305,10 +328,22 @@ def _q_galore(rank: int) -> optax.GradientTransformation:
   return optim.q_galore(1e-2, rank, mask=models.block_linear_mask)
 
 
-def memory_recipes(rank: int) -> dict[str, tuple[Callable, object]]:
+# APOLLO's rank in the official scripts (optimizers_more.md §1.5), by
+# LLaMA config; APOLLO-Mini is rank 1 everywhere.
+APOLLO_RANKS = {"60M": 128, "130M": 192, "350M": 256, "1B": 256, "7B": 256}
+
+
+def _muon_block_linears(params):
+  return optim.muon_dimension_numbers(params, models.block_linear_mask)
+
+
+def memory_recipes(rank: int, apollo_rank: int = 256
+                   ) -> dict[str, tuple[Callable, object]]:
   """name -> (optimizer, params dtype or "int8") of the compared recipes.
-  GaLore and Q-GaLore project the block linears
-  (:func:`jqlm.models.block_linear_mask`)."""
+  GaLore, Q-GaLore, Natural GaLore, APOLLO and Muon act on the block
+  linears (:func:`jqlm.models.block_linear_mask`; AdamW on the rest),
+  MicroAdam and AdamW on every param."""
+  blocks = models.block_linear_mask
   return {
     "AdamW, f32 params and states": (optax.adamw(1e-3), jnp.float32),
     "pure bf16 (AdamW, bf16 states)": (optim.adamw(1e-3), jnp.bfloat16),
@@ -319,6 +354,23 @@ def memory_recipes(rank: int) -> dict[str, tuple[Callable, object]]:
     "GaLore, bf16": (optim.galore(1e-2, rank, mask=models.block_linear_mask),
                      jnp.bfloat16),
     "Q-GaLore (int8 W, int4 P, 8-bit)": (_q_galore(rank), "int8"),
+    "optax.adam + quantize_state(8), bf16": (
+      optim.quantize_state(optax.adam(1e-3), 8), jnp.bfloat16),
+    "Natural GaLore (s=20), bf16": (
+      optim.natural_galore(1e-2, rank, mask=blocks), jnp.bfloat16),
+    "APOLLO (official rank), bf16": (
+      optim.apollo(1e-2, apollo_rank, mask=blocks, key=0), jnp.bfloat16),
+    "APOLLO-Mini, bf16": (optim.apollo_mini(1e-2, mask=blocks, key=0),
+                          jnp.bfloat16),
+    "MicroAdam (m=10, k=1%), bf16": (
+      optim.micro_adam(1e-3, block_size=optim.H100_BLOCK_SIZE,
+                       quant_block_size=64), jnp.bfloat16),
+    "Muon, bf16": (optax.contrib.muon(
+      1e-3, muon_weight_dimension_numbers=_muon_block_linears),
+                   jnp.bfloat16),
+    "8-bit Muon, bf16": (optim.muon_8bit(
+      1e-3, muon_weight_dimension_numbers=_muon_block_linears),
+                         jnp.bfloat16),
   }
 
 
@@ -333,7 +385,8 @@ def bench_memory(configs=tuple(LLAMA_CONFIGS)):
   out: dict[str, dict[str, optim.MemoryReport]] = {}
   for cname in configs:
     preset, rank = LLAMA_CONFIGS[cname]
-    for rname, (tx, dtype) in memory_recipes(rank).items():
+    recipes = memory_recipes(rank, APOLLO_RANKS[cname])
+    for rname, (tx, dtype) in recipes.items():
       pdt = jnp.bfloat16 if dtype == "int8" else dtype
       params = param_structs(preset, pdt)
       if dtype == "int8":

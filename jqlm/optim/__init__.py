@@ -79,7 +79,11 @@ from jqlm.optim.qgalore import (
   scale_by_q_galore,
 )
 from jqlm.optim.qstate import QuantizedMoment, StateCode, StateQuant
-from jqlm.optim.quantize_state import muon_8bit, quantize_state
+from jqlm.optim.quantize_state import (
+  muon_8bit,
+  muon_dimension_numbers,
+  quantize_state,
+)
 from jqlm.optim.spam import (
   SpamState,
   scale_by_spam,
@@ -145,6 +149,7 @@ __all__ = [
   "natural_gradient",
   "scale_by_natural_galore",
   "muon_8bit",
+  "muon_dimension_numbers",
   "quantize_state",
   "projector_gaps",
   "q_galore",

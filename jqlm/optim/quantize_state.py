@@ -195,6 +195,21 @@ def quantize_state(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def muon_dimension_numbers(params, mask):
+  """``optax.contrib.muon``'s ``muon_weight_dimension_numbers`` for the
+  params ``mask`` marks (a pytree of bools, or a callable ``params ->``
+  one): Muon on their last two axes (reduction, output: the Flax ``x @ W``
+  convention; leading axes, such as a scanned stack's layer axis, are batch
+  axes), ``None`` (optax's AdamW) elsewhere. optax's default puts *every*
+  2-D leaf on Muon, embeddings and head included (optimizers_more.md §6.1,
+  quirk 5)."""
+  flags = mask(params) if callable(mask) else mask
+  return jax.tree.map(
+    lambda p, m: optax.contrib.MuonDimensionNumbers(
+      reduction_axis=len(p.shape) - 2, output_axis=len(p.shape) - 1)
+    if m else None, params, flags)
+
+
 def muon_8bit(
   learning_rate: optax.ScalarOrSchedule,
   *,

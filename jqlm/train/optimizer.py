@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -36,14 +35,8 @@ _BLOCK_LINEARS = functools.partial(models.block_linear_mask, allow_empty=True)
 
 
 def _muon_dims(params):
-  """Muon's dimension numbers: the block linears' kernels (the last two
-  axes; a scanned stack's layer axis is a batch axis), ``None`` (AdamW)
-  elsewhere."""
-  mask = _BLOCK_LINEARS(params)
-  return jax.tree.map(
-    lambda p, m: optax.contrib.MuonDimensionNumbers(
-      reduction_axis=len(p.shape) - 2, output_axis=len(p.shape) - 1)
-    if m else None, params, mask)
+  """Muon on the block linears, AdamW on the rest."""
+  return optim.muon_dimension_numbers(params, _BLOCK_LINEARS)
 
 
 def lr_schedule(opt: OptimizerConfig, steps: int) -> optax.Schedule:

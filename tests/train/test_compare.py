@@ -61,6 +61,24 @@ OFFICIAL = {
   "q_galore.py:7b": dict(lr=0.004, rank=1024, steps=150_000,
                          warmup_steps=15_000, update_proj_gap=500,
                          grad_clip=1.0),
+  # optimizers_more.md §1.5, §3.3 (official scripts)
+  "apollo.py:60m": dict(model="llama_60m", optimizer="apollo", rank=128,
+                        lr=0.01, steps=10_000, warmup_steps=1_000,
+                        update_proj_gap=200, scale=1.0, scale_front=False),
+  "apollo.py:130m": dict(rank=192, steps=20_000, warmup_steps=2_000),
+  "apollo.py:7b": dict(model="llama_7b", rank=256, steps=150_000),
+  "apollo.py:mini_60m": dict(optimizer="apollo_mini", rank=1, scale=128.0,
+                             scale_front=True),
+  "apollo.py:mini_130m": dict(scale=192.0, scale_front=True),
+  "apollo.py:mini_350m": dict(scale=128.0, scale_front=False,
+                              steps=60_000),
+  "natural_galore.py:60m": dict(optimizer="natural_galore", rank=128,
+                                lr=0.01, steps=10_000, warmup_steps=1_000,
+                                weight_decay=0.01, scale=0.25, history=20,
+                                damping=1e-3, update_proj_gap=200),
+  "natural_galore.py:130m": dict(rank=256, steps=20_000, warmup_steps=2_000,
+                                 weight_decay=0.0),
+  "natural_galore.py:1b": dict(rank=1024, steps=100_000),
 }
 
 
@@ -82,7 +100,8 @@ def test_official_configs_hold_the_spec_values(spec):
   assert (d.source, d.source_config, d.tokenizer) == ("allenai/c4", "en",
                                                       "t5-base")
   assert (m.dtype, m.param_dtype) == ("bfloat16", "bfloat16")
-  assert o.min_lr_ratio == 0.1 and o.weight_decay == 0.0
+  assert o.min_lr_ratio == 0.1 and o.weight_decay == OFFICIAL[spec].get(
+    "weight_decay", 0.0)
   assert o.schedule is train.ScheduleKind.COSINE
   if o.kind is train.OptimizerKind.Q_GALORE:
     assert o.state is train.StateFormat.INT8 and o.b2 == 0.95
