@@ -374,19 +374,26 @@ def memory_recipes(rank: int, apollo_rank: int = 256
   }
 
 
-def bench_memory(configs=tuple(LLAMA_CONFIGS)):
+def bench_memory(configs=tuple(LLAMA_CONFIGS), recipes=None):
   """{recipe: {config: MemoryReport}} for the official LLaMA configs
-  (names of :data:`LLAMA_CONFIGS`); params from :func:`param_structs`, the
-  int8 ones (Q-GaLore) are the block linears."""
+  (names of :data:`LLAMA_CONFIGS`) and the ``recipes`` (names of
+  :func:`memory_recipes`; default all); params from :func:`param_structs`,
+  the int8 ones (Q-GaLore) are the block linears."""
   unknown = [c for c in configs if c not in LLAMA_CONFIGS]
   if unknown:
     raise ValueError(f"Unknown configs {unknown}; choose from "
                      f"{list(LLAMA_CONFIGS)}.")
+  names = list(memory_recipes(8))
+  bad = [r for r in (recipes or ()) if r not in names]
+  if bad:
+    raise ValueError(f"Unknown memory recipes {bad}; choose from {names}.")
   out: dict[str, dict[str, optim.MemoryReport]] = {}
   for cname in configs:
     preset, rank = LLAMA_CONFIGS[cname]
-    recipes = memory_recipes(rank, APOLLO_RANKS[cname])
-    for rname, (tx, dtype) in recipes.items():
+    for rname, (tx, dtype) in memory_recipes(
+        rank, APOLLO_RANKS[cname]).items():
+      if recipes is not None and rname not in recipes:
+        continue
       pdt = jnp.bfloat16 if dtype == "int8" else dtype
       params = param_structs(preset, pdt)
       if dtype == "int8":

@@ -219,7 +219,7 @@ def _store_proj(q: quant.QArray):
   return q.with_byte_codes()
 
 
-def _follow(param, tree, spec_fn=None):
+def follow_param(param, tree, spec_fn=None):
   """``tree`` placed on the mesh of ``param`` when ``param`` is an array (or
   a QArray of arrays) with a ``NamedSharding``: each leaf partitioned as
   ``spec_fn(*param_spec)`` (the param's 2-D PartitionSpec entries), or
@@ -384,13 +384,13 @@ def galore_projector(
       if side is _BOTH:
         # (r, r) low-rank state replicated; A (in, r) and B (out, r) keep
         # the param's in and out axes.
-        lowrank.append(_follow(p, jnp.zeros((rank, rank), dt)))
+        lowrank.append(follow_param(p, jnp.zeros((rank, rank), dt)))
         projs.append(ProjectorState(
-          proj=(_follow(p, jnp.zeros((shape[0], rank), dt),
+          proj=(follow_param(p, jnp.zeros((shape[0], rank), dt),
                         lambda a, b: (a, None)),
-                _follow(p, jnp.zeros((shape[1], rank), dt),
+                follow_param(p, jnp.zeros((shape[1], rank), dt),
                         lambda a, b: (b, None))),
-          **_follow(p, dict(
+          **follow_param(p, dict(
             gap=jnp.asarray(update_proj_gap, jnp.int32),
             svd_count=jnp.zeros((), jnp.int32),
             queue=jnp.zeros((1,), jnp.float32),
@@ -400,19 +400,19 @@ def galore_projector(
         continue
       # Placed like the param (eagerly on mesh-sharded params): the rank
       # dim is replicated, the kept dim keeps the param's axis.
-      lowrank.append(_follow(p, jnp.zeros(_lowrank_shape(shape, rank, side),
+      lowrank.append(follow_param(p, jnp.zeros(_lowrank_shape(shape, rank, side),
                                           dt),
                              lambda a, b, s=side: (None, b) if s else (a, None)))
       d = shape[0] if side else shape[1]
       proj = jnp.zeros((d, rank), dt)
       if proj_bits is None:
-        proj = _follow(p, proj, lambda a, b, s=side: (a if s else b, None))
+        proj = follow_param(p, proj, lambda a, b, s=side: (a if s else b, None))
       else:
-        proj = _follow(p, _store_proj(quant.quantize(proj, proj_spec(
+        proj = follow_param(p, _store_proj(quant.quantize(proj, proj_spec(
           proj_bits, proj_group_size, side))))
       projs.append(ProjectorState(
         proj=proj,
-        **_follow(p, dict(
+        **follow_param(p, dict(
           gap=jnp.asarray(update_proj_gap, jnp.int32),
           svd_count=jnp.zeros((), jnp.int32),
           # GaLore keeps one unused zero: orbax cannot save empty arrays

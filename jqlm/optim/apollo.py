@@ -105,7 +105,7 @@ import optax
 
 from jqlm.optim import _base
 from jqlm.optim._lr import scale_by_learning_rate_post_decay
-from jqlm.optim._projector import _follow, resolve_mask
+from jqlm.optim._projector import follow_param, resolve_mask
 
 LIMITER_GAMMA = 1.01
 """Fira's norm-growth limit per update (hard-coded in the official code)."""
@@ -303,11 +303,11 @@ def scale_by_apollo(
       def proj_spec(a, b, s=side):
         return (a if s else b, None)
 
-      mus.append(_follow(p, jnp.zeros(low, sdt), keep))
-      nus.append(_follow(p, jnp.zeros(low, sdt), keep))
-      projs.append(_follow(p, jnp.zeros((d_in if side else d_out, rank),
+      mus.append(follow_param(p, jnp.zeros(low, sdt), keep))
+      nus.append(follow_param(p, jnp.zeros(low, sdt), keep))
+      projs.append(follow_param(p, jnp.zeros((d_in if side else d_out, rank),
                                         p.dtype), proj_spec))
-      norms.append(_follow(p, jnp.zeros((), _base.compute_dtype(p.dtype))))
+      norms.append(follow_param(p, jnp.zeros((), _base.compute_dtype(p.dtype))))
     return _base.follow_params(ApolloState(
       count=jnp.zeros((), jnp.int32), rng_key=key0,
       proj=treedef.unflatten(projs), mu=treedef.unflatten(mus),

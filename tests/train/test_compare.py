@@ -335,3 +335,57 @@ def test_operand_table_and_gap_plot(tmp_path):
   paths = res.save(str(tmp_path))
   assert os.path.getsize(paths["gap"]) > 0
   assert res.operand_table() in open(paths["md"]).read()
+
+
+def test_memory_efficient_suite_arms():
+  """Issue 20's comparison: the nine methods at their official 130M
+  settings (LR x 4, ranks with the width), one token budget."""
+  suite = compare.SUITES["memory_efficient"]()
+  opts = {a.name: a.config.optimizer for a in suite.arms}
+  assert list(opts) == list(compare.MEMORY_ROWS)
+  kinds = {k: o.kind.value for k, o in opts.items()}
+  assert kinds["adamw_8bit"] == "adamw" and kinds["muon_8bit"] == "muon"
+  assert opts["adamw_8bit"].state is train.StateFormat.INT8
+  assert opts["muon_8bit"].state is train.StateFormat.INT8
+  lrs = {k: o.lr for k, o in opts.items()}
+  assert lrs["galore"] == lrs["apollo"] == lrs["natural_galore"] == \
+    pytest.approx(0.04)
+  assert lrs["q_galore"] == pytest.approx(0.06)
+  assert lrs["adamw"] == lrs["micro_adam"] == lrs["muon_8bit"] == \
+    pytest.approx(3.2e-3)
+  assert opts["apollo"].rank == 32 and opts["apollo_mini"].rank == 1
+  assert opts["galore"].rank == opts["natural_galore"].rank == 40
+  assert (opts["apollo_mini"].scale, opts["apollo_mini"].scale_front) == (
+    192.0, True)
+  assert {a.config.run.steps for a in suite.arms} == {compare.MEMORY_STEPS}
+  assert suite.select(["adamw", "galore"]).memory == {
+    "adamw": compare.MEMORY_ROWS["adamw"],
+    "galore": compare.MEMORY_ROWS["galore"]}
+  with pytest.raises(ValueError, match="not arms"):
+    compare.Suite("t", "t", (compare.Arm("a", TINY),),
+                  memory={"b": "GaLore, bf16"})
+
+
+def test_memory_table_and_pareto_plot(tmp_path):
+  """The loss-memory table: memory from jqlm bench memory at LLaMA-7B,
+  sorted by it, the Pareto front marked; pareto.png written."""
+  rows = {"big": "pure bf16 (AdamW, bf16 states)",
+          "small": "APOLLO-Mini, bf16", "mid": "GaLore, bf16"}
+  suite = compare.Suite("t", "t", tuple(compare.Arm(n, TINY) for n in rows),
+                        seeds=(0,), reference="big", memory=rows)
+  loss = {"big": 3.0, "mid": 3.5, "small": 3.2}
+  res = compare.SuiteResult(suite, [compare.RunRecord(
+    n, 0, [{"step": 1, "loss": 4.0, "grad_norm": 1.0}],
+    [{"step": 2, "eval_loss": v}], 1.0) for n, v in loss.items()])
+  mem = res.memory_gib()
+  assert mem["small"] < mem["mid"] < mem["big"]
+  assert mem["big"] == pytest.approx(37.65, abs=0.01)  # docs/benchmarks.md
+  assert res.pareto(mem) == ["big", "small"]  # mid: more memory, worse
+  table = res.memory_table(mem).splitlines()
+  assert [r.split("|")[1].strip() for r in table[2:]] == ["small", "mid",
+                                                          "big"]
+  assert table[2].rstrip().endswith("| yes |")
+  assert table[3].rstrip().endswith("|  |")
+  paths = res.save(str(tmp_path))
+  assert os.path.getsize(paths["pareto"]) > 0
+  assert res.memory_table(mem) in open(paths["md"]).read()

@@ -225,6 +225,76 @@ class SuiteResult:
       lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+  def memory_gib(self) -> dict[str, float]:
+    """Arm -> params + optimizer state (GiB) of its method at LLaMA-7B
+    (:attr:`Suite.memory`'s ``jqlm bench memory`` rows, by
+    ``jax.eval_shape``); empty when the suite compares no memory."""
+    if not self.suite.memory:
+      return {}
+    from jqlm import bench  # noqa: PLC0415
+
+    reports = bench.bench_memory(("7B",), set(self.suite.memory.values()))
+    return {arm: reports[row]["7B"].total / 2**30
+            for arm, row in self.suite.memory.items()}
+
+  def pareto(self, memory: dict[str, float]) -> list[str]:
+    """The arms on the loss-memory Pareto front: no other arm has both
+    less memory and a lower mean held-out loss."""
+    loss = {r.name: r.eval_loss for r in self.summary()}
+    return [a for a in memory if not any(
+      memory[b] <= memory[a] and loss[b] <= loss[a]
+      and (memory[b], loss[b]) != (memory[a], loss[a]) for b in memory)]
+
+  def memory_table(self, memory: dict[str, float]) -> str:
+    """Markdown: held-out loss against params + state at LLaMA-7B, by
+    memory, with the Pareto front marked."""
+    rows = {r.name: r for r in self.summary()}
+    front = set(self.pareto(memory))
+    ref = self.suite.reference
+    head = ["arm", "params + state at LLaMA-7B (GiB)", "held-out loss"]
+    if ref is not None:
+      head.append(f"Δ vs {ref}")
+    head.append("Pareto front")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in sorted(memory, key=memory.get):
+      r = rows[arm]
+      cells = [arm, f"{memory[arm]:.2f}", _pm(r.eval_loss, r.eval_loss_std)]
+      if ref is not None:
+        cells.append(_pm(r.delta, r.delta_std, sign=True))
+      cells.append("yes" if arm in front else "")
+      lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+  def plot_pareto(self, path: str, memory: dict[str, float]) -> None:
+    """Held-out loss (mean, bars from the lowest to the highest seed)
+    against params + state at LLaMA-7B, the Pareto front joined."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for arm, gib in memory.items():
+      losses = [r.evals[-1]["eval_loss"] for r in self.runs(arm)
+                if r.evals]
+      mean = float(np.mean(losses))
+      ax.errorbar([gib], [mean], yerr=[[mean - min(losses)],
+                                       [max(losses) - mean]],
+                  fmt="o", capsize=3)
+      ax.annotate(arm, (gib, mean), textcoords="offset points",
+                  xytext=(5, 4), fontsize=8)
+    front = sorted(self.pareto(memory), key=memory.get)
+    loss = {r.name: r.eval_loss for r in self.summary()}
+    ax.plot([memory[a] for a in front], [loss[a] for a in front], "k--",
+            lw=0.8, label="Pareto front")
+    ax.set_xlabel("params + optimizer state at LLaMA-7B (GiB, bf16 params)")
+    ax.set_ylabel("held-out loss (CPU model)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{self.suite.title} ({len(self.suite.seeds)} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
   def plot(self, path: str) -> None:
     """Train loss, held-out loss, gradient norm and spikes per logged
     update: mean over seeds, shaded from the lowest to the highest seed."""
@@ -345,6 +415,12 @@ class SuiteResult:
              "every evaluation (mean over evaluations, linears and seeds; "
              "`-`: not quantized, or the forward's reused):", "",
              self.operand_table(), ""]
+    memory = self.memory_gib()
+    if memory:
+      paths["pareto"] = os.path.join(out_dir, "pareto.png")
+      md += ["Held-out loss against the method's params + optimizer state "
+             "at LLaMA-7B (`jqlm bench memory`), by memory:", "",
+             self.memory_table(memory), "", "![pareto](pareto.png)", ""]
     if self.suite.note:
       md += [self.suite.note, ""]
     md += ["![curves](curves.png)", ""]
@@ -358,6 +434,8 @@ class SuiteResult:
     self.plot(paths["png"])
     if "gap" in paths:
       self.plot_gap(paths["gap"])
+    if memory:
+      self.plot_pareto(paths["pareto"], memory)
     return paths
 
 

@@ -17,7 +17,12 @@ from collections.abc import Callable, Sequence
 
 from jqlm.train.config import (
   AdamWConfig,
+  ApolloConfig,
+  ApolloMiniConfig,
   GaLoreConfig,
+  MicroAdamConfig,
+  MuonConfig,
+  NaturalGaLoreConfig,
   QGaLoreConfig,
   SpamConfig,
   StableSpamConfig,
@@ -77,7 +82,8 @@ def scale_down(cfg: TrainConfig, *, steps: int = 1000,
     (:func:`rescale_steps`; the optimizers' ΔT, N, A and projection gap
     keep their official values, so 1000 steps see one SPAM / Stable-SPAM
     momentum reset at update 500 and five GaLore projection refreshes);
-  * GaLore's rank: in proportion to the width (multiple of 8, at least 8);
+  * GaLore's (Q-GaLore's, Natural GaLore's, APOLLO's) rank: in proportion
+    to the width (multiple of 8, at least 8; APOLLO-Mini stays rank 1);
   * the learning rate: times ``lr_factor``. The default 4 was chosen once,
     before any comparison ran, as the best of 1, 4, 8 and 16 for AdamW at
     lr 4e-4 on this model (held-out loss 4.97, 4.17, 4.25, 4.42 after 400
@@ -86,7 +92,7 @@ def scale_down(cfg: TrainConfig, *, steps: int = 1000,
   """
   opt = cfg.optimizer
   changes = {"lr": opt.lr * lr_factor}
-  if isinstance(opt, GaLoreConfig):
+  if isinstance(opt, GaLoreConfig) or type(opt) is ApolloConfig:
     width = cfg.model.llama(max_seq_len=2).hidden_size
     changes["rank"] = max(8, int(round(opt.rank * CPU_MODEL["hidden_size"]
                                        / width / 8)) * 8)
@@ -138,6 +144,10 @@ class Suite:
       reach it are reported), or None.
     reference: the arm that loss differences are taken against, or None.
     note: how the suite maps to the paper's setting.
+    memory: arm name -> the ``jqlm bench memory`` recipe (a key of
+      :func:`jqlm.bench.memory_recipes`) whose params + optimizer state at
+      LLaMA-7B the report sets against the arm's loss (a Pareto table and
+      plot); ``None`` for suites that do not compare memory.
   """
 
   name: str
@@ -147,6 +157,7 @@ class Suite:
   target: str | None = None
   reference: str | None = None
   note: str = ""
+  memory: dict[str, str] | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "arms", tuple(self.arms))
@@ -159,6 +170,11 @@ class Suite:
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"Suite {self.name!r}: seeds must be distinct and "
                        f"non-empty, got {self.seeds}.")
+    if self.memory is not None:
+      extra = sorted(set(self.memory) - set(names))
+      if extra:
+        raise ValueError(f"Suite {self.name!r}: memory names {extra}, "
+                         f"which are not arms ({names}).")
     for field in ("target", "reference"):
       v = getattr(self, field)
       if v is not None and v not in names:
@@ -201,7 +217,9 @@ class Suite:
     return dataclasses.replace(
       self, arms=tuple(a for a in self.arms if a.name in keep),
       target=self.target if self.target in keep else None,
-      reference=self.reference if self.reference in keep else None)
+      reference=self.reference if self.reference in keep else None,
+      memory=None if self.memory is None else {
+        k: v for k, v in self.memory.items() if k in keep})
 
   def with_seeds(self, seeds: Sequence[int]) -> Suite:
     return dataclasses.replace(self, seeds=tuple(seeds))
@@ -423,12 +441,76 @@ def lowp_optim_suite() -> Suite:
     "quantization under Stable-SPAM.")
 
 
+MEMORY_STEPS = 600
+"""The memory_efficient suite's run length: 600 updates (614K tokens) of
+the CPU model, three GaLore / APOLLO projection refreshes (gap 200); 60% of
+the other suites' 1000 so that 9 arms x 3 seeds fit about 40 minutes on 2
+cores (Muon's Newton-Schulz and the 8-bit codes cost up to 2x AdamW's
+step on a CPU)."""
+
+# arm -> its row of jqlm bench memory (params + state at LLaMA-7B)
+MEMORY_ROWS = {
+  "adamw": "pure bf16 (AdamW, bf16 states)",
+  "adamw_8bit": "AdamW 8-bit states, bf16 params",
+  "galore": "GaLore, bf16",
+  "q_galore": "Q-GaLore (int8 W, int4 P, 8-bit)",
+  "apollo": "APOLLO (official rank), bf16",
+  "apollo_mini": "APOLLO-Mini, bf16",
+  "micro_adam": "MicroAdam (m=10, k=1%), bf16",
+  "muon_8bit": "8-bit Muon, bf16",
+  "natural_galore": "Natural GaLore (s=20), bf16",
+}
+
+
+def memory_efficient_suite() -> Suite:
+  """The memory-efficient optimizers side by side (issue 20): AdamW,
+  8-bit AdamW, GaLore, Q-GaLore, APOLLO, APOLLO-Mini, MicroAdam, 8-bit
+  Muon and Natural GaLore, each at its official LLaMA-130M setting
+  (optimizers_more.md §1.5, §3.3; spec §4.4, §5.5), scaled down to
+  :data:`MEMORY_STEPS` by :func:`scale_down` (LR x 4, warmup in
+  proportion, ranks with the width). The methods without an official
+  130M LR take AdamW's (8e-4, SPAM's 130M LR, as the q_galore suite's
+  Adam): MicroAdam (its fine-tuning LR equals Adam's) and 8-bit Muon
+  (Moonlight's RMS-matched update reuses the AdamW LR)."""
+  base = _official("llama_130m")
+  warm = dict(warmup_steps=2000)
+  low_rank = dict(rank=256, update_proj_gap=200, scale=0.25, **warm)
+  arms = {
+    "adamw": AdamWConfig(lr=8e-4, **warm),
+    "adamw_8bit": AdamWConfig(lr=8e-4, state="8bit", **warm),
+    "galore": GaLoreConfig(lr=0.01, **low_rank),
+    "q_galore": QGaLoreConfig(lr=0.015, stochastic_round=True, **low_rank),
+    "apollo": ApolloConfig(lr=0.01, rank=192, scale=1.0, **warm),
+    "apollo_mini": ApolloMiniConfig(lr=0.01, scale=192.0, scale_front=True,
+                                    **warm),
+    "micro_adam": MicroAdamConfig(lr=8e-4, **warm),
+    "muon_8bit": MuonConfig(lr=8e-4, state="8bit", **warm),
+    "natural_galore": NaturalGaLoreConfig(lr=0.01, history=20,
+                                          damping=1e-3, **low_rank),
+  }
+  return Suite(
+    name="memory_efficient", title="Memory-efficient optimizers, CPU scale",
+    arms=tuple(Arm(k, scale_down(base.replace(optimizer=v),
+                                 steps=MEMORY_STEPS))
+               for k, v in arms.items()),
+    target="adamw", reference="adamw", memory=dict(MEMORY_ROWS),
+    note="Each optimizer at its official LLaMA-130M setting (APOLLO rank "
+    "192, APOLLO-Mini scale 192 front, GaLore/Q-GaLore/Natural GaLore "
+    "rank 256, lr 0.01 / 0.015), AdamW, 8-bit AdamW, MicroAdam and 8-bit "
+    "Muon at AdamW's 8e-4, scaled down by `jqlm.train.compare.scale_down` "
+    f"to {MEMORY_STEPS} steps (LR x 4, ranks with the width). The memory "
+    "column is params + optimizer state of the same method at LLaMA-7B "
+    "with its official 7B settings (`jqlm bench memory`, bf16 params; "
+    "Q-GaLore with int8 kernels), not of the CPU model.")
+
+
 SUITES: dict[str, Callable[[], Suite]] = {
   "stable_spam": stable_spam_suite,
   "spam": spam_suite,
   "q_galore": q_galore_suite,
   "lowp": lowp_suite,
   "lowp_optim": lowp_optim_suite,
+  "memory_efficient": memory_efficient_suite,
 }
 """The built-in CPU-scale suites by name (``jqlm compare <name>``)."""
 
