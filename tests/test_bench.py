@@ -84,7 +84,20 @@ def test_bench_memory_table_and_ordering():
     "pure bf16 (AdamW, bf16 states)"]
   assert totals["AdamW 4-bit states, bf16 params"] < totals[
     "AdamW 8-bit states, bf16 params"]
-  assert totals["Q-GaLore (int8 W, int4 P, 8-bit)"] == min(totals.values())
+  issue4 = list(totals)[:6]  # issue 4's recipes; issue 20's follow
+  assert totals["Q-GaLore (int8 W, int4 P, 8-bit)"] == min(
+    totals[k] for k in issue4)
+  # issue 20's: the wrapper is 8-bit AdamW's bytes, but for the tensors
+  # under min_size (norm scales), kept in the params' bf16 by the wrapper
+  # and in float32 by adamw(state_quant=); Mini below
+  # APOLLO, 8-bit Muon below Muon; MicroAdam (0.9 B/param) below Q-GaLore's
+  # int8-kernel total at 60M, whose embeddings are half the model
+  assert totals["optax.adam + quantize_state(8), bf16"] == pytest.approx(
+    totals["AdamW 8-bit states, bf16 params"], rel=1e-3)
+  assert totals["APOLLO-Mini, bf16"] < totals["APOLLO (official rank), bf16"]
+  assert totals["8-bit Muon, bf16"] < totals["Muon, bf16"]
+  assert totals["MicroAdam (m=10, k=1%), bf16"] < totals[
+    "Q-GaLore (int8 W, int4 P, 8-bit)"]
   # the params are LLaMA-60M's 58.1M (spec §6) in float32 ...
   f32 = reports["AdamW, f32 params and states"]["60M"]
   assert round(f32.params / 4 / 1e6, 1) == 58.1

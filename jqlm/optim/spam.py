@@ -267,7 +267,11 @@ def init_sparse_masks(params, density: float, sparse_mask=None,
     n = math.prod(p.shape)
     count = int(density * n)
     first = jax.random.permutation(k, n)[:count]
-    out.append(jnp.zeros((n,), bool).at[first].set(True).reshape(p.shape))
+    mask = jnp.zeros((n,), bool).at[first].set(True).reshape(p.shape)
+    if (isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer)
+        and isinstance(p.sharding, jax.sharding.NamedSharding)):
+      mask = jax.device_put(mask, p.sharding)  # placed like its param
+    out.append(mask)
   return treedef.unflatten(out), redraw_key
 
 

@@ -161,6 +161,10 @@ CASES.update({
     optim.micro_adam, block_size=16, quant_block_size=8, window=3,
     k_init=0.25, weight_decay=0.01, state_dtype=jnp.float32),
     static_args=_MICRO_STATIC, f32_state=True),
+  "spam_sparse": Case(functools.partial(
+    optim.spam, sparse_momentum=0.5, reset_interval=5, warmup_steps=2,
+    grace_steps=1, spike_threshold=50.0),
+    static_args=("sparse_momentum", "sparse_key")),
   "component_clip": Case(lambda learning_rate: optax.chain(
     optim.clip_by_component_norm(1.0), optim.adamw(learning_rate))),
 })
