@@ -74,16 +74,21 @@ def _grouper(components) -> Callable[[str], str | None]:
   return group
 
 
-def component_names(tree, components=None) -> list[str]:
-  """The component of each leaf of ``tree`` (flatten order): the group
-  name :func:`clip_by_component_norm` clips it with."""
-  group = _grouper(components)
+def _component_keys(tree, group) -> list[str]:
+  """Each leaf's component (flatten order): its path, or ``group <name>``
+  for the leaves ``group`` puts together."""
   out = []
   for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
     key = jax.tree_util.keystr(path)
     name = group(key)
     out.append(key if name is None else f"group {name}")
   return out
+
+
+def component_names(tree, components=None) -> list[str]:
+  """The component of each leaf of ``tree`` (flatten order): the group
+  name :func:`clip_by_component_norm` clips it with."""
+  return _component_keys(tree, _grouper(components))
 
 
 def clip_by_component_norm(
@@ -119,19 +124,15 @@ def clip_by_component_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    keys = []
-    for path, _ in flat:
-      key = jax.tree_util.keystr(path)
-      name = group(key)
-      keys.append(("leaf", key) if name is None else ("group", name))
+    flat, treedef = jax.tree.flatten(updates)
+    keys = _component_keys(updates, group)
     sq: dict = {}
-    for k, (_, g) in zip(keys, flat, strict=True):
+    for k, g in zip(keys, flat, strict=True):
       cdt = _base.compute_dtype(g.dtype)
       s = jnp.sum(jnp.square(g.astype(cdt)))
       sq[k] = s if k not in sq else sq[k] + s.astype(sq[k].dtype)
     out = []
-    for k, (_, g) in zip(keys, flat, strict=True):
+    for k, g in zip(keys, flat, strict=True):
       cdt = sq[k].dtype
       norm = jnp.sqrt(sq[k])
       coef = _base.hp(max_norm, cdt) / (norm + _base.hp(EPS, cdt))

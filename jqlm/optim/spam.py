@@ -243,6 +243,12 @@ def _sparse_selection(params, sparse_mask):
   return treedef.unflatten([bool(f) for f in flags])
 
 
+def _apply_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """``x`` zeroed outside a sparse param's mask; a dense param's scalar
+  ``True`` leaves ``x`` as it is (no multiply in the update)."""
+  return x if mask.ndim == 0 else x * mask.astype(x.dtype)
+
+
 def init_sparse_masks(params, density: float, sparse_mask=None,
                       key: jax.Array | int = 0):
   """SPAM's first masks (optimizers_more.md §4.1): for each sparse param
@@ -394,8 +400,7 @@ def scale_by_spam(
     del params
     t = state.count + 1
     if state.masks is not None:
-      updates = jax.tree.map(lambda g, m: g * m.astype(g.dtype), updates,
-                             state.masks)
+      updates = jax.tree.map(_apply_mask, updates, state.masks)
     reset, in_window = spam_schedule(state.count, reset_interval, grace_steps)
     clip_on = (jnp.asarray(spike_threshold) != 0) & in_window
     factor = spam_warmup_factor(state.count, reset_interval, warmup_steps)
@@ -435,7 +440,7 @@ def scale_by_spam(
                                   elementwise=True)
     masks, key = state.masks, state.mask_key
     if masks is not None:
-      u = jax.tree.map(lambda x, mk: x * mk.astype(x.dtype), u, masks)
+      u = jax.tree.map(_apply_mask, u, masks)
       if reset_interval is not None:
         masks = jax.lax.cond(
           (t + 1) % jnp.asarray(reset_interval, jnp.int32) == 0,
