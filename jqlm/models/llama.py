@@ -8,8 +8,10 @@ code builds it (``peft_pretraining/modeling_llama.py``; spec §6).
 
 * RMSNorm computed in float32 (``x / sqrt(mean(x^2) + eps)``, cast back,
   times the weight), eps 1e-6 in the official configs;
-* RoPE with the Hugging Face "rotate half" layout, base 10000, optional linear
-  position scaling (positions divided by ``rope_scaling``);
+* RoPE with the Hugging Face "rotate half" layout, base 10000, and the
+  context-extension variants of transformers' ``rope_type``: linear
+  position scaling, dynamic NTK, YaRN and Llama 3.1's frequency-dependent
+  scaling (:class:`RopeScaling`);
 * grouped-query attention (``num_kv_heads``) through
   ``jax.nn.dot_product_attention``, causal;
 * SwiGLU MLP, no biases, untied LM head by default, init N(0, 0.02) for every
@@ -29,6 +31,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -61,6 +64,107 @@ def _dtype(value, name: str) -> jnp.dtype:
   return dt
 
 
+class RopeType(enum.Enum):
+  """How RoPE's frequencies are scaled for context extension (transformers'
+  ``rope_type``)."""
+
+  LINEAR = "linear"
+  DYNAMIC = "dynamic"
+  YARN = "yarn"
+  LLAMA3 = "llama3"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+  r"""RoPE scaling beyond the plain :math:`\theta_i = b^{-2i/d}`, computed
+  exactly as transformers' ``ROPE_INIT_FUNCTIONS`` do (float32,
+  ``modeling_rope_utils.py``), so that HF checkpoints of Llama 3.1-3.3 and
+  of YaRN / dynamic-NTK fine-tunes load with equal logits.
+
+  * ``LINEAR`` (Chen et al. 2023, arXiv 2306.15595): :math:`\theta_i /
+    s` with :math:`s` = ``factor``.
+  * ``LLAMA3`` (Llama 3.1, arXiv 2407.21783; Meta's ``apply_scaling``):
+    with :math:`\lambda_i = 2\pi/\theta_i`, :math:`L` =
+    ``original_max_position_embeddings``, wavelengths above :math:`L /`
+    ``low_freq_factor`` are divided by ``factor``, those below :math:`L /`
+    ``high_freq_factor`` kept, and the band between interpolated with
+    :math:`\gamma = (L/\lambda_i - l)/(h - l)`:
+    :math:`(1-\gamma)\theta_i/s + \gamma\theta_i`.
+  * ``YARN`` (Peng et al. 2023, arXiv 2309.00071): a ramp between
+    interpolated (:math:`\theta_i/s`) and extrapolated frequencies over
+    the dims between the correction dims of ``beta_fast`` and
+    ``beta_slow`` rotations in :math:`L` positions, and cos / sin scaled
+    by ``attention_factor`` (default :math:`0.1 \ln s + 1`, or the
+    ``mscale`` / ``mscale_all_dim`` ratio).
+  * ``DYNAMIC`` (dynamic NTK, bloc97 / emozilla): for a call whose largest
+    position is :math:`p` and :math:`n = \max(p + 1, M)` (:math:`M` =
+    ``original_max_position_embeddings``, HF's ``max_position_embeddings``;
+    default ``LlamaConfig.max_seq_len``), the base becomes :math:`b (s n / M
+    - s + 1)^{d/(d-2)}`. The point is to run past :math:`M`, so give the
+    model a larger ``max_seq_len``. transformers keeps the frequencies of
+    its longest call so far and resets them below :math:`M`; here every
+    call uses its own length, which is what a fresh HF model computes for
+    that call (the two differ only for a shorter call above :math:`M`
+    after a longer one). A KV cache holds keys rotated at the frequencies
+    of the call that wrote them, as in transformers.
+
+  Attributes:
+    type: a :class:`RopeType` (or its name).
+    factor: the scale :math:`s` (> 0; YaRN: ``None`` takes
+      ``max_seq_len / original_max_position_embeddings``).
+    original_max_position_embeddings: :math:`L`, the pretraining context
+      (LLAMA3 and YARN; DYNAMIC's :math:`M`).
+    low_freq_factor, high_freq_factor: LLAMA3's band edges (1 and 4 in
+      Llama 3.1).
+    beta_fast, beta_slow: YaRN's rotation counts (32 and 1).
+    attention_factor, mscale, mscale_all_dim: YaRN's cos / sin scale, or
+      the DeepSeek-style ratio it is derived from.
+    truncate: YaRN floors / ceils the correction range (transformers'
+      default).
+  """
+
+  type: RopeType | str
+  factor: float | None = 1.0
+  original_max_position_embeddings: int | None = None
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  attention_factor: float | None = None
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
+  truncate: bool = True
+
+  def __post_init__(self):
+    try:
+      kind = RopeType(self.type.value if isinstance(self.type, RopeType)
+                      else self.type)
+    except ValueError:
+      raise ValueError(
+        f"RopeScaling.type must be one of "
+        f"{[t.value for t in RopeType]}, got {self.type!r}.") from None
+    object.__setattr__(self, "type", kind)
+    if self.factor is None and kind is not RopeType.YARN:
+      raise ValueError(f"RopeScaling({kind.value}) needs a factor.")
+    if self.factor is not None and not (
+        isinstance(self.factor, (int, float)) and math.isfinite(self.factor)
+        and self.factor > 0):
+      raise ValueError(f"RopeScaling.factor must be a finite number > 0, "
+                       f"got {self.factor!r}.")
+    if kind in (RopeType.LLAMA3, RopeType.YARN):
+      L = self.original_max_position_embeddings
+      if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+        raise ValueError(
+          f"RopeScaling({kind.value}) needs original_max_position_embeddings"
+          f" (the pretraining context, e.g. 8192 for Llama 3.1), got "
+          f"{L!r}.")
+    if kind is RopeType.LLAMA3 and not (
+        0 < self.low_freq_factor < self.high_freq_factor):
+      raise ValueError(
+        "RopeScaling(llama3) needs 0 < low_freq_factor < high_freq_factor, "
+        f"got {self.low_freq_factor} and {self.high_freq_factor}.")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
   """A frozen LLaMA configuration (hashable; a valid static argument).
@@ -73,8 +177,9 @@ class LlamaConfig:
     head_dim: per-head size (default ``hidden_size // num_heads``).
     max_seq_len: the longest sequence (RoPE tables, KV caches).
     rope_base: RoPE base :math:`\\theta` (10000).
-    rope_scaling: linear position scaling factor (positions are divided by
-      it; 1.0 disables it).
+    rope_scaling: a :class:`RopeScaling` (Llama 3.1's ``llama3``, YaRN,
+      dynamic NTK, linear), or a number: the linear position scaling
+      factor (positions are divided by it; 1.0 disables it).
     norm_eps: RMSNorm epsilon.
     tie_embeddings: share the embedding with the LM head.
     init_std: std of the normal init of linears and the embedding.
@@ -103,7 +208,7 @@ class LlamaConfig:
   head_dim: int | None = None
   max_seq_len: int = 1024
   rope_base: float = 10000.0
-  rope_scaling: float = 1.0
+  rope_scaling: float | RopeScaling = 1.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
   init_std: float = 0.02
@@ -146,7 +251,9 @@ class LlamaConfig:
         "among num_heads // num_kv_heads query heads).")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
-    for name, low in (("rope_base", 0.0), ("rope_scaling", 0.0),
+    scalings = () if isinstance(self.rope_scaling, RopeScaling) else (
+      ("rope_scaling", 0.0),)
+    for name, low in (("rope_base", 0.0), *scalings,
                       ("norm_eps", None), ("init_std", None)):
       v = getattr(self, name)
       ok = (isinstance(v, (int, float, np.integer, np.floating))
@@ -242,6 +349,40 @@ def llama3_8b(**kw) -> LlamaConfig:
                      **kw)
 
 
+def _llama3_rope(factor: float) -> RopeScaling:
+  return RopeScaling(type=RopeType.LLAMA3, factor=factor,
+                     low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8192)
+
+
+def _llama3x(hidden, inter, heads, layers, factor, **kw) -> LlamaConfig:
+  kw = {"max_seq_len": 131072, "norm_eps": 1e-5, "rope_base": 500000.0,
+        "num_kv_heads": 8, "scan_layers": True,
+        "rope_scaling": _llama3_rope(factor), **kw}
+  return LlamaConfig(vocab_size=128256, hidden_size=hidden,
+                     intermediate_size=inter, num_heads=heads,
+                     num_layers=layers, **kw)
+
+
+def llama3_1_8b(**kw) -> LlamaConfig:
+  """Llama-3.1-8B (and 3.3's shapes at 8B): LLaMA-3-8B with the ``llama3``
+  RoPE (factor 8 over an 8192-token pretraining context, max length
+  131072); 8.03B params, untied head."""
+  return _llama3x(4096, 14336, 32, 32, 8.0, **kw)
+
+
+def llama3_2_1b(**kw) -> LlamaConfig:
+  """Llama-3.2-1B: 16 layers of width 2048 (32 heads of 64, 8 kv heads),
+  ``llama3`` RoPE with factor 32, tied embeddings; 1.24B params."""
+  return _llama3x(2048, 8192, 32, 16, 32.0, tie_embeddings=True, **kw)
+
+
+def llama3_2_3b(**kw) -> LlamaConfig:
+  """Llama-3.2-3B: 28 layers of width 3072 (24 heads of 128, 8 kv heads),
+  ``llama3`` RoPE with factor 32, tied embeddings; 3.21B params."""
+  return _llama3x(3072, 8192, 24, 28, 32.0, tie_embeddings=True, **kw)
+
+
 def llama_tiny(**kw) -> LlamaConfig:
   """A test-sized config: 2 layers, width 64, 4 heads (2 kv heads)."""
   kw = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
@@ -253,7 +394,9 @@ def llama_tiny(**kw) -> LlamaConfig:
 PRESETS = {"llama_60m": llama_60m, "llama_130m": llama_130m,
            "llama_350m": llama_350m, "llama_1b": llama_1b,
            "llama_7b": llama_7b, "llama2_7b": llama2_7b,
-           "llama3_8b": llama3_8b, "llama_tiny": llama_tiny}
+           "llama3_8b": llama3_8b, "llama3_1_8b": llama3_1_8b,
+           "llama3_2_1b": llama3_2_1b, "llama3_2_3b": llama3_2_3b,
+           "llama_tiny": llama_tiny}
 
 
 # ---------------------------------------------------------------------------
@@ -266,21 +409,113 @@ def rope_frequencies(head_dim: int, base: float) -> jax.Array:
                          / head_dim))
 
 
+def _yarn_mscale(scale: float, m: float = 1.0) -> float:
+  return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+def scaled_rope_frequencies(head_dim: int, base: float,
+                            scaling: float | RopeScaling = 1.0, *,
+                            max_seq_len: int | None = None,
+                            seq_len: jax.Array | int | None = None
+                            ) -> tuple[jax.Array, float]:
+  """RoPE's inverse frequencies under ``scaling`` (:class:`RopeScaling`),
+  and the factor cos / sin are multiplied by (YaRN's attention factor; 1
+  otherwise), in float32 as transformers computes them.
+
+  A number is linear scaling (applied to the positions by
+  :func:`apply_rope`, so the frequencies returned here are plain).
+  ``max_seq_len`` is the model's (YaRN's default factor, dynamic NTK's
+  :math:`M`); ``seq_len`` is the call's length (dynamic NTK; may be
+  traced).
+  """
+  inv = rope_frequencies(head_dim, base)
+  if not isinstance(scaling, RopeScaling):
+    return inv, 1.0
+  kind, dim = scaling.type, head_dim
+  if kind is RopeType.LINEAR:
+    return inv / jnp.float32(scaling.factor), 1.0
+  if kind is RopeType.LLAMA3:
+    s, L = scaling.factor, scaling.original_max_position_embeddings
+    lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    inv_llama = jnp.where(wavelen > L / lo, inv / s, inv)
+    smooth = (L / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * inv_llama / s + smooth * inv_llama
+    medium = ~(wavelen < L / hi) & ~(wavelen > L / lo)
+    return jnp.where(medium, smoothed, inv_llama), 1.0
+  if kind is RopeType.DYNAMIC:
+    m = scaling.original_max_position_embeddings or max_seq_len
+    if m is None:
+      raise ValueError("Dynamic NTK RoPE needs original_max_position_"
+                       "embeddings or max_seq_len.")
+    n = m if seq_len is None else jnp.maximum(
+      jnp.asarray(seq_len, jnp.float32), jnp.float32(m))
+    s = scaling.factor
+    new_base = base * ((s * n / m) - (s - 1)) ** (dim / (dim - 2))
+    exps = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    return 1.0 / (jnp.asarray(new_base, jnp.float32) ** exps), 1.0
+  # YaRN
+  L = scaling.original_max_position_embeddings
+  s = scaling.factor
+  if s is None:
+    if max_seq_len is None:
+      raise ValueError("YaRN without a factor needs max_seq_len.")
+    s = max_seq_len / L
+  att = scaling.attention_factor
+  if att is None:
+    if scaling.mscale and scaling.mscale_all_dim:
+      att = _yarn_mscale(s, scaling.mscale) / _yarn_mscale(
+        s, scaling.mscale_all_dim)
+    else:
+      att = _yarn_mscale(s)
+
+  def corr_dim(rot):
+    return (dim * math.log(L / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+  low, high = corr_dim(scaling.beta_fast), corr_dim(scaling.beta_slow)
+  if scaling.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001  # transformers' guard against a zero-width ramp
+  pos_freqs = base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  extra, inter = 1.0 / pos_freqs, 1.0 / (s * pos_freqs)
+  ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low)
+                  / (high - low), 0, 1)
+  keep = 1 - ramp  # the extrapolated share
+  return inter * (1 - keep) + extra * keep, float(att)
+
+
 def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, *,
-               base: float, scaling: float = 1.0) -> jax.Array:
+               base: float, scaling: float | RopeScaling = 1.0,
+               max_seq_len: int | None = None) -> jax.Array:
   """Rotary embedding in the "rotate half" layout of Hugging Face LLaMA:
   :math:`x \\cos(p\\theta) + \\mathrm{rot}(x) \\sin(p\\theta)` with
   :math:`\\mathrm{rot}([a, b]) = [-b, a]` and :math:`p` = position /
-  ``scaling``. Computed in float32, returned in the input dtype."""
+  ``scaling`` for a numeric (linear) ``scaling``; a :class:`RopeScaling`
+  changes :math:`\\theta` (:func:`scaled_rope_frequencies`; dynamic NTK
+  takes the call's length from its largest position). Computed in float32,
+  returned in the input dtype."""
   hd = x_BxTxNxH.shape[-1]
-  freqs = rope_frequencies(hd, base)
-  pos = positions_BxT.astype(jnp.float32) / jnp.float32(scaling)
+  pos = positions_BxT.astype(jnp.float32)
+  if isinstance(scaling, RopeScaling):
+    seq_len = (jnp.max(positions_BxT) + 1
+               if scaling.type is RopeType.DYNAMIC else None)
+    freqs, att = scaled_rope_frequencies(hd, base, scaling,
+                                         max_seq_len=max_seq_len,
+                                         seq_len=seq_len)
+  else:
+    freqs, att = rope_frequencies(hd, base), 1.0
+    pos = pos / jnp.float32(scaling)
   ang_BxTxH2 = pos[:, :, None] * freqs[None, None, :]
   ang = jnp.concatenate([ang_BxTxH2, ang_BxTxH2], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(ang), jnp.sin(ang)
+  if att != 1.0:
+    cos, sin = cos * jnp.float32(att), sin * jnp.float32(att)
   x = x_BxTxNxH.astype(jnp.float32)
   x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
   rot = jnp.concatenate([-x2, x1], axis=-1)
-  return (x * jnp.cos(ang) + rot * jnp.sin(ang)).astype(x_BxTxNxH.dtype)
+  return (x * cos + rot * sin).astype(x_BxTxNxH.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -424,7 +659,8 @@ class Attention(nnx.Module):
                                                      cfg.head_dim)
     v = self.v(x_BxTxD, key=_fold(key, 2)).reshape(b, t, cfg.num_kv_heads,
                                                      cfg.head_dim)
-    rope = dict(base=cfg.rope_base, scaling=cfg.rope_scaling)
+    rope = dict(base=cfg.rope_base, scaling=cfg.rope_scaling,
+                max_seq_len=cfg.max_seq_len)
     q = apply_rope(q, positions_BxT, **rope)
     k = apply_rope(k, positions_BxT, **rope)
     if cache is None:
@@ -728,5 +964,7 @@ __all__ = [
   "MLP", "PRESETS", "RMSNorm", "apply_rope", "init_cache", "llama2_7b",
   "llama3_8b", "llama_130m", "llama_1b", "llama_350m", "llama_60m",
   "llama_7b", "llama_tiny", "linear_shapes", "param_count",
-  "rope_frequencies", "scan_blocks", "stack_layers", "unstack_layers",
+  "rope_frequencies", "scaled_rope_frequencies", "RopeScaling",
+  "RopeType", "llama3_1_8b", "llama3_2_1b", "llama3_2_3b", "scan_blocks",
+  "stack_layers", "unstack_layers",
 ]

@@ -29,6 +29,22 @@ def _packable(q: quant.QArray) -> bool:
           and q.outlier_values is None)
 
 
+def quantize_fn(spec: quant.QuantSpec, *, pack: bool = True):
+  """The per-kernel quantizer of :func:`quantize_model`: ``w (in, out)`` ->
+  QArray, or PackedQArray packed along K when ``pack`` and the codes are
+  sub-byte (the kernels' layout). A quantized ``w`` is dequantized first.
+  :func:`jqlm.models.load_hf_llama` runs it on each tensor as it reads
+  it."""
+
+  def one(w):
+    if isinstance(w, (quant.QArray, quant.PackedQArray)):
+      w = w.dequantize()
+    q = quant.quantize(w, spec)
+    return q.pack(axis=-2) if pack and _packable(q) else q
+
+  return one
+
+
 def quantize_model(model: nnx.Module, spec: quant.QuantSpec, *,
                    patterns: Sequence[str] = BLOCK_LINEARS,
                    pack: bool = True) -> nnx.Module:
@@ -66,13 +82,7 @@ def quantize_model(model: nnx.Module, spec: quant.QuantSpec, *,
     if not matches(module.path, patterns):
       continue
     w = module.kernel.get_value()
-
-    def one(w):
-      if isinstance(w, (quant.QArray, quant.PackedQArray)):
-        w = w.dequantize()
-      q = quant.quantize(w, spec)
-      # packed along K (in, the kernel's layout)
-      return q.pack(axis=-2) if pack and _packable(q) else q
+    one = quantize_fn(spec, pack=pack)
 
     # a scan_layers stack holds every layer's kernel: (layers, in, out)
     module.kernel.set_value(jax.vmap(one)(w) if len(w.shape) == 3
