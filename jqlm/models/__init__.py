@@ -9,6 +9,8 @@
   int8 / int4 / NF4 weights (:func:`quantize_model`); fully quantized
   training recipes (:func:`training_recipe`: FP8, MX, NVFP4, Quartet,
   Quartet-II, HALO, QuEST).
+* LoRA / QLoRA adapters (:mod:`jqlm.models.lora`): :class:`LoraConfig`,
+  :func:`add_lora`, :func:`merge_lora`, PEFT-format export.
 * :func:`generate` with a bf16 or int8 KV cache.
 * Local Hugging Face checkpoints: :func:`load_hf_llama`,
   :func:`save_hf_llama`.
@@ -63,10 +65,19 @@ from jqlm.models.llama import (
   stack_layers,
   unstack_layers,
 )
+from jqlm.models.lora import (
+  LoraConfig,
+  add_lora,
+  load_peft_adapters,
+  merge_lora,
+  save_peft_adapters,
+)
 from jqlm.models.quantize import quantize_model, weight_bytes
 from jqlm.models.sharding import LOGICAL_RULES, make_mesh, to_pspec
 
 __all__ = [
+  "LoraConfig", "add_lora", "load_peft_adapters", "merge_lora",
+  "save_peft_adapters",
   "BLOCK_LINEARS", "POLICIES", "block_linear_mask", "is_quantized", "linear_shapes", "module_path",
   "LOGICAL_RULES", "PRESETS", "KVCache", "Llama", "LlamaConfig", "QLinear",
   "QuantPolicy", "QuantRule", "RecipeProbe", "recipe_probes", "apply_rope", "decode_step", "generate",

@@ -404,8 +404,25 @@ class QLinear(nnx.Module):
 
   def __call__(self, x_BxD: jax.Array, *,
                key: jax.Array | None = None) -> jax.Array:
-    """``x @ W`` per the rule. ``key`` feeds a recipe's random numbers
+    """``x @ W`` per the rule, plus :math:`\\frac{\\alpha}{r} (x A) B`
+    when the linear has LoRA adapters (:mod:`jqlm.models.lora`; on the
+    unquantized input). ``key`` feeds a recipe's random numbers
     (stochastic rounding, random signs); others ignore it."""
+    y = self._base(x_BxD, key=key)
+    a = getattr(self, "lora_a", None)
+    if a is None:
+      return y
+    x = x_BxD.astype(self.dtype)
+    h_BxR = jnp.einsum("...d,dr->...r", x, a.get_value().astype(self.dtype),
+                       preferred_element_type=jnp.float32)
+    d_BxF = jnp.einsum("...r,rf->...f", h_BxR.astype(self.dtype),
+                       self.lora_b.get_value().astype(self.dtype),
+                       preferred_element_type=jnp.float32)
+    return (y.astype(jnp.float32)
+            + d_BxF * jnp.float32(self.lora_scale)).astype(self.dtype)
+
+  def _base(self, x_BxD: jax.Array, *,
+            key: jax.Array | None = None) -> jax.Array:
     rule = self.rule
     if rule is not None and rule.recipe is not None:
       w_DxF = kernel_value(self.kernel, self.dtype)

@@ -241,6 +241,22 @@ class ModelConfig(_Section):
     dtype, param_dtype: compute and storage dtypes (``float32``,
       ``bfloat16``, ``float16``).
     remat: rematerialise each block in the backward pass.
+    lora_rank: train LoRA adapters of this rank on ``lora_targets`` with
+      the rest of the model frozen (:mod:`jqlm.models.lora`; 0: train
+      every param). The frozen base has no gradient, optimizer state or
+      update (:class:`jqlm.train.TrainState` ``frozen``).
+    lora_alpha: LoRA's :math:`\\alpha` (the adapters' output is scaled by
+      :math:`\\alpha / r`).
+    lora_targets: comma-separated ``fnmatch`` patterns of the adapted
+      linears (``"layers.*.attn.q,layers.*.attn.v"``); empty: every block
+      linear (QLoRA's choice).
+    lora_plus_ratio: LoRA+'s :math:`\\eta_B / \\eta_A` (1: plain LoRA;
+      16 in the LoRA+ paper).
+    lora_base: ``none``, or the weight format of QLoRA's frozen base:
+      ``nf4`` (QLoRA: 64-element blocks, :func:`jqlm.quant.QuantSpec`),
+      ``int4`` (groups of 128) or ``int8`` (per channel); the block
+      linears are quantized once at init and run through the
+      dequantizing kernel path.
     scan_layers: run the blocks as one scanned, stacked block
       (:class:`jqlm.models.LlamaConfig`); ``None`` keeps the preset's
       default (on for the official presets, off for ``llama_tiny``), or
@@ -264,8 +280,29 @@ class ModelConfig(_Section):
   param_dtype: str = "float32"
   remat: bool = False
   scan_layers: bool | None = None
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: str = ""
+  lora_plus_ratio: float = 1.0
+  lora_base: str = "none"
 
   def _check(self):
+    self.require("lora_rank", not isinstance(self.lora_rank, bool)
+                 and isinstance(self.lora_rank, int) and self.lora_rank >= 0,
+                 "an int >= 0 (0: no LoRA)")
+    self.require("lora_base", self.lora_base in LORA_BASES,
+                 f"one of {LORA_BASES}", _close(self.lora_base, LORA_BASES))
+    self.require("lora_base", self.lora_base == "none" or self.lora_rank,
+                 "none without LoRA", "Set model.lora_rank too (QLoRA).")
+    self.require("lora_base", self.lora_base == "none" or (
+      self.quant == "none" and self.recipe == "none"),
+                 "none with model.quant or model.recipe (the base is "
+                 "stored quantized, not quantized-aware trained)")
+    if self.lora_rank:
+      try:
+        self.lora()
+      except ValueError as e:
+        raise ValueError(f"model.lora_*: {e}") from None
     self.require("preset", self.preset in models.PRESETS,
                  f"one of {sorted(models.PRESETS)}",
                  _close(self.preset, models.PRESETS))
@@ -325,6 +362,21 @@ class ModelConfig(_Section):
       out.update(x=None, w=None)
     return out
 
+  def lora(self) -> models.LoraConfig | None:
+    """The :class:`jqlm.models.LoraConfig` (``None`` without LoRA)."""
+    if not self.lora_rank:
+      return None
+    kw = {}
+    if self.lora_targets.strip():
+      kw["patterns"] = tuple(t.strip() for t in self.lora_targets.split(",")
+                             if t.strip())
+    return models.LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha,
+                             lr_ratio=self.lora_plus_ratio, **kw)
+
+  def lora_base_spec(self) -> quant.QuantSpec | None:
+    """The weight format of QLoRA's frozen base (``None``: float)."""
+    return LORA_BASES_SPECS[self.lora_base]
+
   def _policy(self, num_layers: int, late: bool = False):
     if self.recipe != "none":
       return models.training_recipe(self.recipe, num_layers=num_layers,
@@ -363,6 +415,19 @@ class ModelConfig(_Section):
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+
+# QLoRA's frozen base: NF4 in 64-element blocks (Dettmers et al. 2023; the
+# double quantization of the scales is not applied), int4 groups of 128,
+# int8 per output channel
+LORA_BASES_SPECS = {
+  "none": None,
+  "nf4": quant.QuantSpec(format="nf4", granularity="group", group_size=64,
+                         axis=0),
+  "int4": quant.QuantSpec(format="int4", granularity="group",
+                          group_size=128, axis=0),
+  "int8": quant.QuantSpec(format="int8", granularity="channel"),
+}
+LORA_BASES = tuple(LORA_BASES_SPECS)
 
 
 def _close(value: str, choices) -> str:
@@ -793,6 +858,15 @@ class RunConfig(_Section):
       the full gradient never exists. Needs a scanned model
       (``model.scan_layers``) and no gradient accumulation; global-norm
       clipping needs ``layerwise_norm_pass``.
+    init_from: start from pretrained weights instead of a random init: a
+      local Hugging Face LLaMA directory (``config.json`` +
+      safetensors) or a jqlm run's work dir (its newest checkpoint's
+      params). The model section must describe the same shapes (for an
+      HF model: its preset or sizes, and ``vocab_size`` with
+      ``data.tokenizer`` its ``tokenizer.json``); a mismatch is an error
+      naming the param. Fine-tuning with any optimizer, recipe or LoRA
+      setting (LoRA's adapters start fresh). Ignored when the run resumes
+      from its own checkpoint.
     layerwise_norm_pass: with ``layerwise_update``, first a backward pass
       that computes the global gradient norm (one layer's gradient at a
       time), then the updating pass: the exact NaN policy (a non-finite
@@ -821,6 +895,7 @@ class RunConfig(_Section):
   process_id: int = 0
   layerwise_update: bool = False
   layerwise_norm_pass: bool = False
+  init_from: str | None = None
 
   def _check(self):
     self.positive("steps", "eval_every", "eval_batches", "log_every",
@@ -919,6 +994,15 @@ class TrainConfig:
       raise ValueError(
         f"optimizer.warmup_steps={o.warmup_steps} must be below "
         f"run.steps={r.steps}. Shorten the warmup or run longer.")
+    if self.model.lora_rank and r.layerwise_update:
+      raise ValueError(
+        "model.lora_rank > 0 trains the adapters only; the layer-wise "
+        "update is for full-rank training. Set run.layerwise_update=false.")
+    if self.model.lora_rank and o.kind is OptimizerKind.Q_GALORE:
+      raise ValueError(
+        "Q-GaLore quantizes the trained weights itself; it does not train "
+        "LoRA adapters. Use model.lora_rank=0 with optimizer q_galore (its "
+        "fine-tuning arm), or another optimizer for the adapters.")
     if r.layerwise_norm_pass and not r.layerwise_update:
       raise ValueError(
         "run.layerwise_norm_pass=true is a mode of the layer-wise update; "

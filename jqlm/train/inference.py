@@ -74,7 +74,7 @@ def evaluate(path: str, batches: int | None = None) -> dict:
   cfg, s, state, _, eval_data = load_run(path)
   fn = jax.jit(functools.partial(eval_loss, graphdef=s.graphdef,
                                  nnx_state=s.nnx_state))
-  losses = [float(fn(state.params, jnp.asarray(rows))) for rows in
+  losses = [float(fn(state.model_params, jnp.asarray(rows))) for rows in
             eval_rows(cfg.data, eval_data, batches or cfg.run.eval_batches)]
   loss = float(np.mean(losses))
   return {"step": int(state.step), "eval_loss": loss,
@@ -107,7 +107,7 @@ def sample(path: str, prompt: str, max_new_tokens: int = 64, *,
                      "top-k filtering.")
   _, s, state, tok, _ = load_run(path)
   nnx_state = jax.tree.map(lambda x: x, s.nnx_state)
-  nnx.replace_by_pure_dict(nnx_state, float_params(state.params))
+  nnx.replace_by_pure_dict(nnx_state, float_params(state.model_params))
   model = nnx.merge(s.graphdef, nnx_state)
   ids = tok.encode(prompt).ids or [0]
   room = model.cfg.max_seq_len - len(ids)

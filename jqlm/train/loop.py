@@ -302,7 +302,9 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
       return RunResult(metrics=metrics, evals=evals, state=state,
                        skipped=0, complete_at=restored)
   else:
-    state, position = jstate.init_state(s), jdata.DataPosition()
+    base = (jstate.pretrained_params(cfg, s, mesh)
+            if cfg.run.init_from else None)
+    state, position = jstate.init_state(s, base), jdata.DataPosition()
   fns = _compile(cfg, s, mesh)
   pid, pcount = jax.process_index(), jax.process_count()
 
@@ -374,7 +376,7 @@ def _loop(cfg, s, fns, state, position, train_data, eval_batches,
           rec["recipe_options"] = cfg.model.recipe_options
         if is_late:
           rec["forward_high_precision"] = True
-      qe = quant_error(state.params, s.mcfg)
+      qe = quant_error(state.model_params, s.mcfg)
       if qe is not None:
         rec["quant_rel_mse"] = qe
       t_last, tokens_since = now, 0
@@ -385,11 +387,12 @@ def _loop(cfg, s, fns, state, position, train_data, eval_batches,
       late_now = late_at is not None and step >= late_at
       ev, stats = ((fns.late_eval, fns.late_stats) if late_now
                    else (fns.eval, fns.stats))
-      el = float(np.mean([float(ev(state.params, b)) for b in eval_batches]))
+      el = float(np.mean([float(ev(state.model_params, b))
+                          for b in eval_batches]))
       rec = {"step": step, "eval_loss": el, "eval_ppl": math.exp(el)}
       if stats is not None:
         rec.update(_operand_record(cfg, stats(
-          state.params, eval_batches[0],
+          state.model_params, eval_batches[0],
           jax.random.fold_in(jax.random.key(r.seed), step)), late_now))
       log.write(rec)
     if step % r.ckpt_every == 0 or step == r.steps:

@@ -157,11 +157,12 @@ def step_memory(cfg: TrainConfig, *, mesh: Mesh | None = None,
   jitted = jax.jit(step_function(cfg, s), donate_argnums=(0,))
   m, secs = _analysis(jitted, (target, batch))
   return _row(name or cfg.optimizer.kind.value, m, secs,
-              params=_nbytes(target.params),
+              params=_nbytes(target.model_params),
               opt_state=_nbytes(target.opt_state),
               batch=_nbytes(batch), gradients=_float_grad_bytes(
                 target.params),
-              reported=_nbytes(target.params) + _nbytes(target.opt_state))
+              reported=(_nbytes(target.model_params)
+                        + _nbytes(target.opt_state)))
 
 
 def minimal_adamw_memory(cfg: TrainConfig, *,
@@ -377,7 +378,7 @@ def train_throughput(preset: str = "llama_tiny", *, batch_size: int = 8,
     s = jstate.setup(cfg, mesh)
     state = jstate.init_state(s)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
-      state.params, is_leaf=models.is_quantized))
+      state.model_params, is_leaf=models.is_quantized))
     step = jax.jit(step_function(cfg, s), donate_argnums=(0,))
     tokens = jax.random.randint(jax.random.key(0),
                                 (batch_size, seq_len + 1), 0, 32000,

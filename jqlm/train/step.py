@@ -62,12 +62,48 @@ class TrainState(NamedTuple):
     opt_state: the optimizer state.
     rng: the run's PRNG key, split once per step: one half becomes the
       next state's ``rng``, the other is the step's key.
+    frozen: params that are not trained (a LoRA run's base model:
+      ``model.lora_rank``), with ``params`` holding the rest; both are the
+      params pytree with ``None`` where the other holds a leaf
+      (:func:`split_trainable`). ``None`` when every param trains. The
+      train step differentiates ``params`` only: no gradient, optimizer
+      state or update of the frozen params exists.
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  frozen: Any = None
+
+  @property
+  def model_params(self):
+    """Every param of the model (``params`` with ``frozen`` merged in)."""
+    return merge_params(self.params, self.frozen)
+
+
+def _is_none(x) -> bool:
+  return x is None
+
+
+def split_trainable(params, mask) -> tuple[Any, Any]:
+  """``(trainable, frozen)``: ``params`` with ``None`` where ``mask`` is
+  False, and with ``None`` where it is True (``mask``: a pytree of bools
+  matching ``params``, one per quantized node)."""
+  leafy = lambda x: models.is_quantized(x) or x is None  # noqa: E731
+  train = jax.tree.map(lambda p, m: p if m else None, params, mask,
+                       is_leaf=leafy)
+  frozen = jax.tree.map(lambda p, m: None if m else p, params, mask,
+                        is_leaf=leafy)
+  return train, frozen
+
+
+def merge_params(params, frozen):
+  """The inverse of :func:`split_trainable` (``frozen=None``: ``params``)."""
+  if frozen is None:
+    return params
+  return jax.tree.map(lambda p, f: f if p is None else p, params, frozen,
+                      is_leaf=lambda x: x is None or models.is_quantized(x))
 
 
 def cross_entropy(logits_BxTxV, targets_BxT) -> jax.Array:
@@ -339,8 +375,10 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, *, graphdef,
   b = tokens_BxL.shape[0]
   micro = tokens_BxL.reshape(grad_accum, b // grad_accum, -1)
   mkey = model_key(step_key)
+  frozen = state.frozen
   vg = jax.value_and_grad(
-    lambda d, mb, k: loss_fn(join(d), graphdef, nnx_state, mb, k))
+    lambda d, mb, k: loss_fn(merge_params(join(d), frozen), graphdef,
+                             nnx_state, mb, k))
 
   def body(carry, xs):
     mb, j = xs
@@ -385,7 +423,7 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, *, graphdef,
       (state.params, state.opt_state, grads))
   new_state = TrainState(
     step=state.step + ok.astype(jnp.int32), params=params,
-    opt_state=opt_state, rng=rng)
+    opt_state=opt_state, rng=rng, frozen=state.frozen)
   metrics = {"loss": loss, "grad_norm": gnorm,
              "skipped": (~ok).astype(jnp.float32)}
   return new_state, metrics
