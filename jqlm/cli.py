@@ -281,7 +281,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
   from jqlm import train  # noqa: PLC0415
 
-  cfg = train.apply_overrides(train.load_config(args.config), args.set or [])
+  sets = list(args.set or [])
+  if args.init_from:
+    sets.append(f"run.init_from={args.init_from}")
+  cfg = train.apply_overrides(train.load_config(args.config), sets)
   train.distributed_init(cfg)
   m, d = cfg.model, cfg.data
   how = (f"{m.recipe} recipe" + (f" [{m.recipe_options}]"
@@ -575,6 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
                   "(repeatable; see jqlm.train.resume)")
   tr.add_argument("--resume", action="store_true",
                   help="continue from the newest checkpoint of the work dir")
+  tr.add_argument("--init-from", metavar="DIR",
+                  help="start from pretrained weights: a Hugging Face LLaMA "
+                  "directory or a jqlm run's work dir (= --set "
+                  "run.init_from=DIR; fine-tune with any optimizer, recipe "
+                  "or model.lora_* setting)")
   tr.add_argument("--no-progress", action="store_true",
                   help="no progress bar")
   tr.set_defaults(func=_cmd_train)

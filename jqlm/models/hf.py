@@ -61,7 +61,7 @@ _ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 _MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-def _safetensors():
+def safetensors_io():
   """``(safe_open, save_file)`` of the ``safetensors`` package."""
   try:
     from safetensors import safe_open  # noqa: PLC0415
@@ -252,7 +252,7 @@ class _Reader:
   the files and copies the requested region)."""
 
   def __init__(self, path: str):
-    safe_open, _ = _safetensors()
+    safe_open, _ = safetensors_io()
     self.path = path
     self.handles = [safe_open(f, framework="numpy")
                     for f in _tensor_files(path)]
@@ -464,7 +464,7 @@ def _load_quantized(reader: _Reader, spec: list, stacked: bool, abstract,
   return jax.tree.unflatten(treedef, out)
 
 
-def _host(x) -> np.ndarray:
+def gather_to_host(x) -> np.ndarray:
   """A (possibly sharded, possibly multi-host) array on this host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -491,7 +491,7 @@ def save_hf_llama(model: Llama, path: str, *, dtype=None,
       float16).
     max_shard_bytes: largest shard; ``None`` writes one file.
   """
-  _, save_file = _safetensors()
+  _, save_file = safetensors_io()
   cfg = model.cfg
   dtype = jnp.dtype(cfg.param_dtype if dtype is None else dtype)
   if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
@@ -538,7 +538,7 @@ def save_hf_llama(model: Llama, path: str, *, dtype=None,
       v = value if i is None else jax.tree.map(lambda x, i=i: x[i], value)
       if is_quantized(v):
         v = v.dequantize()
-      arr = _host(jnp.asarray(v).astype(jnp.float32))
+      arr = gather_to_host(jnp.asarray(v).astype(jnp.float32))
       arr = np.ascontiguousarray(arr.T if transpose else arr)
       tensors[hf_name] = arr.astype(np_dtype)
       weight_map[hf_name] = fname

@@ -234,9 +234,9 @@ def save_peft_adapters(model: nnx.Module, path: str, *,
   Raises:
     ValueError: no adapters, or adapters with different ranks / scales.
   """
-  from jqlm.models.hf import _host, _safetensors  # noqa: PLC0415
+  from jqlm.models.hf import gather_to_host, safetensors_io  # noqa: PLC0415
 
-  _, save_file = _safetensors()
+  _, save_file = safetensors_io()
   adapted = _adapted(model)
   if not adapted:
     raise ValueError("save_peft_adapters: the model has no LoRA adapters "
@@ -262,9 +262,9 @@ def save_peft_adapters(model: nnx.Module, path: str, *,
       modules.add(module.split(".")[1])
       pre = f"base_model.model.model.layers.{layer}.{module}"
       tensors[f"{pre}.lora_A.weight"] = np.ascontiguousarray(
-        _host(ai.astype(jnp.float32)).T)
+        gather_to_host(ai.astype(jnp.float32)).T)
       tensors[f"{pre}.lora_B.weight"] = np.ascontiguousarray(
-        _host(bi.astype(jnp.float32)).T)
+        gather_to_host(bi.astype(jnp.float32)).T)
   if jax.process_index():
     return
   os.makedirs(path, exist_ok=True)
@@ -288,9 +288,9 @@ def load_peft_adapters(model: nnx.Module, path: str) -> nnx.Module:
     ValueError: not a LoRA adapter, a target module jqlm's LLaMA lacks, or
       a shape that disagrees with the model.
   """
-  from jqlm.models.hf import _safetensors  # noqa: PLC0415
+  from jqlm.models.hf import safetensors_io  # noqa: PLC0415
 
-  safe_open, _ = _safetensors()
+  safe_open, _ = safetensors_io()
   with open(os.path.join(path, "adapter_config.json")) as f:
     conf = json.load(f)
   if conf.get("peft_type", "LORA") != "LORA":

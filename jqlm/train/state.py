@@ -225,9 +225,11 @@ def pretrained_params(cfg: TrainConfig, s: Setup, mesh: Mesh):
       "(config.json + model.safetensors) nor a jqlm run's work dir.")
   flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
   flat_got = dict(jax.tree_util.tree_leaves_with_path(got))
-  bad = [f"{jax.tree_util.keystr(k)}: {tuple(flat_got[k].shape) if k in flat_got else 'missing'}"
-         f" vs {tuple(v.shape)}" for k, v in flat_want.items()
-         if k not in flat_got or tuple(flat_got[k].shape) != tuple(v.shape)]
+  def shape_of(k):
+    return tuple(flat_got[k].shape) if k in flat_got else "missing"
+
+  bad = [f"{jax.tree_util.keystr(k)}: {shape_of(k)} vs {tuple(v.shape)}"
+         for k, v in flat_want.items() if shape_of(k) != tuple(v.shape)]
   extra = [jax.tree_util.keystr(k) for k in flat_got if k not in flat_want]
   if bad or extra:
     raise ValueError(
