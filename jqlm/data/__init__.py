@@ -12,6 +12,7 @@ tokenizers, and packed, seeded, resumable batches.
 """
 
 from jqlm.data.pipeline import (
+  STDLIB_SOURCES,
   DataPosition,
   PackedData,
   load_texts,
@@ -27,5 +28,5 @@ from jqlm.data.tokenizer import (
 
 __all__ = [
   "DataPosition", "OfflineError", "PackedData", "eos_id", "load_texts", "load_tokenizer",
-  "stdlib_corpus", "tokenize_to_array", "train_tokenizer",
+  "STDLIB_SOURCES", "stdlib_corpus", "tokenize_to_array", "train_tokenizer",
 ]

@@ -32,25 +32,47 @@ def _stable_bucket(name: str, buckets: int = 1000) -> int:
   return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % buckets
 
 
+STDLIB_SOURCES = ("stdlib", "stdlib:lib", "stdlib:tests")
+"""The embedded corpus' source names: the whole standard library, its
+library modules only, and its tests only (two text distributions with no
+file in common: pretrain on one, fine-tune on the other)."""
+
+
+def _is_test_file(rel: str) -> bool:
+  parts = rel.replace(os.sep, "/").split("/")
+  return (any(p in ("test", "tests", "idle_test") for p in parts[:-1])
+          or parts[-1].startswith("test_"))
+
+
 def stdlib_corpus(split: str = "train", *, eval_fraction: float = 0.02,
-                  max_bytes: int | None = None) -> list[str]:
+                  max_bytes: int | None = None,
+                  part: str = "all") -> list[str]:
   """Paths of the standard library's ``.py`` files for ``split``.
 
   The held-out split (``"eval"``) is a deterministic ``eval_fraction`` of the
   files chosen by a hash of their relative path (the same on every machine
   with the same Python version). ``max_bytes`` keeps a deterministic subset
-  (in hash order) of about that size, for quick runs.
+  (in hash order) of about that size, for quick runs. ``part``: ``"all"``,
+  ``"lib"`` (files outside ``test`` / ``tests`` directories and not named
+  ``test_*.py``) or ``"tests"`` (the others).
   """
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
+  if part not in ("all", "lib", "tests"):
+    raise ValueError(f"part must be 'all', 'lib' or 'tests', got {part!r}.")
   root = sysconfig.get_paths()["stdlib"]
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames
                          if d not in ("site-packages", "__pycache__"))
     for f in sorted(filenames):
-      if f.endswith(".py"):
-        files.append(os.path.join(dirpath, f))
+      if not f.endswith(".py"):
+        continue
+      path = os.path.join(dirpath, f)
+      if part != "all" and _is_test_file(
+          os.path.relpath(path, root)) != (part == "tests"):
+        continue
+      files.append(path)
   cut = int(eval_fraction * 1000)
   keep = []
   for f in files:
@@ -89,7 +111,8 @@ def load_texts(source: str | Sequence[str], *, split: str = "train",
 
   Args:
     source: ``"stdlib"`` (the embedded corpus; ``split`` ``"train"`` or
-      ``"eval"``); a local file, directory or list of files (``.txt``,
+      ``"eval"``), ``"stdlib:lib"`` / ``"stdlib:tests"`` (its library
+      modules / its tests: :data:`STDLIB_SOURCES`); a local file, directory or list of files (``.txt``,
       ``.md``, ``.py``: one document per file; ``.json``, ``.jsonl``,
       ``.parquet``: the ``text_field`` column); or a hub dataset name such
       as ``"allenai/c4"`` (streamed; needs the network).
@@ -106,9 +129,10 @@ def load_texts(source: str | Sequence[str], *, split: str = "train",
     OfflineError: a hub name while ``HF_DATASETS_OFFLINE`` /
       ``HF_HUB_OFFLINE`` is set.
   """
-  if isinstance(source, str) and source == "stdlib":
+  if isinstance(source, str) and source in STDLIB_SOURCES:
+    part = source.partition(":")[2] or "all"
     docs: Iterable[str] = (_read(f) for f in stdlib_corpus(
-      split, max_bytes=max_bytes))
+      split, max_bytes=max_bytes, part=part))
     max_bytes = None  # the subset above is already that size
   else:
     docs = _hf_texts(source, split=split, text_field=text_field,
@@ -155,7 +179,7 @@ def missing_local_path(source) -> bool:
   """Whether ``source`` names a local file or directory (not ``"stdlib"``
   nor a hub dataset such as ``"allenai/c4"``) that does not exist: the
   check :func:`load_texts` makes, without reading anything."""
-  return (isinstance(source, str) and source != "stdlib"
+  return (isinstance(source, str) and source not in STDLIB_SOURCES
           and _local_files(source) is None
           and _looks_like_a_path(os.path.expanduser(source)))
 
@@ -165,7 +189,8 @@ def check_online(source) -> None:
   ``"stdlib"`` nor a local path) while ``HF_DATASETS_OFFLINE`` /
   ``HF_HUB_OFFLINE`` is set: the check :func:`load_texts` makes, without
   reading anything."""
-  if (isinstance(source, str) and source != "stdlib" and _offline()
+  if (isinstance(source, str) and source not in STDLIB_SOURCES
+      and _offline()
       and _local_files(source) is None
       and not _looks_like_a_path(os.path.expanduser(source))):
     raise OfflineError(

@@ -45,6 +45,7 @@ import types
 import typing
 from typing import Any, ClassVar
 
+from jqlm import data as jdata
 from jqlm import models, quant
 
 _log = logging.getLogger("jqlm")
@@ -444,8 +445,10 @@ class DataConfig(_Section):
   """The data of a run (:func:`jqlm.train.prepare_data`).
 
   Attributes:
-    source: ``stdlib`` (the embedded corpus), local files or a hub dataset
-      name (:func:`jqlm.data.load_texts`).
+    source: ``stdlib`` (the embedded corpus; ``stdlib:lib`` and
+      ``stdlib:tests`` its library modules and its tests, two
+      distributions), local files or a hub dataset name
+      (:func:`jqlm.data.load_texts`).
     source_config: the hub dataset's config (C4's ``"en"``).
     text_field: the text column.
     max_bytes: read at most this much text (``None``: all).
@@ -480,7 +483,8 @@ class DataConfig(_Section):
                  f"a divisor of data.batch_size={self.batch_size}",
                  "Choose grad_accum so that each micro-batch has the same "
                  "number of sequences.")
-    local = self.source == "stdlib" or os.path.exists(self.source)
+    local = (self.source in jdata.STDLIB_SOURCES
+             or os.path.exists(self.source))
     self.require("eval_split", self.eval_split is None or not local,
                  f"None for local data (source={self.source!r})",
                  "It names a split of a hub dataset; the held-out data of "

@@ -12,6 +12,25 @@ from jqlm import data as jdata
 from jqlm.train.config import DataConfig
 
 
+def _source_fingerprint(data: DataConfig) -> str:
+  return jdata.tokenizer.fingerprint([data.source, str(data.source_config),
+                                      str(data.max_bytes), data.text_field])
+
+
+def tokenizer_path(data: DataConfig, *, vocab_size: int,
+                   cache_dir: str) -> str:
+  """The ``tokenizer.json`` a run with ``data`` uses: ``data.tokenizer``,
+  or the one :func:`prepare_data` trains and caches (in ``data.cache_dir``
+  or else ``cache_dir``). A fine-tuning run on other data points its
+  ``data.tokenizer`` here, so its token ids mean what they meant in
+  pretraining."""
+  if data.tokenizer is not None:
+    return data.tokenizer
+  return os.path.join(data.cache_dir or cache_dir,
+                      f"bpe-{vocab_size}-{_source_fingerprint(data)}",
+                      "tokenizer.json")
+
+
 def prepare_data(data: DataConfig, *, vocab_size: int, seed: int,
                  cache_dir: str, eval_batches: int = 1):
   """``(tokenizer, train PackedData, eval PackedData)``, cached in
@@ -38,8 +57,7 @@ def prepare_data(data: DataConfig, *, vocab_size: int, seed: int,
   """
   cache = data.cache_dir or cache_dir
   os.makedirs(cache, exist_ok=True)
-  fp = jdata.tokenizer.fingerprint([data.source, str(data.source_config),
-                                    str(data.max_bytes), data.text_field])
+  fp = _source_fingerprint(data)
   src = dict(text_field=data.text_field, config=data.source_config,
              cache_dir=os.path.join(cache, "datasets"),
              max_bytes=data.max_bytes)
@@ -62,8 +80,8 @@ def prepare_data(data: DataConfig, *, vocab_size: int, seed: int,
                                    vocab_size=vocab_size, cache_path=path)
 
   train = tokens(jdata.load_texts(data.source, **src), base + "-train.npy")
-  if data.source == "stdlib":
-    ev = tokens(jdata.load_texts("stdlib", split="eval",
+  if data.source in jdata.STDLIB_SOURCES:
+    ev = tokens(jdata.load_texts(data.source, split="eval",
                                  **{**src, "max_bytes": None}),
                 base + "-eval.npy")
   elif data.eval_split is not None:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pathlib
+import sysconfig
 
 import numpy as np
 import pytest
@@ -389,3 +390,71 @@ def test_memory_table_and_pareto_plot(tmp_path):
   paths = res.save(str(tmp_path))
   assert os.path.getsize(paths["pareto"]) > 0
   assert res.memory_table(mem) in open(paths["md"]).read()
+
+
+def test_stdlib_parts_are_disjoint():
+  from jqlm import data as jdata
+  root = sysconfig.get_paths()["stdlib"]
+
+  def is_test(f):
+    *dirs, name = os.path.relpath(f, root).split(os.sep)
+    return bool({"test", "tests", "idle_test"} & set(dirs)) or (
+      name.startswith("test_"))
+
+  for split in ("train", "eval"):
+    lib = set(jdata.stdlib_corpus(split, part="lib"))
+    tests = set(jdata.stdlib_corpus(split, part="tests"))
+    assert lib and tests and not lib & tests
+    assert lib | tests == set(jdata.stdlib_corpus(split))
+    assert all(map(is_test, tests)) and not any(map(is_test, lib))
+  with pytest.raises(ValueError, match="part must be"):
+    jdata.stdlib_corpus(part="docs")
+
+
+def test_finetune_suite_arms():
+  suite = compare.SUITES["finetune"]()
+  assert [a.name for a in suite.arms] == ["full_adamw", "lora", "qlora_nf4",
+                                          "galore", "q_galore"]
+  assert suite.pretrain.config.data.source == "stdlib:lib"
+  assert {a.config.data.source for a in suite.arms} == {"stdlib:tests"}
+  cfg = {a.name: a.config for a in suite.arms}
+  assert cfg["qlora_nf4"].model.lora_base == "nf4"
+  assert cfg["lora"].model.lora_rank == cfg["galore"].optimizer.rank == 8
+  assert cfg["q_galore"].optimizer.kind is train.OptimizerKind.Q_GALORE
+  lr = cfg["full_adamw"].optimizer.lr
+  assert (cfg["lora"].optimizer.lr, cfg["galore"].optimizer.lr,
+          cfg["q_galore"].optimizer.lr) == pytest.approx(
+            (4 * lr, 10 * lr, 15 * lr))
+  assert suite.step_memory
+
+
+def test_pretrain_then_finetune_suite(tmp_path):
+  """A suite with a pretraining run: trained once, reused, and every arm
+  starts from it with its tokenizer; the report sets each arm's loss
+  against its compiled train-step peak."""
+  pre = TINY.replace(data={"source": "stdlib:lib"})
+  ft = TINY.replace(data={"source": "stdlib:tests"})
+  suite = compare.Suite(
+    name="ft", title="ft", seeds=(0,), reference="full",
+    step_memory=True, pretrain=compare.Arm("pretrain", pre),
+    arms=(compare.Arm("full", ft),
+          compare.Arm("lora", ft.replace(model={"lora_rank": 2}))))
+  out = str(tmp_path / "ft")
+  logs = []
+  res = compare.run_suite(suite, out, log=logs.append)
+  assert logs[0].startswith("[pretrain]") and "trained" in logs[0]
+  from jqlm.train import config as tcfg
+  for arm in ("full", "lora"):
+    cfg = tcfg.read_config(os.path.join(out, arm, "seed0", "config.json"))
+    assert cfg.run.init_from == os.path.join(out, "pretrain")
+    assert os.path.exists(cfg.data.tokenizer)
+    assert cfg.data.tokenizer.startswith(os.path.join(out, "cache"))
+  mem = res.step_memory_mib()
+  assert mem["lora"] > 0 and mem["full"] > mem["lora"]
+  paths = res.save(out)
+  md = open(paths["md"]).read()
+  assert "compiled train-step peak (MiB)" in md
+  assert os.path.exists(paths["step_pareto"])
+  logs.clear()
+  compare.run_suite(suite, out, log=logs.append)
+  assert "reused" in logs[0]

@@ -245,13 +245,25 @@ class SuiteResult:
       memory[b] <= memory[a] and loss[b] <= loss[a]
       and (memory[b], loss[b]) != (memory[a], loss[a]) for b in memory)]
 
-  def memory_table(self, memory: dict[str, float]) -> str:
-    """Markdown: held-out loss against params + state at LLaMA-7B, by
-    memory, with the Pareto front marked."""
+  def step_memory_mib(self) -> dict[str, float]:
+    """Arm -> the peak memory (MiB) of its own train step, compiled from
+    abstract inputs on one device (:func:`jqlm.train.plan.step_memory`);
+    empty unless :attr:`Suite.step_memory`."""
+    if not self.suite.step_memory:
+      return {}
+    from jqlm.train import plan  # noqa: PLC0415
+
+    return {a.name: plan.step_memory(a.config).peak / 2**20
+            for a in self.suite.arms}
+
+  def memory_table(self, memory: dict[str, float], *,
+                   label: str = "params + state at LLaMA-7B (GiB)") -> str:
+    """Markdown: held-out loss against ``memory`` (params + state at
+    LLaMA-7B by default), by memory, with the Pareto front marked."""
     rows = {r.name: r for r in self.summary()}
     front = set(self.pareto(memory))
     ref = self.suite.reference
-    head = ["arm", "params + state at LLaMA-7B (GiB)", "held-out loss"]
+    head = ["arm", label, "held-out loss"]
     if ref is not None:
       head.append(f"Δ vs {ref}")
     head.append("Pareto front")
@@ -265,9 +277,12 @@ class SuiteResult:
       lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-  def plot_pareto(self, path: str, memory: dict[str, float]) -> None:
+  def plot_pareto(self, path: str, memory: dict[str, float], *,
+                  label: str = "params + optimizer state at LLaMA-7B "
+                  "(GiB, bf16 params)") -> None:
     """Held-out loss (mean, bars from the lowest to the highest seed)
-    against params + state at LLaMA-7B, the Pareto front joined."""
+    against ``memory`` (params + state at LLaMA-7B by default), the Pareto
+    front joined."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -287,7 +302,7 @@ class SuiteResult:
     loss = {r.name: r.eval_loss for r in self.summary()}
     ax.plot([memory[a] for a in front], [loss[a] for a in front], "k--",
             lw=0.8, label="Pareto front")
-    ax.set_xlabel("params + optimizer state at LLaMA-7B (GiB, bf16 params)")
+    ax.set_xlabel(label)
     ax.set_ylabel("held-out loss (CPU model)")
     ax.legend(fontsize=8)
     ax.set_title(f"{self.suite.title} ({len(self.suite.seeds)} seeds)")
@@ -421,6 +436,15 @@ class SuiteResult:
       md += ["Held-out loss against the method's params + optimizer state "
              "at LLaMA-7B (`jqlm bench memory`), by memory:", "",
              self.memory_table(memory), "", "![pareto](pareto.png)", ""]
+    step_mem = self.step_memory_mib()
+    step_label = "compiled train-step peak (MiB)"
+    if step_mem:
+      paths["step_pareto"] = os.path.join(out_dir, "step_pareto.png")
+      md += ["Held-out loss against the peak memory of each arm's own "
+             "train step, compiled from abstract inputs on one device "
+             "(`jqlm.train.plan.step_memory`), by memory:", "",
+             self.memory_table(step_mem, label=step_label), "",
+             "![step memory](step_pareto.png)", ""]
     if self.suite.note:
       md += [self.suite.note, ""]
     md += ["![curves](curves.png)", ""]
@@ -436,6 +460,9 @@ class SuiteResult:
       self.plot_gap(paths["gap"])
     if memory:
       self.plot_pareto(paths["pareto"], memory)
+    if step_mem:
+      self.plot_pareto(paths["step_pareto"], step_mem,
+                       label=f"{step_label}, CPU model")
     return paths
 
 

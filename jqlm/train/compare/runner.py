@@ -21,6 +21,7 @@ from collections.abc import Callable
 from jqlm.train.compare.report import RunRecord, SuiteResult, results_clash
 from jqlm.train.compare.suites import Suite
 from jqlm.train.config import TrainConfig
+from jqlm.train.data import tokenizer_path
 
 
 def _finished(arm: str, cfg: TrainConfig) -> RunRecord | None:
@@ -61,8 +62,11 @@ def _config_in(workdir: str) -> TrainConfig | None:
 def settings_tag(suite: Suite) -> str:
   """8 hex digits naming a suite's settings (every arm's config and the
   seeds): comparisons with other settings go to other directories."""
-  blob = json.dumps({"seeds": list(suite.seeds), "arms": [
-    [a.name, a.config.to_dict()] for a in suite.arms]}, sort_keys=True)
+  settings = {"seeds": list(suite.seeds), "arms": [
+    [a.name, a.config.to_dict()] for a in suite.arms]}
+  if suite.pretrain is not None:
+    settings["pretrain"] = suite.pretrain.config.to_dict()
+  blob = json.dumps(settings, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -99,10 +103,20 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
     raise NotADirectoryError(f"The output directory {out_dir!r} is a file. "
                              "Pass another --out (out_dir).")
   os.makedirs(out_dir, exist_ok=True)
+  cache = os.path.join(out_dir, "cache")
+  start = {}
+  if suite.pretrain is not None:
+    pre = suite.pretrain.config.replace(
+      run={"workdir": os.path.join(out_dir, "pretrain")},
+      data={"cache_dir": cache})
+    start = {"run": {"init_from": pre.run.workdir},
+             "data": {"tokenizer": tokenizer_path(
+               pre.data, vocab_size=pre.model.vocab_size, cache_dir=cache)}}
   plan = [(seed, arm, arm.config.replace(
     run={"seed": seed,
-         "workdir": os.path.join(out_dir, arm.name, f"seed{seed}")},
-    data={"cache_dir": os.path.join(out_dir, "cache")}))
+         "workdir": os.path.join(out_dir, arm.name, f"seed{seed}"),
+         **start.get("run", {})},
+    data={"cache_dir": cache, **start.get("data", {})}))
     for seed in suite.seeds for arm in suite.arms]
   if not overwrite:
     clash = []
@@ -125,6 +139,27 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
         f"{'; '.join(clash[:3])}{' ...' if len(clash) > 3 else ''}. Nothing "
         "was deleted. Write to another directory (--out), or pass "
         "--overwrite to replace them.")
+  if suite.pretrain is not None:  # trained once, or reused
+    old = _config_in(pre.run.workdir)
+    if old is not None and old != pre and not overwrite:
+      raise FileExistsError(
+        f"{pre.run.workdir} holds a pretraining run of another config. "
+        "Nothing was deleted. Write to another directory (--out), or pass "
+        "--overwrite to replace it.")
+    rec = _finished("pretrain", pre)
+    if rec is None:
+      shutil.rmtree(pre.run.workdir, ignore_errors=True)
+      t0 = time.perf_counter()
+      res = run(pre, progress=False)
+      wall = time.perf_counter() - t0
+      with open(os.path.join(pre.run.workdir, "run.json"), "w") as f:
+        json.dump({"wall_s": wall, "skipped": res.skipped}, f)
+      rec = RunRecord(arm="pretrain", seed=pre.run.seed, metrics=res.metrics,
+                      evals=res.evals, wall_s=wall)
+    if log is not None:
+      log(f"[pretrain] held-out loss {rec.evals[-1]['eval_loss']:.4f} on "
+          f"{pre.data.source} ({'reused' if rec.reused else 'trained'}, "
+          f"{rec.wall_s:.0f} s)")
   records = []
   total = len(plan)
   for seed, arm, cfg in plan:
