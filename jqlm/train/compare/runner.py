@@ -42,6 +42,21 @@ def _finished(arm: str, cfg: TrainConfig) -> RunRecord | None:
                    wall_s=float(info["wall_s"]), reused=True)
 
 
+def _train(arm: str, cfg: TrainConfig) -> RunRecord:
+  """Trains ``cfg`` in a fresh ``cfg.run.workdir`` (whatever it held is
+  removed) and records its wall time in ``run.json``."""
+  from jqlm.train.loop import run  # noqa: PLC0415
+
+  shutil.rmtree(cfg.run.workdir, ignore_errors=True)
+  t0 = time.perf_counter()
+  res = run(cfg, progress=False)
+  wall = time.perf_counter() - t0
+  with open(os.path.join(cfg.run.workdir, "run.json"), "w") as f:
+    json.dump({"wall_s": wall, "skipped": res.skipped}, f)
+  return RunRecord(arm=arm, seed=cfg.run.seed, metrics=res.metrics,
+                   evals=res.evals, wall_s=wall)
+
+
 def _read_metrics(path: str) -> tuple[list[dict], list[dict]]:
   metrics, evals = [], []
   with open(path) as f:
@@ -97,8 +112,6 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
     ``results.json`` and ``curves.png`` in ``out_dir`` by
     :meth:`SuiteResult.save`.
   """
-  from jqlm.train.loop import run  # noqa: PLC0415
-
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise NotADirectoryError(f"The output directory {out_dir!r} is a file. "
                              "Pass another --out (out_dir).")
@@ -146,16 +159,7 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
         f"{pre.run.workdir} holds a pretraining run of another config. "
         "Nothing was deleted. Write to another directory (--out), or pass "
         "--overwrite to replace it.")
-    rec = _finished("pretrain", pre)
-    if rec is None:
-      shutil.rmtree(pre.run.workdir, ignore_errors=True)
-      t0 = time.perf_counter()
-      res = run(pre, progress=False)
-      wall = time.perf_counter() - t0
-      with open(os.path.join(pre.run.workdir, "run.json"), "w") as f:
-        json.dump({"wall_s": wall, "skipped": res.skipped}, f)
-      rec = RunRecord(arm="pretrain", seed=pre.run.seed, metrics=res.metrics,
-                      evals=res.evals, wall_s=wall)
+    rec = _finished("pretrain", pre) or _train("pretrain", pre)
     if log is not None:
       log(f"[pretrain] held-out loss {rec.evals[-1]['eval_loss']:.4f} on "
           f"{pre.data.source} ({'reused' if rec.reused else 'trained'}, "
@@ -166,14 +170,7 @@ def run_suite(suite: Suite, out_dir: str, *, reuse: bool = True,
     rec = _finished(arm.name, cfg) if reuse else None
     if rec is None:
       # an unfinished run of this config, or one overwrite allows
-      shutil.rmtree(cfg.run.workdir, ignore_errors=True)
-      t0 = time.perf_counter()
-      res = run(cfg, progress=False)
-      wall = time.perf_counter() - t0
-      with open(os.path.join(cfg.run.workdir, "run.json"), "w") as f:
-        json.dump({"wall_s": wall, "skipped": res.skipped}, f)
-      rec = RunRecord(arm=arm.name, seed=seed, metrics=res.metrics,
-                      evals=res.evals, wall_s=wall)
+      rec = _train(arm.name, cfg)
     records.append(rec)
     if log is not None:
       ev = rec.evals[-1]["eval_loss"] if rec.evals else float("nan")
