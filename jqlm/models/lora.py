@@ -112,6 +112,25 @@ def _adapted(model: nnx.Module) -> list[QLinear]:
           if isinstance(m, QLinear) and getattr(m, "lora_a", None) is not None]
 
 
+def _kernel_shape(w) -> tuple[int, ...]:
+  """A kernel's shape with the stacked layer axis of a ``scan_layers``
+  model: a stacked (vmapped) QArray / PackedQArray keeps one layer's
+  logical shape as its static ``shape``, its arrays carry the layer
+  axis."""
+  if not is_quantized(w):
+    return tuple(w.shape)
+  data = getattr(w, "codes", None)
+  data = w.packed if data is None else data
+  return (*tuple(data.shape[:-2]), *tuple(w.shape)[-2:])
+
+
+def _dequantize(w, lead: int) -> jax.Array:
+  fn = lambda q: q.dequantize(jnp.float32)  # noqa: E731
+  for _ in range(lead):
+    fn = jax.vmap(fn)
+  return fn(w)
+
+
 def add_lora(model: nnx.Module, cfg: LoraConfig, *,
              rngs: nnx.Rngs) -> nnx.Module:
   """Adds adapters to ``model``'s matching linears, in place, and returns
@@ -132,7 +151,7 @@ def add_lora(model: nnx.Module, cfg: LoraConfig, *,
       raise ValueError(f"{m.path} already has LoRA adapters; merge_lora "
                        "first to stack another set.")
     w = m.kernel.get_value()
-    shape = tuple(w.shape)
+    shape = _kernel_shape(w)
     *lead, d, f = shape
     axes = m.kernel.get_metadata().get("axes") or (None,) * len(shape)
     *lead_axes, ax_in, ax_out = axes
@@ -209,7 +228,8 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     w = m.kernel.get_value()
     a, b = m.lora_a.get_value(), m.lora_b.get_value()
     dtype = m.dtype if is_quantized(w) else w.dtype
-    w32 = (w.dequantize(jnp.float32) if is_quantized(w)
+    lead = a.ndim - 2
+    w32 = (_dequantize(w, lead) if is_quantized(w)
            else w.astype(jnp.float32))
     delta = jnp.einsum("...dr,...rf->...df", a.astype(jnp.float32),
                        b.astype(jnp.float32)) * jnp.float32(m.lora_scale)

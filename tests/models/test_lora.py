@@ -95,16 +95,28 @@ def test_scanned_equals_unrolled_and_merge(tokens):
   assert model.layers[0].attn.q.lora_a is not None
 
 
-def test_qlora_merge_dequantizes(tokens):
-  base = models.quantize_model(
-    models.Llama(models.llama_tiny(), rngs=nnx.Rngs(0)), NF4)
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_qlora_merge_dequantizes(tokens, scan):
+  cfg = models.llama_tiny(scan_layers=scan)
+  base = models.quantize_model(models.Llama(cfg, rngs=nnx.Rngs(0)), NF4)
   model = _randomize(models.add_lora(base, models.LoraConfig(rank=2),
                                      rngs=nnx.Rngs(1)))
+  if scan:  # stacked adapters on the stacked NF4 kernels
+    assert model.layers.mlp.up.lora_a.get_value().shape == (2, 64, 2)
   merged = models.merge_lora(model)
-  k = merged.layers[0].mlp.up.kernel.get_value()
+  up = (merged.layers if scan else merged.layers[0]).mlp.up
+  k = up.kernel.get_value()
   assert not models.is_quantized(k) and k.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(merged(tokens)),
                              np.asarray(model(tokens)), atol=1e-5, rtol=1e-5)
+  if scan:  # the same model unrolled: equal logits
+    unrolled = models.quantize_model(models.Llama(
+      cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)), NF4)
+    models.add_lora(unrolled, models.LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    nnx.update(unrolled, models.unstack_layers(
+      nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    np.testing.assert_allclose(np.asarray(unrolled(tokens)),
+                               np.asarray(model(tokens)), **TOL32)
 
 
 def test_freeze_base_and_lora_plus():
