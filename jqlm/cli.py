@@ -326,7 +326,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
       s = make()
       c = s.arms[0].config
       print(f"{name}: {s.title}; arms {', '.join(a.name for a in s.arms)}; "
-            f"{len(s.seeds)} seeds x {c.run.steps} steps")
+            f"{len(s.seeds)} seeds x {c.run.steps} steps"
+            + (f", from one pretraining run of "
+               f"{s.pretrain.config.run.steps} steps" if s.pretrain
+               else ""))
     return 0
   suite = compare.load_suite(args.suite)
   if args.steps is not None:
