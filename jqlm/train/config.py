@@ -257,7 +257,8 @@ class ModelConfig(_Section):
       ``nf4`` (QLoRA: 64-element blocks, :func:`jqlm.quant.QuantSpec`),
       ``int4`` (groups of 128) or ``int8`` (per channel); the block
       linears are quantized once at init and run through the
-      dequantizing kernel path.
+      dequantizing kernel path. Groups shrink to a power of two dividing
+      every linear's input dim (:meth:`lora_base_spec`).
     scan_layers: run the blocks as one scanned, stacked block
       (:class:`jqlm.models.LlamaConfig`); ``None`` keeps the preset's
       default (on for the official presets, off for ``llama_tiny``), or
@@ -299,11 +300,6 @@ class ModelConfig(_Section):
       self.quant == "none" and self.recipe == "none"),
                  "none with model.quant or model.recipe (the base is "
                  "stored quantized, not quantized-aware trained)")
-    if self.lora_rank:
-      try:
-        self.lora()
-      except ValueError as e:
-        raise ValueError(f"model.lora_*: {e}") from None
     self.require("preset", self.preset in models.PRESETS,
                  f"one of {sorted(models.PRESETS)}",
                  _close(self.preset, models.PRESETS))
@@ -340,6 +336,12 @@ class ModelConfig(_Section):
       self.llama(max_seq_len=2)
     except ValueError as e:  # sizes that do not fit together
       raise ValueError(f"model: {e}") from None
+    if self.lora_rank:
+      try:
+        self.lora()
+        self.lora_base_spec()
+      except ValueError as e:
+        raise ValueError(f"model.lora_*: {e}") from None
 
   def recipe_switches(self, *, late: bool = False) -> dict:
     """``recipe_options`` parsed: ``"hadamard_dim=64,trust=false"`` ->
@@ -375,8 +377,27 @@ class ModelConfig(_Section):
                              lr_ratio=self.lora_plus_ratio, **kw)
 
   def lora_base_spec(self) -> quant.QuantSpec | None:
-    """The weight format of QLoRA's frozen base (``None``: float)."""
-    return LORA_BASES_SPECS[self.lora_base]
+    """The weight format of QLoRA's frozen base (``None``: float): the
+    format's groups (NF4: QLoRA's 64, int4: 128) along each linear's input
+    dim, or the largest power of two below that dividing every block
+    linear's input dim (32 on LLaMA-60M's 1376-wide MLP).
+
+    Raises:
+      ValueError: no group of 8 or more divides them.
+    """
+    spec = LORA_BASES_SPECS[self.lora_base]
+    if spec is None or spec.granularity is not quant.Granularity.GROUP:
+      return spec
+    dims = {d_in for _, d_in, _ in self.llama(max_seq_len=2).linears}
+    g = spec.group_size
+    while g >= 8 and any(d % g for d in dims):
+      g //= 2
+    if g < 8:
+      raise ValueError(
+        f"model.lora_base={self.lora_base} quantizes in groups along each "
+        f"linear's input dim, and no group of 8 or more divides all of "
+        f"{sorted(dims)}; use lora_base=int8 (per output channel).")
+    return dataclasses.replace(spec, group_size=g)
 
   def _policy(self, num_layers: int, late: bool = False):
     if self.recipe != "none":

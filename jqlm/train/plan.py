@@ -234,6 +234,18 @@ STEP_CASES: dict[str, tuple[str, ...]] = {
   "Q-GaLore, layer-wise updates": ("optimizer=q_galore",
                                    "run.layerwise_update=true",
                                    "model.scan_layers=true"),
+  # fine-tuning (issue 21): adapters of rank 64 (QLoRA's) on every block
+  # linear, the base frozen (no gradient, state or update); GaLore and
+  # Q-GaLore at the same rank with their per-layer update
+  "LoRA r64, frozen float base": ("optimizer=adamw", "model.lora_rank=64"),
+  "QLoRA r64, frozen NF4 base": ("optimizer=adamw", "model.lora_rank=64",
+                                 "model.lora_base=nf4"),
+  "GaLore r64, layer-wise updates": (
+    "optimizer=galore", "optimizer.rank=64", "optimizer.grad_clip=0",
+    "run.layerwise_update=true", "model.scan_layers=true"),
+  "Q-GaLore r64, layer-wise updates": (
+    "optimizer=q_galore", "optimizer.rank=64", "run.layerwise_update=true",
+    "model.scan_layers=true"),
 }
 """The rows of :func:`step_memory_table`: ``--set`` overrides per case."""
 

@@ -82,7 +82,7 @@ def test_lora_trains_adapters_only(pretrained, tmp_path, base):
   ref = nnx.eval_shape(lambda: models.Llama(s.mcfg, rngs=nnx.Rngs(0)))
   nnx.update(ref, pstate.model_params)
   if base == "nf4":
-    ref = models.quantize_model(ref, train.config.LORA_BASES_SPECS["nf4"])
+    ref = models.quantize_model(ref, cfg.model.lora_base_spec())
   ref_params = nnx.to_pure_dict(nnx.state(ref, nnx.Param))
   frozen = dict(_leaves(st0.frozen))
   for p, leaf in _leaves(ref_params):
@@ -110,6 +110,17 @@ def test_lora_trains_adapters_only(pretrained, tmp_path, base):
   assert np.isfinite(losses).all()
   # the run's evaluation and resume paths see the merged params
   assert np.isfinite(train.evaluate(cfg.run.workdir)["eval_loss"])
+
+
+def test_qlora_groups_fit_the_model():
+  """NF4's 64-element groups shrink to a power of two dividing every
+  linear's input dim: 32 on LLaMA-60M (MLP 1376)."""
+  m = train.ModelConfig(preset="llama_60m", lora_rank=8, lora_base="nf4")
+  assert m.lora_base_spec().group_size == 32
+  tiny = train.ModelConfig(lora_rank=8, lora_base="nf4")
+  assert tiny.lora_base_spec().group_size == 64
+  with pytest.raises(ValueError, match="no group of 8"):
+    train.ModelConfig(lora_rank=8, lora_base="int4", intermediate_size=100)
 
 
 def test_config_errors():

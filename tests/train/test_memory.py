@@ -158,6 +158,27 @@ def test_step_peak_is_at_its_footprint(peaks):
   assert exact.peak < f32.params + f32.opt_state + f32.gradients
 
 
+def test_finetune_steps_hold_no_base_gradient(peaks):
+  """LoRA's step differentiates the adapters only: no gradient, state or
+  update of the frozen base (its temporaries are activations and the
+  adapters'); QLoRA's NF4 base saves what it stores; Q-GaLore's
+  layer-wise step at the same rank sits below GaLore's by its int8
+  weights."""
+  _, rows = peaks
+  f32 = rows["AdamW, float states"]
+  lora = rows["LoRA r64, frozen float base"]
+  qlora = rows["QLoRA r64, frozen NF4 base"]
+  galore = rows["GaLore r64, layer-wise updates"]
+  qgalore = rows["Q-GaLore r64, layer-wise updates"]
+  adapters = lora.params - f32.params  # rank 64 at width 512: 18%
+  assert lora.gradients == adapters  # the only gradients
+  assert 2 * adapters <= lora.opt_state < 2.01 * adapters  # AdamW's m, v
+  assert lora.temporaries < f32.temporaries - 0.5 * f32.gradients
+  assert qlora.params < 0.45 * lora.params
+  assert qlora.peak < lora.peak - 0.5 * (lora.params - qlora.params)
+  assert qgalore.peak < galore.peak - 0.5 * (galore.params - qgalore.params)
+
+
 def test_bench_memory_step_cli(capsys, monkeypatch):
   # the float and 8-bit rows (Q-GaLore's default rank does not fit the
   # tiny preset's width of 64)
