@@ -290,6 +290,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
   how = (f"{m.recipe} recipe" + (f" [{m.recipe_options}]"
                                   if m.recipe_options else "")
          if m.recipe != "none" else f"{m.quant} QAT")
+  if m.lora_rank:
+    how += f", LoRA r{m.lora_rank}" + (
+      f" on an {m.lora_base} base" if m.lora_base != "none" else "")
+  if cfg.run.init_from:
+    how += f", from {cfg.run.init_from}"
   print(f"jqlm train: {m.preset} ({how}), "
         f"{cfg.optimizer.kind.value}, {cfg.run.steps} steps of "
         f"{d.batch_size}x{d.seq_len} tokens on {d.source!r}; work dir "

@@ -23,6 +23,19 @@ def test_train_eval_generate_commands(tmp_path, capsys):
                                                             "checkpoints"),
                    "--prompt", "import os", "--max-new-tokens", "5"]) == 0
   assert capsys.readouterr().out.startswith("import os")
+  # fine-tune it with LoRA from that run (--init-from), then sample
+  ft = str(tmp_path / "ft")
+  sets = [s for s in sets if not s.startswith("run.workdir=")]
+  rc = cli.main(["train", "--no-progress", "--init-from", work,
+                 *[x for kv in sets + [f"run.workdir={ft}",
+                                       "model.lora_rank=2"]
+                   for x in ("--set", kv)]])
+  cap = capsys.readouterr()
+  assert rc == 0, cap.err
+  assert f"LoRA r2, from {work}" in cap.out
+  assert cli.main(["generate", "--checkpoint", ft, "--prompt", "import os",
+                   "--max-new-tokens", "3"]) == 0
+  assert capsys.readouterr().out.startswith("import os")
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
