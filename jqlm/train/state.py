@@ -153,9 +153,15 @@ def late_setup(cfg: TrainConfig, s: Setup) -> Setup:
 def init_state(s: Setup, base_params=None) -> TrainState:
   """The initial state, created sharded (never on one device first);
   ``base_params`` (:func:`pretrained_params`) replace the random init."""
-  fn = jax.jit(s.init, out_shardings=s.shardings, donate_argnums=(0,))
   if base_params is None:
-    return fn()
+    return jax.jit(s.init, out_shardings=s.shardings)()
+  # the pretrained arrays become the params (donated), unless the init
+  # quantizes them (QLoRA's base, Q-GaLore's int8 weights): then no
+  # output can reuse their buffers
+  quantized = any(models.is_quantized(x) for x in jax.tree.leaves(
+    s.abstract.model_params, is_leaf=models.is_quantized))
+  fn = jax.jit(s.init, out_shardings=s.shardings,
+               donate_argnums=() if quantized else (0,))
   return fn(base_params)
 
 
