@@ -25,7 +25,9 @@ import subprocess
 import sys
 import time
 
-_LOAD = """
+LOAD_SCRIPT = """
+# argv: checkpoint dir, "float" or "int8"; prints base RSS, peak RSS,
+# the arrays' bytes and the load's seconds
 import sys, threading, time
 import jax
 jax.config.update("jax_num_cpu_devices", 8)
@@ -122,7 +124,7 @@ def write(path: str, preset: str = "llama3_1_8b",
 
 def load(path: str, mode: str) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", _LOAD, path, mode], check=True,
+  out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, path, mode], check=True,
                        env=env, capture_output=True, text=True).stdout
   base, peak, held, secs = out.split()[-4:]
   base, peak, held = int(base), int(peak), int(held)

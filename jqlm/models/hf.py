@@ -260,14 +260,12 @@ class _Reader:
     for h in self.handles:
       for name in h.keys():
         self.where[name] = h
-    self.used: set[str] = set()
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self.where[name].get_slice(name).get_shape())
 
   def read(self, name: str, index: tuple = ()) -> np.ndarray:
     """``tensor[index]`` (numpy, in the stored dtype)."""
-    self.used.add(name)
     sl = self.where[name].get_slice(name)
     return np.asarray(sl[index] if index else sl[:])
 

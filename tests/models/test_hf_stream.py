@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments.hf_load_memory import LOAD_SCRIPT
 from jqlm import models, quant
 from jqlm.models import hf
 from jqlm.models import sharding as shd
@@ -166,41 +167,6 @@ _GEN = textwrap.dedent("""
     path, "model.safetensors.index.json"), "w"))
 """)
 
-_LOAD = textwrap.dedent("""
-  import sys, threading, time
-  import jax
-  jax.config.update("jax_num_cpu_devices", 8)
-  import jax.numpy as jnp
-  from jqlm import models, quant
-  path, mode = sys.argv[1], sys.argv[2]
-
-  def anon():
-    for line in open("/proc/self/status"):
-      if line.startswith("RssAnon:"):
-        return int(line.split()[1]) * 1024
-
-  mesh = models.make_mesh(data=1, fsdp=4, tensor=2)
-  spec = (quant.QuantSpec(format="int8", granularity="channel")
-          if mode == "int8" else None)
-  jnp.ones(8).block_until_ready()
-  peak, stop = [0], [False]
-  def sample():
-    while not stop[0]:
-      peak[0] = max(peak[0], anon())
-      time.sleep(0.0005)
-  base = anon()
-  t = threading.Thread(target=sample)
-  t.start()
-  model = models.load_hf_llama(path, mesh=mesh, quant=spec,
-                               dtype=jnp.bfloat16, scan_layers=False)
-  leaves = jax.tree.leaves(__import__("flax").nnx.state(model))
-  jax.block_until_ready(leaves)
-  stop[0] = True
-  t.join()
-  peak[0] = max(peak[0], anon())
-  held = sum(s.data.nbytes for x in leaves for s in x.addressable_shards)
-  print(base, peak[0], held)
-""")
 
 
 @pytest.mark.slow
@@ -226,10 +192,10 @@ def test_load_host_memory_is_bounded_by_a_tensor(tmp_path):
   assert ckpt_bytes > 300e6
   largest_f32 = vocab * d * 4
   for mode in ("float", "int8"):
-    out = subprocess.run([sys.executable, "-c", _LOAD, path, mode],
+    out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, path, mode],
                          check=True, env=env, capture_output=True,
                          text=True).stdout.split()
-    base, peak, held = map(int, out[-3:])
+    base, peak, held = map(int, out[-4:-1])
     overhead = peak - base - held
     print(f"{mode}: checkpoint {ckpt_bytes / 1e6:.0f} MB, arrays "
           f"{held / 1e6:.0f} MB, loader's excess {overhead / 1e6:.0f} MB, "
